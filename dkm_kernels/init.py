@@ -1,0 +1,92 @@
+"""Warm-start centroids: k-means++ in O(M*k*d) work, and random rows.
+
+Both take weights (M, d) or (G, M, d), return centroids (k, d) or (G, k, d) in the compute dtype
+(float64 for float64 weights, float32 otherwise) on the weights' device, and draw every random
+number from `generator` when one is given, so a seeded generator gives the same centroids again.
+With fewer distinct weight rows than k, some centroids repeat: DKM handles equal centroids (they
+share their rows' attention), and nothing divides by zero.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._ops import compute_dtype
+
+INIT_METHODS = ("kmeans++", "random")
+
+
+def _check(weights: Tensor, k: int, generator: torch.Generator | None) -> None:
+    if not isinstance(weights, Tensor) or weights.dim() not in (2, 3):
+        raise ValueError("weights must be a tensor of shape (M, d) or (G, M, d)")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"n_clusters (k) must be an integer >= 1, got {k!r}")
+    if weights.shape[-2] < 1:
+        raise ValueError("weights must have at least one row")
+    if generator is not None and generator.device.type != weights.device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but weights are on {weights.device}; "
+            f"create it with torch.Generator(device=weights.device)"
+        )
+
+
+def _uniform(generator, device, dtype) -> Tensor:
+    return torch.rand((), generator=generator, device=device, dtype=dtype)
+
+
+def _kmeans_plus_plus_single(w: Tensor, k: int, generator) -> Tensor:
+    m = w.shape[0]
+    centroids = w.new_empty((k, w.shape[1]))
+    first = torch.randint(m, (), generator=generator, device=w.device)
+    centroids[0] = w[first]
+    nearest = (w - centroids[0]).square().sum(dim=1)  # running squared distance to the nearest
+    for j in range(1, k):
+        cumulative = torch.cumsum(nearest, dim=0)
+        total = cumulative[-1]
+        # Sample a row with probability proportional to its distance (inverse CDF, any M);
+        # when every row already sits on a centroid, any row will do.
+        u = _uniform(generator, w.device, w.dtype)
+        index = torch.searchsorted(cumulative, (u * total).unsqueeze(0), right=True)
+        index = torch.where(total > 0, index.clamp_max(m - 1),
+                            torch.randint(m, (1,), generator=generator, device=w.device))
+        centroids[j] = w[index[0]]
+        nearest = torch.minimum(nearest, (w - centroids[j]).square().sum(dim=1))
+    return centroids
+
+
+def kmeans_plus_plus(weights: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii): each centroid is a row drawn with probability
+    proportional to its squared distance to the nearest centroid chosen so far."""
+    _check(weights, k, generator)
+    w = weights.detach().to(compute_dtype(weights.dtype))
+    if w.dim() == 2:
+        return _kmeans_plus_plus_single(w, k, generator)
+    return torch.stack([_kmeans_plus_plus_single(g, k, generator) for g in w.unbind(0)])
+
+
+def _random_single(w: Tensor, k: int, generator) -> Tensor:
+    m = w.shape[0]
+    if m >= k:
+        index = torch.randperm(m, generator=generator, device=w.device)[:k]
+    else:
+        index = torch.randint(m, (k,), generator=generator, device=w.device)
+    return w[index].clone()
+
+
+def random_rows(weights: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """k distinct rows chosen uniformly (with repeats only when there are fewer than k rows)."""
+    _check(weights, k, generator)
+    w = weights.detach().to(compute_dtype(weights.dtype))
+    if w.dim() == 2:
+        return _random_single(w, k, generator)
+    return torch.stack([_random_single(g, k, generator) for g in w.unbind(0)])
+
+
+def init_centroids(weights: Tensor, k: int, method: str = "kmeans++",
+                   generator: torch.Generator | None = None) -> Tensor:
+    """Warm-start centroids by name: 'kmeans++' or 'random'."""
+    if method == "kmeans++":
+        return kmeans_plus_plus(weights, k, generator)
+    if method == "random":
+        return random_rows(weights, k, generator)
+    raise ValueError(f"init_method must be one of {INIT_METHODS}, got {method!r}")

@@ -1,0 +1,61 @@
+"""The naive DKM: plain PyTorch that materialises the M x k attention of every iteration.
+
+It is the oracle of the tests (run it in float64) and the baseline of the benchmarks: its memory
+grows as L * M * k, which is the problem the other backends solve. Autograd differentiates through
+every iteration.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._ops import check_finite, compute_dtype
+
+
+def squared_distances(weights: Tensor, centroids: Tensor) -> Tensor:
+    """||w_i - c_j||^2 for all pairs, (M, k), in the expanded form the public implementations use."""
+    w_sq = (weights * weights).sum(dim=1, keepdim=True)
+    c_sq = (centroids * centroids).sum(dim=1)
+    return (w_sq - 2.0 * weights @ centroids.T + c_sq).clamp_min(0.0)
+
+
+def dkm_single(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsilon: float):
+    """One clustering problem: weights (M, d), centroids (k, d) -> (W~, C_L, L).
+
+    `weights` is used in its own dtype (callers upcast); `centroids` is a constant warm start.
+    """
+    c = centroids.detach().to(weights.dtype)
+    for t in range(max_iter):
+        attention = torch.softmax(-squared_distances(weights, c) / tau, dim=1)
+        mass = attention.sum(dim=0)
+        has_mass = (mass > 0).unsqueeze(1)
+        # A centroid nobody attends to keeps its position (and passes its gradient through).
+        mean = (attention.T @ weights) / torch.where(has_mass, mass.unsqueeze(1), 1.0)
+        c_next = torch.where(has_mass, mean, c)
+        delta = (c_next - c).abs().max()
+        c = c_next
+        if delta.item() <= epsilon:
+            break
+    return attention @ c, c, t + 1
+
+
+def dkm_reference(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5,
+                  epsilon: float = 1e-4):
+    """Grouped reference: weights (G, M, d), centroids (G, k, d).
+
+    Returns (W~ in weights' dtype, final centroids in the compute dtype, iterations (G,) int64).
+    Each group runs alone, exactly as DESIGN §1 describes.
+    """
+    check_finite(weights)
+    cdtype = compute_dtype(weights.dtype)
+    outs, finals, iterations = [], [], []
+    for w, c in zip(weights.to(cdtype).unbind(0), centroids.unbind(0)):
+        out, final, steps = dkm_single(w, c, tau, max_iter, epsilon)
+        outs.append(out)
+        finals.append(final.detach())
+        iterations.append(steps)
+    return (
+        torch.stack(outs).to(weights.dtype),
+        torch.stack(finals),
+        torch.tensor(iterations, dtype=torch.int64, device=weights.device),
+    )

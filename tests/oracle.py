@@ -1,0 +1,94 @@
+"""Shared checks: every backend against the float64 reference, values and gradients separately.
+
+Tolerances (DESIGN §6):
+- float64 inputs: the backend and the reference compute the same exact function in a different
+  order of summation, so they agree to rounding amplified by the scores' 1/tau and a few
+  iterations: relative error <= 1e-9 of each tensor's norm.
+- float32 / float16 / bfloat16 inputs: the rule of FlashAttention's tests. The backend's error
+  against the float64 reference (fed the same rounded inputs) must be at most twice the error of
+  the plain-PyTorch reference run at the same precision, plus one rounding of the output dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import dkm_kernels
+from dkm_kernels.reference import squared_distances
+
+LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def pick_tau(weights: torch.Tensor, centroids: torch.Tensor, fraction: float = 0.3) -> float:
+    """A tau at which the attention is neither one-hot nor uniform: a fraction of the mean squared
+    distance of a row to its nearest centroid (all groups pooled)."""
+    w = weights.reshape(-1, weights.shape[-1]).double()
+    c = centroids.reshape(-1, centroids.shape[-1]).double()
+    nearest = squared_distances(w, c).min(dim=1).values.mean().item()
+    return fraction * max(nearest, 1e-12)
+
+
+def make_problem(m: int, d: int, k: int, groups: int | None = None, seed: int = 0,
+                 scale: float = 1.0, dtype=torch.float64, device="cpu"):
+    """Random weights ((M, d) or (G, M, d)), k-means++ centroids of them, and a tau from the data."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (m, d) if groups is None else (groups, m, d)
+    weights = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    centroids = dkm_kernels.kmeans_plus_plus(weights.double(), k, generator=gen)
+    tau = pick_tau(weights, centroids)
+    return weights.to(device), centroids.to(device), tau
+
+
+def run(backend: str, weights, centroids, tau, max_iter=5, epsilon=1e-4, seed=1, **kwargs):
+    """Forward and backward with a fixed random upstream gradient.
+
+    Returns (W~, final centroids, iterations, dLoss/dW), all detached.
+    """
+    w = weights.detach().clone().requires_grad_(True)
+    result = dkm_kernels.dkm(w, centroids, tau, max_iter, epsilon, backend=backend, **kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    upstream = torch.randn(result.weights.shape, generator=gen, dtype=torch.float64)
+    (result.weights.double() * upstream.to(w.device)).sum().backward()
+    return result.weights.detach(), result.centroids, result.iterations, w.grad.detach()
+
+
+def relative_error(actual, expected) -> float:
+    expected = expected.double().cpu()
+    return ((actual.double().cpu() - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def assert_matches_reference_float64(backend: str, weights, centroids, tau, max_iter=5,
+                                     epsilon=1e-4, rtol=1e-9, **kwargs):
+    """Values, centroids, iteration counts and gradients, each checked on its own."""
+    assert weights.dtype == torch.float64
+    ours = run(backend, weights, centroids, tau, max_iter, epsilon, **kwargs)
+    ref = run("reference", weights, centroids, tau, max_iter, epsilon)
+    assert torch.equal(ours[2].cpu(), ref[2].cpu()), f"iterations {ours[2]} != reference {ref[2]}"
+    for name, a, b in zip(("values", "centroids", "gradients"), ours[:2] + ours[3:], ref[:2] + ref[3:]):
+        err = relative_error(a, b)
+        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:g}"
+    return ours, ref
+
+
+def assert_low_precision_close(backend: str, weights, centroids, tau, max_iter=5, epsilon=0.0,
+                               **kwargs):
+    """Backend error vs float64 <= 2x the same-precision reference's error + one output rounding.
+
+    epsilon defaults to 0 so that both runs take all max_iter iterations (a stop decided by a
+    rounding difference would compare different functions).
+    """
+    assert weights.dtype in LOW_PRECISION
+    exact = run("reference", weights.double(), centroids.double(), tau, max_iter, epsilon)
+    ours = run(backend, weights, centroids, tau, max_iter, epsilon, **kwargs)
+    naive = run("reference", weights, centroids.float(), tau, max_iter, epsilon)
+    ulp = torch.finfo(weights.dtype).eps
+    for name, index in (("values", 0), ("centroids", 1), ("gradients", 3)):
+        scale = exact[index].abs().max().item()
+        err_ours = (ours[index].double().cpu() - exact[index]).abs().max().item()
+        err_naive = (naive[index].double().cpu() - exact[index]).abs().max().item()
+        bound = 2 * err_naive + ulp * scale + 1e-6 * scale
+        assert math.isfinite(err_ours) and err_ours <= bound, (
+            f"{name} ({weights.dtype}): error {err_ours:.3g} > bound {bound:.3g} "
+            f"(same-precision reference error {err_naive:.3g}, scale {scale:.3g})"
+        )
