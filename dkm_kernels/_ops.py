@@ -57,6 +57,10 @@ def _fake_backward(grad_out, weights, centroid_history, masses, iterations, tau,
     return torch.empty_like(weights)
 
 
+def _no_double_backward(ctx, grad):
+    raise RuntimeError("DKM supports first derivatives only: its backward is not differentiable")
+
+
 def register_fake_and_autograd(name: str) -> Callable:
     """Give the ops `<name>_forward/_backward` (schemas already defined) fake impls and autograd.
 
@@ -71,6 +75,7 @@ def register_fake_and_autograd(name: str) -> Callable:
     def setup_context(ctx, inputs, output):
         weights, _, tau, _, _, deterministic = inputs
         _, centroid_history, masses, iterations = output
+        ctx.mark_non_differentiable(centroid_history, masses, iterations)
         # Everything saved is W (alive anyway) or O(L*k*d): the attention is recomputed.
         ctx.save_for_backward(weights, centroid_history, masses, iterations)
         ctx.tau = tau
@@ -88,6 +93,7 @@ def register_fake_and_autograd(name: str) -> Callable:
         return grad_weights, None, None, None, None, None
 
     torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
+    torch.library.register_autograd(backward_name, _no_double_backward)
     return getattr(getattr(torch.ops, NAMESPACE), f"{name}_forward").default
 
 
@@ -103,14 +109,20 @@ def define_ops(name: str, forward_impl: Callable, backward_impl: Callable,
     lib.define(f"{name}_forward{FORWARD_SCHEMA}")
     lib.define(f"{name}_backward{BACKWARD_SCHEMA}")
 
+    # The implementations compute their own gradients: autograd must not record them.
+    @torch.no_grad()
     def checked_forward(weights, centroids, tau, max_iter, epsilon, deterministic):
         check_finite(weights)
         return forward_impl(weights, centroids, tau, max_iter, epsilon, deterministic)
 
+    @torch.no_grad()
+    def unrecorded_backward(*args):
+        return backward_impl(*args)
+
     for device_type in device_types or ("CompositeExplicitAutograd",):
         key = device_type if device_type == "CompositeExplicitAutograd" else device_type.upper()
         lib.impl(f"{name}_forward", checked_forward, key)
-        lib.impl(f"{name}_backward", backward_impl, key)
+        lib.impl(f"{name}_backward", unrecorded_backward, key)
     return register_fake_and_autograd(name)
 
 

@@ -34,8 +34,9 @@ def make_problem(m: int, d: int, k: int, groups: int | None = None, seed: int = 
     """Random weights ((M, d) or (G, M, d)), k-means++ centroids of them, and a tau from the data."""
     gen = torch.Generator().manual_seed(seed)
     shape = (m, d) if groups is None else (groups, m, d)
-    weights = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-    centroids = dkm_kernels.kmeans_plus_plus(weights.double(), k, generator=gen)
+    weights = torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+    weights = weights.to(dtype)
+    centroids = dkm_kernels.kmeans_plus_plus(weights, k, generator=gen)  # in the compute dtype
     tau = pick_tau(weights, centroids)
     return weights.to(device), centroids.to(device), tau
 

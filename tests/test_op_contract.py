@@ -1,0 +1,139 @@
+"""The op contract (DESIGN §4): shapes, errors, torch.library registration, torch.compile."""
+import pytest
+import torch
+
+import dkm_kernels
+from dkm_kernels.reference import dkm_single
+from oracle import make_problem
+
+
+def test_reference_matches_the_definition():
+    """One iteration by hand, distances from differences: W~ = A_0 C_1."""
+    weights, centroids, tau = make_problem(50, 3, k=5, seed=1)
+    scores = -((weights[:, None, :] - centroids[None]) ** 2).sum(-1) / tau
+    attention = torch.softmax(scores, dim=1)
+    c1 = (attention.T @ weights) / attention.sum(0)[:, None]
+    out, final, steps = dkm_single(weights, centroids, tau, max_iter=1, epsilon=0.0)
+    torch.testing.assert_close(final, c1)
+    torch.testing.assert_close(out, attention @ c1)
+    assert steps == 1
+
+
+def test_reference_gradcheck():
+    weights, centroids, tau = make_problem(11, 2, k=3, seed=2)
+    weights.requires_grad_(True)
+    torch.autograd.gradcheck(
+        lambda w: dkm_kernels.dkm(w, centroids, tau, 3, 0.0, backend="reference").weights, (weights,)
+    )
+
+
+def test_result_shapes_ungrouped_and_grouped():
+    weights, centroids, tau = make_problem(40, 2, k=4)
+    result = dkm_kernels.dkm(weights, centroids, tau, backend="torch")
+    assert result.weights.shape == (40, 2) and result.centroids.shape == (4, 2)
+    assert result.iterations.shape == ()
+    weights, centroids, tau = make_problem(40, 2, k=4, groups=3)
+    result = dkm_kernels.dkm(weights, centroids, tau, backend="torch")
+    assert result.weights.shape == (3, 40, 2) and result.centroids.shape == (3, 4, 2)
+    assert result.iterations.shape == (3,)
+
+
+def test_centroids_never_receive_a_gradient():
+    weights, centroids, tau = make_problem(40, 2, k=4)
+    centroids.requires_grad_(True)
+    weights.requires_grad_(True)
+    dkm_kernels.dkm(weights, centroids, tau, backend="torch").weights.sum().backward()
+    assert centroids.grad is None and weights.grad is not None
+
+
+def _valid():
+    weights, centroids, tau = make_problem(20, 2, k=4, dtype=torch.float32)
+    return dict(weights=weights, centroids=centroids, tau=tau)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize(
+    "change, error, words",
+    [
+        (lambda a: a["weights"].__setitem__((0, 0), float("nan")), ValueError, "weights"),
+        (lambda a: a["weights"].__setitem__((3, 1), float("inf")), ValueError, "weights"),
+        (lambda a: a.update(tau=0.0), ValueError, "tau"),
+        (lambda a: a.update(tau=-1e-5), ValueError, "tau"),
+        (lambda a: a.update(tau=float("nan")), ValueError, "tau"),
+        (lambda a: a.update(centroids=a["centroids"][:0]), ValueError, "k >= 1"),
+        (lambda a: a.update(centroids=a["centroids"][:, :1]), ValueError, "dimension"),
+        (lambda a: a.update(centroids=a["centroids"].double()), TypeError, "centroids"),
+        (lambda a: a.update(weights=a["weights"].int()), TypeError, "weights"),
+        (lambda a: a.update(weights=a["weights"].reshape(-1)), ValueError, "vectorize"),
+        (lambda a: a.update(centroids=a["centroids"].to("meta")), ValueError, "centroids"),
+        (lambda a: a.update(max_iter=0), ValueError, "max_iter"),
+        (lambda a: a.update(epsilon=-1.0), ValueError, "epsilon"),
+    ],
+)
+def test_bad_input_names_the_argument(backend, change, error, words):
+    args = _valid()
+    change(args)
+    with pytest.raises(error, match=words):
+        dkm_kernels.dkm(backend=backend, **args)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        dkm_kernels.dkm(backend="cuda-magic", **_valid())
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    reason = dkm_kernels.backends.unavailable_reason("triton", torch.device("cpu"), torch.float32)
+    assert reason is not None
+    with pytest.raises(ValueError, match="backend='triton'"):
+        dkm_kernels.dkm(backend="triton", **_valid())
+
+
+def test_vectorize_checks_dim():
+    weight = torch.randn(6, 5, 3, 3)
+    assert dkm_kernels.vectorize(weight, 2).shape == (135, 2)
+    with pytest.raises(ValueError, match="dim=4 does not divide"):
+        dkm_kernels.vectorize(weight, 4)
+
+
+def test_auto_never_fails_on_cpu():
+    args = _valid()
+    result = dkm_kernels.dkm(backend="auto", **args)
+    expected = dkm_kernels.dkm(backend="reference", **args)
+    torch.testing.assert_close(result.weights, expected.weights, rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck_torch_ops():
+    weights, centroids, tau = make_problem(37, 3, k=5, groups=2, seed=8)
+    weights.requires_grad_(True)
+    forward = torch.ops.dkm_kernels.torch_forward.default
+    torch.library.opcheck(forward, (weights, centroids, tau, 4, 1e-4, False))
+    out, history, masses, iterations = forward(weights, centroids, tau, 4, 1e-4, False)
+    backward = torch.ops.dkm_kernels.torch_backward.default
+    torch.library.opcheck(
+        backward, (torch.randn_like(out), weights.detach(), history, masses, iterations, tau, False)
+    )
+
+
+def test_torch_compile_fullgraph_traces_a_model_using_the_op():
+    weights, centroids, tau = make_problem(64, 4, k=8, dtype=torch.float32, seed=3)
+    weights.requires_grad_(True)
+
+    def step(w):
+        return dkm_kernels.dkm(w, centroids, tau, backend="torch").weights.square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(weights)
+    (grad,) = torch.autograd.grad(loss, weights)
+    expected_loss = step(weights)
+    (expected_grad,) = torch.autograd.grad(expected_loss, weights)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_deterministic_flag_follows_torch(monkeypatch):
+    args = _valid()
+    first = dkm_kernels.dkm(deterministic=True, backend="torch", **args)
+    second = dkm_kernels.dkm(deterministic=True, backend="torch", **args)
+    assert torch.equal(first.weights, second.weights)
