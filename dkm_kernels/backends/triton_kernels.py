@@ -1,0 +1,557 @@
+"""Backend `triton`: fused DKM kernels that never hold more than a tile of the M x k attention.
+
+Kernels (each reads W once per pass; DESIGN §2-§3):
+
+- `_attention_sums_kernel`: one DKM iteration. For the rows of a tile: scores to every centroid,
+  softmax, and the tile's share of `sum_i A_ij v_i` (v = W, or G~ for the backward's G_L pass) and
+  of `s_j = sum_i A_ij`. Programs own a chunk of row tiles and reduce their chunk into one slot of a
+  (slots, k, d) buffer: by plain stores into a slot of their own (deterministic; the slots are then
+  summed in a fixed order by torch.sum) or by atomic adds into a single slot (faster, not
+  bit-reproducible).
+- `_output_kernel`: W~ = A_{L-1} C_L, one sweep over the centroids with a running max
+  (online softmax), one program per row tile.
+- `_backward_kernel`: one backward pass t (DESIGN §3): recomputes A_t, dA, dS for a tile, adds the
+  tile's rows of dW and reduces sum_i dS_ij w_i and sum_i dS_ij into slots, as above.
+
+When k fits in one block of centroids (k <= MAX_SINGLE_BLOCK_K) the softmax of a tile is computed in
+registers and the chunk's k x d sums stay in registers. Otherwise each tile takes two sweeps over the
+centroid blocks: the first finds the row's log-sum-exp (and, in backward, sum_l A_il dA_il) with a
+running max, the second computes the exact attention block by block and adds each block into the
+slot (read-modify-write of a slot only this program touches, behind a barrier).
+
+Distances are sums of squared differences in fp32 (nothing cancels, no TF32); the matrix products
+of attention tiles use tl.dot with input_precision="ieee" (full fp32). Exponentials are exp2 of
+scores pre-scaled by log2(e) / tau.
+
+The iteration loop, the epsilon test and the k x d centroid updates run in torch on the host: they
+are O(k*d) per group. A group that has stopped is skipped by the kernels and keeps its centroids.
+
+Memory: nothing is saved for backward beyond the op's outputs (history, masses, iterations) and W.
+Transient: the slots, k x (d + 1) floats per program, whose count the deterministic mode bounds by
+WORKSPACE_BYTES (so a very large k runs on fewer programs there), one slot in the atomic mode; and
+for float16/bfloat16 weights an fp32 dW buffer of W's shape, cast at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor
+
+import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
+import triton.language as tl
+
+from .._ops import define_ops
+
+# k up to this many centroids is handled as one block per tile (softmax in registers).
+MAX_SINGLE_BLOCK_K = 256
+# Centroids per block when k is larger (two sweeps per tile).
+MULTI_BLOCK_K = 64
+# Rows per tile when k is larger than one block.
+MULTI_BLOCK_M = 32
+# Elements of a rows x centroids tile in the single-block case (bounds registers per program);
+# the backward keeps three such tiles (A, dA, dS) alive, the forward one.
+SINGLE_BLOCK_TILE = 8192
+BACKWARD_SINGLE_BLOCK_TILE = 4096
+# CUDA's limit on the second grid dimension, which indexes the groups.
+MAX_GROUPS = 65535
+# Transient bytes the per-program slots of the deterministic reduction may take.
+WORKSPACE_BYTES = 64 * 2**20
+# Programs per streaming multiprocessor to aim for; on CPU (interpreter) a fixed small count.
+PROGRAMS_PER_SM = 4
+INTERPRETER_PROGRAMS = 3
+
+_LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    if dtype == torch.float64:
+        return ("the triton kernels compute in float32 and do not take float64 weights; use "
+                "backend='torch' or backend='reference' for float64 (gradcheck, say)")
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and _interpreting():
+        return None
+    return (f"the triton kernels run on CUDA tensors, not on {device.type}; use backend='cpu' or "
+            f"backend='torch' for {device.type} tensors")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers (inlined into the kernels)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask, neg_log2e_over_tau,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """-||w_i - c_j||^2 * log2(e) / tau for a tile, -inf for columns past k.
+
+    w_ptr: (M, D) one group's rows; c_ptr: (k, D) one group's centroids (fp32).
+    """
+    squared = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for dim in tl.static_range(D):
+        w_col = tl.load(w_ptr + rows * D + dim, mask=row_mask, other=0.0).to(tl.float32)
+        c_col = tl.load(c_ptr + cols * D + dim, mask=col_mask, other=0.0)
+        diff = w_col[:, None] - c_col[None, :]
+        squared += diff * diff
+    return tl.where(col_mask[None, :], squared * neg_log2e_over_tau, -float("inf"))
+
+
+@triton.jit
+def _grad_attention(w_ptr, grad_out_ptr, grad_over_mass_ptr, next_ptr, final_ptr,
+                    rows, row_mask, cols, col_mask, is_last,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dA_ij = (G_{t+1,j} / s_j) . (w_i - C_{t+1,j})  (+ G~_i . C_{L,j} on the last iteration).
+
+    w_ptr, grad_out_ptr: (M, D) one group's rows; grad_over_mass_ptr, next_ptr, final_ptr: (k, D)
+    fp32, one group's G_{t+1}/s_t (zero where s_t == 0), C_{t+1} and C_L.
+    """
+    grad = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for dim in tl.static_range(D):
+        w_col = tl.load(w_ptr + rows * D + dim, mask=row_mask, other=0.0).to(tl.float32)
+        g_col = tl.load(grad_over_mass_ptr + cols * D + dim, mask=col_mask, other=0.0)
+        n_col = tl.load(next_ptr + cols * D + dim, mask=col_mask, other=0.0)
+        grad += g_col[None, :] * (w_col[:, None] - n_col[None, :])
+    if is_last:
+        for dim in tl.static_range(D):
+            go_col = tl.load(grad_out_ptr + rows * D + dim, mask=row_mask, other=0.0).to(tl.float32)
+            f_col = tl.load(final_ptr + cols * D + dim, mask=col_mask, other=0.0)
+            grad += go_col[:, None] * f_col[None, :]
+    return grad
+
+
+@triton.jit
+def _load_block(ptr, first, count, dims, D: tl.constexpr):
+    """Rows first.. of a (count, D) matrix as a (block, BLOCK_D) fp32 tile, zero-padded."""
+    mask = (first < count)[:, None] & (dims < D)[None, :]
+    return tl.load(ptr + first[:, None] * D + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _add_to_slot(sums_ptr, mass_ptr, cols, col_mask, dims, block_sums, block_mass,
+                 D: tl.constexpr, ATOMIC: tl.constexpr):
+    """Add a block's (BLOCK_K, BLOCK_D) sums and (BLOCK_K,) masses into a slot.
+
+    sums_ptr: (k, D) fp32 and mass_ptr: (k,) fp32, the slot. ATOMIC: the slot is shared by all
+    programs; otherwise it is this program's own and a barrier orders its earlier stores before
+    this read.
+    """
+    sums_mask = col_mask[:, None] & (dims < D)[None, :]
+    sums_ptrs = sums_ptr + cols[:, None] * D + dims[None, :]
+    if ATOMIC:
+        tl.atomic_add(sums_ptrs, block_sums, mask=sums_mask)
+        tl.atomic_add(mass_ptr + cols, block_mass, mask=col_mask)
+    else:
+        tl.debug_barrier()
+        tl.store(sums_ptrs, tl.load(sums_ptrs, mask=sums_mask, other=0.0) + block_sums, mask=sums_mask)
+        mass_ptrs = mass_ptr + cols
+        tl.store(mass_ptrs, tl.load(mass_ptrs, mask=col_mask, other=0.0) + block_mass, mask=col_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _attention_sums_kernel(
+    weights_ptr,    # (G, M, D) weights' dtype: the rows whose attention is computed
+    values_ptr,     # (G, M, D) any float dtype: v_i, summed with weights A_ij
+    centroids_ptr,  # (G, k, D) fp32: the centroids the attention is computed against
+    active_ptr,     # (G,) int32: 0 for a group that has stopped (the program does nothing)
+    sums_ptr,       # (G, SLOTS, k, D) fp32, zeroed: sum_i A_ij v_i per slot
+    mass_ptr,       # (G, SLOTS, k) fp32, zeroed: sum_i A_ij per slot
+    m, k, slots, rows_per_chunk, neg_log2e_over_tau,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    group = tl.program_id(1).to(tl.int64)
+    if tl.load(active_ptr + group) != 0:
+        w_ptr = weights_ptr + group * m * D
+        v_ptr = values_ptr + group * m * D
+        c_ptr = centroids_ptr + group * k * D
+        slot = 0 if ATOMIC else chunk
+        slot_sums_ptr = sums_ptr + (group * slots + slot) * k * D
+        slot_mass_ptr = mass_ptr + (group * slots + slot) * k
+        dims = tl.arange(0, BLOCK_D)
+        row_begin = chunk * rows_per_chunk
+        row_end = tl.minimum(row_begin + rows_per_chunk, m)
+
+        if SINGLE_BLOCK:
+            cols = tl.arange(0, BLOCK_K)
+            col_mask = cols < k
+            chunk_sums = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+            chunk_mass = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for row_start in range(row_begin, row_end, BLOCK_M):
+                rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+                row_mask = rows < row_end
+                scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                      neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
+                p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
+                attention = p / tl.sum(p, axis=1)[:, None]
+                attention = tl.where(row_mask[:, None], attention, 0.0)
+                values = _load_block(v_ptr, rows, row_end, dims, D)
+                chunk_sums += tl.dot(tl.trans(attention), values, input_precision="ieee")
+                chunk_mass += tl.sum(attention, axis=0)
+            _add_to_slot(slot_sums_ptr, slot_mass_ptr, cols, col_mask, dims, chunk_sums,
+                         chunk_mass, D, ATOMIC)
+        else:
+            for row_start in range(row_begin, row_end, BLOCK_M):
+                rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+                row_mask = rows < row_end
+                # Sweep 1: the row's log2-sum-exp2 over all centroids, with a running max.
+                row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+                row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for col_start in range(0, k, BLOCK_K):
+                    cols = col_start + tl.arange(0, BLOCK_K)
+                    col_mask = cols < k
+                    scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                          neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
+                    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+                    row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(
+                        tl.exp2(scores - new_max[:, None]), axis=1)
+                    row_max = new_max
+                log_normaliser = row_max + tl.log2(row_sum)
+                values = _load_block(v_ptr, rows, row_end, dims, D)
+                # Sweep 2: exact attention, block by block, into the slot.
+                for col_start in range(0, k, BLOCK_K):
+                    cols = col_start + tl.arange(0, BLOCK_K)
+                    col_mask = cols < k
+                    scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                          neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
+                    attention = tl.exp2(scores - log_normaliser[:, None])
+                    attention = tl.where(row_mask[:, None], attention, 0.0)
+                    block_sums = tl.dot(tl.trans(attention), values, input_precision="ieee")
+                    _add_to_slot(slot_sums_ptr, slot_mass_ptr, cols, col_mask, dims, block_sums,
+                                 tl.sum(attention, axis=0), D, ATOMIC)
+
+
+@triton.jit
+def _output_kernel(
+    weights_ptr,    # (G, M, D) weights' dtype
+    attend_ptr,     # (G, k, D) fp32: C_{L-1}, the centroids of the last attention
+    final_ptr,      # (G, k, D) fp32: C_L
+    out_ptr,        # (G, M, D) weights' dtype: W~ = A_{L-1} C_L
+    m, k, neg_log2e_over_tau,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    group = tl.program_id(1).to(tl.int64)
+    w_ptr = weights_ptr + group * m * D
+    c_ptr = attend_ptr + group * k * D
+    f_ptr = final_ptr + group * k * D
+    dims = tl.arange(0, BLOCK_D)
+    rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    row_mask = rows < m
+    row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for col_start in range(0, k, BLOCK_K):
+        cols = col_start + tl.arange(0, BLOCK_K)
+        col_mask = cols < k
+        scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask, neg_log2e_over_tau,
+                              D, BLOCK_M, BLOCK_K)
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        rescale = tl.exp2(row_max - new_max)
+        p = tl.exp2(scores - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        final = _load_block(f_ptr, cols, k, dims, D)
+        acc = acc * rescale[:, None] + tl.dot(p, final, input_precision="ieee")
+        row_max = new_max
+    out = acc / row_sum[:, None]
+    out_mask = row_mask[:, None] & (dims < D)[None, :]
+    tl.store(out_ptr + group * m * D + rows[:, None] * D + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _backward_kernel(
+    weights_ptr,         # (G, M, D) weights' dtype
+    grad_out_ptr,        # (G, M, D) grad_out's dtype: G~
+    centroids_ptr,       # (G, k, D) fp32: C_t
+    next_ptr,            # (G, k, D) fp32: C_{t+1}
+    grad_over_mass_ptr,  # (G, k, D) fp32: G_{t+1,j} / s_{t,j}, zero where s_{t,j} == 0
+    final_ptr,           # (G, k, D) fp32: C_L
+    active_ptr,          # (G,) int32: 1 where t < L (the group ran iteration t)
+    last_ptr,            # (G,) int32: 1 where t == L - 1
+    grad_w_ptr,          # (G, M, D) fp32: dW, this pass's rows added in place
+    ds_w_ptr,            # (G, SLOTS, k, D) fp32, zeroed: sum_i dS_ij w_i per slot
+    ds_ptr,              # (G, SLOTS, k) fp32, zeroed: sum_i dS_ij per slot
+    m, k, slots, rows_per_chunk, neg_log2e_over_tau, two_over_tau,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    group = tl.program_id(1).to(tl.int64)
+    if tl.load(active_ptr + group) != 0:
+        is_last = tl.load(last_ptr + group) != 0
+        w_ptr = weights_ptr + group * m * D
+        go_ptr = grad_out_ptr + group * m * D
+        gw_ptr = grad_w_ptr + group * m * D
+        c_ptr = centroids_ptr + group * k * D
+        n_ptr = next_ptr + group * k * D
+        g_ptr = grad_over_mass_ptr + group * k * D
+        f_ptr = final_ptr + group * k * D
+        slot = 0 if ATOMIC else chunk
+        slot_ds_w_ptr = ds_w_ptr + (group * slots + slot) * k * D
+        slot_ds_ptr = ds_ptr + (group * slots + slot) * k
+        dims = tl.arange(0, BLOCK_D)
+        row_begin = chunk * rows_per_chunk
+        row_end = tl.minimum(row_begin + rows_per_chunk, m)
+
+        if SINGLE_BLOCK:
+            cols = tl.arange(0, BLOCK_K)
+            col_mask = cols < k
+            grad_over_mass = _load_block(g_ptr, cols, k, dims, D)
+            centroids = _load_block(c_ptr, cols, k, dims, D)
+            chunk_ds_w = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+            chunk_ds = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for row_start in range(row_begin, row_end, BLOCK_M):
+                rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+                row_mask = rows < row_end
+                scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                      neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
+                p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
+                attention = p / tl.sum(p, axis=1)[:, None]
+                attention = tl.where(row_mask[:, None], attention, 0.0)
+                grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask, cols,
+                                         col_mask, is_last, D, BLOCK_M, BLOCK_K)
+                weighted = tl.sum(attention * grad_a, axis=1)
+                grad_s = attention * (grad_a - weighted[:, None])
+                w = _load_block(w_ptr, rows, row_end, dims, D)
+                # dW_i = sum_j A_ij G_j/s_j + (2/tau) sum_j dS_ij (c_j - w_i)
+                grad_w = tl.dot(attention, grad_over_mass, input_precision="ieee")
+                grad_w += two_over_tau * (tl.dot(grad_s, centroids, input_precision="ieee")
+                                          - w * tl.sum(grad_s, axis=1)[:, None])
+                gw_ptrs = gw_ptr + rows[:, None] * D + dims[None, :]
+                gw_mask = row_mask[:, None] & (dims < D)[None, :]
+                tl.store(gw_ptrs, tl.load(gw_ptrs, mask=gw_mask, other=0.0) + grad_w, mask=gw_mask)
+                chunk_ds_w += tl.dot(tl.trans(grad_s), w, input_precision="ieee")
+                chunk_ds += tl.sum(grad_s, axis=0)
+            _add_to_slot(slot_ds_w_ptr, slot_ds_ptr, cols, col_mask, dims, chunk_ds_w, chunk_ds,
+                         D, ATOMIC)
+        else:
+            for row_start in range(row_begin, row_end, BLOCK_M):
+                rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+                row_mask = rows < row_end
+                # Sweep 1: log-sum-exp and sum_l A_il dA_il over all centroids, running max.
+                row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+                row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                row_weighted = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                for col_start in range(0, k, BLOCK_K):
+                    cols = col_start + tl.arange(0, BLOCK_K)
+                    col_mask = cols < k
+                    scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                          neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
+                    grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask,
+                                             cols, col_mask, is_last, D, BLOCK_M, BLOCK_K)
+                    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+                    rescale = tl.exp2(row_max - new_max)
+                    p = tl.exp2(scores - new_max[:, None])
+                    row_sum = row_sum * rescale + tl.sum(p, axis=1)
+                    row_weighted = row_weighted * rescale + tl.sum(p * grad_a, axis=1)
+                    row_max = new_max
+                log_normaliser = row_max + tl.log2(row_sum)
+                weighted = row_weighted / row_sum
+                w = _load_block(w_ptr, rows, row_end, dims, D)
+                grad_w = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+                grad_s_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
+                # Sweep 2: exact A and dS block by block; dW in registers, column sums to the slot.
+                for col_start in range(0, k, BLOCK_K):
+                    cols = col_start + tl.arange(0, BLOCK_K)
+                    col_mask = cols < k
+                    scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                          neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
+                    attention = tl.exp2(scores - log_normaliser[:, None])
+                    attention = tl.where(row_mask[:, None], attention, 0.0)
+                    grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask,
+                                             cols, col_mask, is_last, D, BLOCK_M, BLOCK_K)
+                    grad_s = attention * (grad_a - weighted[:, None])
+                    grad_over_mass = _load_block(g_ptr, cols, k, dims, D)
+                    centroids = _load_block(c_ptr, cols, k, dims, D)
+                    grad_w += tl.dot(attention, grad_over_mass, input_precision="ieee")
+                    grad_w += two_over_tau * tl.dot(grad_s, centroids, input_precision="ieee")
+                    grad_s_rows += tl.sum(grad_s, axis=1)
+                    _add_to_slot(slot_ds_w_ptr, slot_ds_ptr, cols, col_mask, dims,
+                                 tl.dot(tl.trans(grad_s), w, input_precision="ieee"),
+                                 tl.sum(grad_s, axis=0), D, ATOMIC)
+                grad_w -= two_over_tau * w * grad_s_rows[:, None]
+                gw_ptrs = gw_ptr + rows[:, None] * D + dims[None, :]
+                gw_mask = row_mask[:, None] & (dims < D)[None, :]
+                tl.store(gw_ptrs, tl.load(gw_ptrs, mask=gw_mask, other=0.0) + grad_w, mask=gw_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plans and host side
+# ----------------------------------------------------------------------------------------------
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _program_target(device: torch.device) -> int:
+    if device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return PROGRAMS_PER_SM * _SM_COUNTS[index]
+
+
+class _Plan:
+    """Block sizes and the chunking of rows into programs for one problem shape."""
+
+    def __init__(self, groups: int, m: int, k: int, d: int, deterministic: bool,
+                 device: torch.device, tile: int = SINGLE_BLOCK_TILE):
+        if groups > MAX_GROUPS:
+            raise ValueError(f"backend='triton' takes at most {MAX_GROUPS} groups per call, got "
+                             f"{groups}; split the groups over several calls")
+        self.single_block = k <= MAX_SINGLE_BLOCK_K
+        if self.single_block:
+            self.block_k = max(16, triton.next_power_of_2(k))
+            self.block_m = min(128, max(16, tile // self.block_k))
+        else:
+            self.block_k = MULTI_BLOCK_K
+            self.block_m = MULTI_BLOCK_M
+        self.block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs 16 or more
+        # Chosen so that ptxas (sm_90, d = 8) reports no register spills for these tiles.
+        self.num_warps = 8 if self.block_m * self.block_k >= 2048 else 4
+        self.row_tiles = triton.cdiv(m, self.block_m)
+        chunks = min(self.row_tiles, max(1, triton.cdiv(_program_target(device), groups)))
+        self.atomic = not deterministic
+        if not self.atomic:  # one slot of k x (d + 1) floats per program
+            chunks = min(chunks, max(1, WORKSPACE_BYTES // (groups * k * (d + 1) * 4)))
+        tiles_per_chunk = triton.cdiv(self.row_tiles, chunks)
+        self.chunks = triton.cdiv(self.row_tiles, tiles_per_chunk)
+        self.rows_per_chunk = tiles_per_chunk * self.block_m
+        self.slots = 1 if self.atomic else self.chunks
+        # The output kernel sweeps the centroids with a running max anyway: a product A @ C over
+        # at most MULTI_BLOCK_K centroids at a time keeps it from spilling registers.
+        if self.block_k > MULTI_BLOCK_K:
+            self.output_block_k, self.output_block_m = MULTI_BLOCK_K, MULTI_BLOCK_M
+        else:
+            self.output_block_k, self.output_block_m = self.block_k, self.block_m
+        self.output_warps = 8 if self.output_block_m * self.output_block_k >= 2048 else 4
+
+
+def _device_context(device: torch.device):
+    """Launch on the tensors' GPU, not on whichever is current."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _attention_sums(weights: Tensor, values: Tensor, centroids: Tensor, active: Tensor,
+                    tau: float, plan: _Plan) -> tuple[Tensor, Tensor]:
+    """sum_i A_ij v_i (G, k, d) and sum_i A_ij (G, k) for the attention of `weights` to
+    `centroids`; zero for inactive groups."""
+    groups, m, d = weights.shape
+    k = centroids.shape[1]
+    sums = torch.zeros((groups, plan.slots, k, d), dtype=torch.float32, device=weights.device)
+    mass = torch.zeros((groups, plan.slots, k), dtype=torch.float32, device=weights.device)
+    _attention_sums_kernel[(plan.chunks, groups)](
+        weights, values, centroids, active, sums, mass,
+        m, k, plan.slots, plan.rows_per_chunk, -_LOG2E / tau,
+        D=d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
+        SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
+        num_warps=plan.num_warps, num_stages=1,
+    )
+    return sums.sum(dim=1), mass.sum(dim=1)
+
+
+def _safe_inverse(mass: Tensor) -> Tensor:
+    """1 / s_j, and 0 for a centroid with no attention mass (its terms vanish)."""
+    return torch.where(mass > 0, 1.0 / torch.where(mass > 0, mass, 1.0), 0.0)
+
+
+def _check_dtype(weights: Tensor) -> None:
+    reason = unavailable_reason(weights.device, weights.dtype)
+    if reason is not None:
+        raise ValueError(f"backend='triton' cannot run here: {reason}")
+
+
+def forward(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsilon: float,
+            deterministic: bool):
+    _check_dtype(weights)
+    groups, m, d = weights.shape
+    k = centroids.shape[1]
+    device = weights.device
+    plan = _Plan(groups, m, k, d, deterministic, device)
+    history = torch.empty((max_iter + 1, groups, k, d), dtype=torch.float32, device=device)
+    masses = torch.zeros((max_iter, groups, k), dtype=torch.float32, device=device)
+    iterations = torch.full((groups,), max_iter, dtype=torch.int64, device=device)
+    active = torch.ones(groups, dtype=torch.bool, device=device)
+    history[0] = centroids
+    with _device_context(device):
+        for t in range(max_iter):
+            c = history[t]
+            weighted_sum, mass = _attention_sums(weights, weights, c, active.to(torch.int32),
+                                                 tau, plan)
+            moved = weighted_sum * _safe_inverse(mass).unsqueeze(-1)
+            c_next = torch.where((mass > 0).unsqueeze(-1), moved, c)
+            c_next = torch.where(active[:, None, None], c_next, c)  # a stopped group stays put
+            history[t + 1] = c_next
+            masses[t] = torch.where(active[:, None], mass, 0.0)
+            converged = active & ((c_next - c).abs().amax(dim=(1, 2)) <= epsilon)
+            iterations[converged] = t + 1
+            active &= ~converged
+            if not bool(active.any()):
+                history[t + 2:] = c_next
+                break
+
+        group = torch.arange(groups, device=device)
+        c_last_attention = history[iterations - 1, group].contiguous()
+        c_final = history[iterations, group].contiguous()
+        out = torch.empty_like(weights)
+        _output_kernel[(triton.cdiv(m, plan.output_block_m), groups)](
+            weights, c_last_attention, c_final, out, m, k, -_LOG2E / tau,
+            D=d, BLOCK_D=plan.block_d, BLOCK_M=plan.output_block_m, BLOCK_K=plan.output_block_k,
+            num_warps=plan.output_warps, num_stages=1,
+        )
+    return out, history, masses, iterations
+
+
+def backward(grad_out: Tensor, weights: Tensor, history: Tensor, masses: Tensor,
+             iterations: Tensor, tau: float, deterministic: bool) -> Tensor:
+    _check_dtype(weights)
+    groups, m, d = weights.shape
+    k = history.shape[2]
+    device = weights.device
+    plan = _Plan(groups, m, k, d, deterministic, device, tile=BACKWARD_SINGLE_BLOCK_TILE)
+    grad_out = grad_out.contiguous()
+    group = torch.arange(groups, device=device)
+    last = iterations - 1
+    c_final = history[iterations, group].contiguous()
+    grad_weights = torch.zeros(weights.shape, dtype=torch.float32, device=device)
+    everyone = torch.ones(groups, dtype=torch.int32, device=device)
+    zeros_like_slots = (groups, plan.slots, k)
+
+    with _device_context(device):
+        # G_L = A_{L-1}^T G~: the gradient reaching the final centroids through the output.
+        grad_c, _ = _attention_sums(weights, grad_out, history[last, group].contiguous(),
+                                    everyone, tau, plan)
+        for t in reversed(range(int(iterations.max()))):
+            active = t < iterations
+            c, c_next, mass = history[t], history[t + 1], masses[t]
+            grad_over_mass = (grad_c * _safe_inverse(mass).unsqueeze(-1)).contiguous()
+            ds_w = torch.zeros((*zeros_like_slots, d), dtype=torch.float32, device=device)
+            ds = torch.zeros(zeros_like_slots, dtype=torch.float32, device=device)
+            _backward_kernel[(plan.chunks, groups)](
+                weights, grad_out, c, c_next, grad_over_mass, c_final,
+                active.to(torch.int32), (t == last).to(torch.int32),
+                grad_weights, ds_w, ds,
+                m, k, plan.slots, plan.rows_per_chunk, -_LOG2E / tau, 2.0 / tau,
+                D=d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
+                SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
+                num_warps=plan.num_warps, num_stages=1,
+            )
+            ds_w, ds = ds_w.sum(dim=1), ds.sum(dim=1)
+            grad_c_t = (2.0 / tau) * (ds_w - c * ds.unsqueeze(-1))
+            # A centroid without mass is carried over unchanged: its gradient passes through.
+            grad_c_t += torch.where((mass > 0).unsqueeze(-1), 0.0, grad_c)
+            grad_c = torch.where(active[:, None, None], grad_c_t, grad_c)
+    return grad_weights.to(weights.dtype)
+
+
+forward_op = define_ops("triton", forward, backward)
