@@ -2,12 +2,21 @@
 
     dkm_kernels.dkm(weights, centroids, tau)   the op (functional.py), every backend behind it
     dkm_kernels.init_centroids(...)            k-means++ / random warm starts (init.py)
+    dkm_kernels.DKMLayer(weight, n_clusters)   one clustered weight (layer.py)
+    dkm_kernels.compress_model(model, bits)    DKM on a whole model -> DKMCompressor (compress.py)
+    dkm_kernels.load_compressed(path, model)   a plain model from an export (export.py)
 """
 from . import backends
 from .functional import DKMResult, dkm, vectorize
 from .init import init_centroids, kmeans_plus_plus, random_rows
+from .layer import DKMLayer
+from .compress import DKMCompressor, LayerConfig, compress_model
+from .export import export_compressed, load_compressed, save_compressed
+from .utils import print_compression_summary
 
 backends.load_all()
 
-__all__ = ["DKMResult", "dkm", "vectorize", "init_centroids", "kmeans_plus_plus", "random_rows"]
+__all__ = ["DKMResult", "dkm", "vectorize", "init_centroids", "kmeans_plus_plus", "random_rows",
+           "DKMLayer", "DKMCompressor", "LayerConfig", "compress_model", "export_compressed",
+           "save_compressed", "load_compressed", "print_compression_summary"]
 __version__ = "0.1.0"

@@ -1,0 +1,371 @@
+"""`compress_model` and `DKMCompressor`: DKM on every Conv / Linear / Embedding weight of a model.
+
+Each clustered weight gets a `DKMLayer` registered with `torch.nn.utils.parametrize`: the module's
+`weight` becomes the clustered weight, the trainable float weight lives on as
+`<module>.parametrizations.weight.original`, and the layer's centroids are buffers next to it. So
+`model.parameters()`, optimizers and `state_dict()` work as usual, and a state dict saved during
+training resumes it exactly (warm-start centroids, auto taus and the step counter included).
+
+Per-layer configuration, most specific first:
+  1. `layer_configs[module_name]`: a config, or None to leave that module uncompressed;
+  2. the small-layer rule: a weight with fewer than `small_layer_threshold` elements gets
+     `small_layer_config` (the paper's protocol: 8-bit scalar, k=256, d=1);
+  3. `conv_config` for Conv1d/2d/3d, `fc_config` for Linear, `embedding_config` for Embedding;
+  4. the defaults given as arguments (bits, dim, tau, group_size, ...).
+A config is a dict with any of the keys of `LayerConfig`, or a string "bits/dim" ("6/8").
+With `skip_first_last`, the first and last eligible modules (in registration order) are left
+uncompressed unless `layer_configs` names them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .init import INIT_METHODS
+from .layer import DKMLayer
+
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CLUSTERABLE_TYPES = (*CONV_TYPES, nn.Linear, nn.Embedding)
+MAX_BITS = 16  # indices are packed in at most 16 bits (65536 centroids)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """How one weight is clustered. bits: log2 of the palette size k; dim: weights per vector."""
+
+    bits: int = 4
+    dim: int = 1
+    tau: float | str = 2e-5
+    group_size: int | None = None
+    enable_per_channel_scale: bool = False
+    max_iter: int = 5
+    epsilon: float = 1e-4
+    init_method: str = "kmeans++"
+
+    @property
+    def n_clusters(self) -> int:
+        return 2 ** self.bits
+
+    @property
+    def notation(self) -> str:
+        """The paper's bits/dim notation."""
+        return f"{self.bits}/{self.dim}"
+
+
+CONFIG_KEYS = tuple(field.name for field in dataclasses.fields(LayerConfig))
+
+
+def parse_config(text: str) -> dict:
+    """ "6/8" -> {"bits": 6, "dim": 8}; "3" -> {"bits": 3}."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:/\s*(\d+)\s*)?", text)
+    if not match:
+        raise ValueError(f"a config string is 'bits/dim' such as '6/8', got {text!r}")
+    config = {"bits": int(match.group(1))}
+    if match.group(2) is not None:
+        config["dim"] = int(match.group(2))
+    return config
+
+
+def parse_model_config(text: str) -> dict[str, dict]:
+    """The paper's notation: "cv:6/8,fc:6/4" -> {"cv": {...}, "fc": {...}} (also "emb:...")."""
+    parts = {}
+    for item in filter(None, (piece.strip() for piece in text.split(","))):
+        kind, _, spec = item.partition(":")
+        kind = kind.strip().lower()
+        if kind not in ("cv", "fc", "emb") or not spec:
+            raise ValueError(
+                f"config must look like 'cv:6/8,fc:6/4' (kinds cv, fc, emb), got {text!r}")
+        parts[kind] = parse_config(spec)
+    return parts
+
+
+def _as_dict(config, where: str) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, str):
+        return parse_config(config)
+    if isinstance(config, LayerConfig):
+        return dataclasses.asdict(config)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"{where}: a config is a dict or a 'bits/dim' string, got {config!r}")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {unknown}; "
+                         f"the options are {list(CONFIG_KEYS)}")
+    return dict(config)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validated(name: str, config: dict, module: nn.Module) -> LayerConfig:
+    """A LayerConfig for `module`, or a ValueError naming the layer and the option."""
+    where = f"layer {name!r}"
+    weight = raw_weight(module)
+    bits, dim, tau = config["bits"], config["dim"], config["tau"]
+    group_size = config["group_size"]
+    if not _is_int(bits) or not 1 <= bits <= MAX_BITS:
+        raise ValueError(f"{where}: bits must be an integer from 1 to {MAX_BITS}, got {bits!r}")
+    if not _is_int(dim) or dim < 1:
+        raise ValueError(f"{where}: dim must be an integer >= 1, got {dim!r}")
+    if tau != "auto" and (isinstance(tau, bool) or not isinstance(tau, (int, float))
+                          or not math.isfinite(tau) or tau <= 0):
+        raise ValueError(f"{where}: tau must be a number > 0 or 'auto', got {tau!r}")
+    out_channels = weight.shape[0]
+    groups = 1
+    if group_size is not None:
+        if not _is_int(group_size) or group_size < 1:
+            raise ValueError(f"{where}: group_size must be an integer >= 1 or None, "
+                             f"got {group_size!r}")
+        if out_channels % group_size:
+            raise ValueError(f"{where}: group_size={group_size} does not divide its "
+                             f"{out_channels} output channels")
+        groups = out_channels // group_size
+    per_group = weight.numel() // groups
+    if per_group % dim:
+        detail = f"its {weight.numel()} weights" if groups == 1 else \
+            f"the {per_group} weights of each group of {group_size} output channels"
+        raise ValueError(f"{where}: dim={dim} does not divide {detail} "
+                         f"(weight shape {tuple(weight.shape)})")
+    if not _is_int(config["max_iter"]) or config["max_iter"] < 1:
+        raise ValueError(f"{where}: max_iter must be an integer >= 1, got {config['max_iter']!r}")
+    epsilon = config["epsilon"]
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
+        raise ValueError(f"{where}: epsilon must be a number >= 0, got {epsilon!r}")
+    if config["init_method"] not in INIT_METHODS:
+        raise ValueError(f"{where}: init_method must be one of {INIT_METHODS}, "
+                         f"got {config['init_method']!r}")
+    return LayerConfig(**config)
+
+
+def raw_weight(module: nn.Module) -> Tensor | None:
+    """The module's trainable weight, without running a parametrization on it."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module._parameters.get("weight")
+
+
+def clusterable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every Conv1d/2d/3d, Linear and Embedding, in registration order."""
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, CLUSTERABLE_TYPES) and raw_weight(module) is not None]
+
+
+def _weight_key(name: str, suffix: str = "weight") -> str:
+    return f"{name}.{suffix}" if name else suffix
+
+
+class DKMCompressor(nn.Module):
+    """A model whose clustered weights are DKM parametrizations (build it with `compress_model`).
+
+    Call it like the model. Each call in training mode counts one step; before `milestone` steps
+    the weights train unclustered (in both modes), afterwards every clustered weight is soft-DKM
+    in training and hard-assigned to its centroids in evaluation.
+    """
+
+    def __init__(self, model: nn.Module, configs: dict[str, LayerConfig],
+                 skipped: dict[str, str], milestone: int = 0, backend: str = "auto",
+                 lut_dtype: torch.dtype = torch.float16, seed: int | None = None):
+        super().__init__()
+        if not _is_int(milestone) or milestone < 0:
+            raise ValueError(f"milestone must be an integer >= 0, got {milestone!r}")
+        self.model = model
+        self.configs = dict(configs)
+        self.skipped = dict(skipped)
+        self.milestone = milestone
+        self.lut_dtype = lut_dtype
+        self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+        modules = dict(model.named_modules())
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        # Plain dicts: the layers and snapped records are reached through the model, not
+        # registered a second time here.
+        self.dkm_layers: dict[str, DKMLayer] = {}
+        self.snapped: dict[str, Any] = {}
+        for name, config in self.configs.items():
+            module = modules[name]
+            if parametrize.is_parametrized(module, "weight"):
+                raise ValueError(f"layer {name!r}: its weight is already parametrized "
+                                 f"(was the model compressed twice?)")
+            weight = module.weight
+            layer_generator = generator
+            if generator is not None and weight.device.type != "cpu":
+                layer_generator = torch.Generator(device=weight.device).manual_seed(
+                    int(torch.randint(2**62, (), generator=generator)))
+            layer = DKMLayer(
+                weight, n_clusters=config.n_clusters, tau=config.tau, dim=config.dim,
+                max_iter=config.max_iter, epsilon=config.epsilon,
+                init_method=config.init_method, backend=backend,
+                group_size=config.group_size,
+                enable_per_channel_scale=config.enable_per_channel_scale,
+                lut_dtype=lut_dtype, generator=layer_generator, keep_weight=False,
+                lazy_init=milestone > 0)
+            # unsafe: registration would otherwise run the layer once (a DKM step) to check it.
+            parametrize.register_parametrization(module, "weight", layer, unsafe=True)
+            self.dkm_layers[name] = layer
+        self._set_active()
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _set_active(self) -> None:
+        active = int(self.step) >= self.milestone
+        for layer in self.dkm_layers.values():
+            layer.active = active
+
+    def forward(self, *args, **kwargs):
+        self._set_active()
+        output = self.model(*args, **kwargs)
+        if self.training:
+            self.step += 1
+        return output
+
+    def get_layer(self, name: str) -> DKMLayer:
+        if name not in self.dkm_layers:
+            raise KeyError(f"{name!r} is not a clustered layer; clustered: {list(self.dkm_layers)}")
+        return self.dkm_layers[name]
+
+    @torch.no_grad()
+    def fit_kmeans(self, iterations: int = 50) -> None:
+        """Post-training palettization: hard k-means on the current weights (no training)."""
+        modules = dict(self.model.named_modules())
+        for name, layer in self.dkm_layers.items():
+            layer.fit_kmeans(modules[name].parametrizations.weight.original, iterations)
+
+    # -- snapping and export ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def snap_weights(self) -> None:
+        """Replace every clustered weight by its nearest palette entry, for good.
+
+        Palettes are rounded to `lut_dtype` first (the dtype they are exported in), so the snapped
+        weights are exactly what `export_compressed` encodes. Afterwards the model holds plain
+        weights (the parametrizations are removed; the Parameter objects stay the same ones, so an
+        optimizer still refers to them). Calling it again does nothing.
+        """
+        from .export import snap_layer
+
+        modules = dict(self.model.named_modules())
+        for name, layer in self.dkm_layers.items():
+            if name in self.snapped:
+                continue
+            module = modules[name]
+            original = module.parametrizations.weight.original
+            record = snap_layer(layer, original.detach(), self.configs[name])
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            module.weight.copy_(record.decode())
+            self.snapped[name] = record
+
+    @property
+    def is_snapped(self) -> bool:
+        return len(self.snapped) == len(self.dkm_layers)
+
+    def export_compressed(self) -> dict:
+        """The compressed model (snaps first if needed): see `dkm_kernels.export`."""
+        from .export import export_compressed
+
+        return export_compressed(self)
+
+    def save_compressed(self, path) -> dict:
+        """Write `export_compressed()` to `path` with torch.save; returns the export."""
+        from .export import save_compressed
+
+        return save_compressed(self, path)
+
+    def get_compression_info(self) -> dict:
+        """Per-layer bits and sizes and the whole model's compression ratio (dkm_kernels.export)."""
+        from .export import compression_info
+
+        return compression_info(self)
+
+    def extra_repr(self) -> str:
+        return (f"milestone={self.milestone}, layers={len(self.dkm_layers)}, "
+                f"lut_dtype={self.lut_dtype}")
+
+
+def compress_model(model: nn.Module, bits: int = 4, dim: int = 1, tau: float | str = 2e-5,
+                   conv_config=None, fc_config=None, skip_first_last: bool = True, *,
+                   config: str | None = None, embedding_config=None,
+                   layer_configs: Mapping[str, Any] | None = None,
+                   group_size: int | None = None, enable_per_channel_scale: bool = False,
+                   small_layer_threshold: int = 10_000, small_layer_config=None,
+                   milestone: int = 0, max_iter: int = 5, epsilon: float = 1e-4,
+                   init_method: str = "kmeans++", backend: str = "auto",
+                   lut_dtype: torch.dtype = torch.float16,
+                   seed: int | None = None) -> DKMCompressor:
+    """Put DKM on the model's Conv1d/2d/3d, Linear and Embedding weights (the model is modified in
+    place) and return the `DKMCompressor` that trains, snaps and exports it.
+
+    bits, dim, tau, group_size, enable_per_channel_scale, max_iter, epsilon, init_method: the
+        defaults of every layer config. tau: a number > 0 or "auto" (see dkm_kernels.layer).
+    conv_config / fc_config / embedding_config: the configs of Conv, Linear and Embedding layers
+        (dict or "bits/dim"); embedding_config defaults to fc_config.
+    config: the paper's notation, "cv:6/8,fc:6/4" (sets conv_config and fc_config; "emb:..." too).
+    layer_configs: {module name: config or None}; None leaves the module uncompressed.
+    skip_first_last: leave the first and last eligible modules uncompressed.
+    small_layer_threshold / small_layer_config: weights with fewer elements get this config
+        (default 8-bit scalar, k=256, d=1); 0 turns the rule off.
+    milestone: training steps (calls in training mode) before clustering starts; the centroids
+        are then initialised from the weights of that moment.
+    backend: the op's backend. lut_dtype: the dtype of exported palettes and scales.
+    seed: seeds the centroid initialisation (None: torch's global generator).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is not None:
+        parsed = parse_model_config(config)
+        conv_config = parsed.get("cv", conv_config)
+        fc_config = parsed.get("fc", fc_config)
+        embedding_config = parsed.get("emb", embedding_config)
+    defaults = _as_dict(dict(bits=bits, dim=dim, tau=tau, group_size=group_size,
+                             enable_per_channel_scale=enable_per_channel_scale,
+                             max_iter=max_iter, epsilon=epsilon, init_method=init_method),
+                        "defaults")
+    by_kind = {
+        "conv": _as_dict(conv_config, "conv_config"),
+        "fc": _as_dict(fc_config, "fc_config"),
+        "embedding": _as_dict(fc_config if embedding_config is None else embedding_config,
+                              "embedding_config"),
+    }
+    small = _as_dict({"bits": 8, "dim": 1, "group_size": None} if small_layer_config is None
+                     else small_layer_config, "small_layer_config")
+    if not _is_int(small_layer_threshold) or small_layer_threshold < 0:
+        raise ValueError(f"small_layer_threshold must be an integer >= 0, "
+                         f"got {small_layer_threshold!r}")
+    if lut_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"lut_dtype must be float16, bfloat16 or float32, got {lut_dtype}")
+
+    candidates = clusterable_modules(model)
+    names = [name for name, _ in candidates]
+    overrides = dict(layer_configs or {})
+    unknown = [name for name in overrides if name not in names]
+    if unknown:
+        raise ValueError(
+            f"layer_configs names module(s) {unknown} that are not clusterable modules of the "
+            f"model; clusterable modules: {names}")
+
+    configs: dict[str, LayerConfig] = {}
+    skipped: dict[str, str] = {}
+    for index, (name, module) in enumerate(candidates):
+        kind = ("conv" if isinstance(module, CONV_TYPES)
+                else "embedding" if isinstance(module, nn.Embedding) else "fc")
+        resolved = {**defaults, **by_kind[kind]}
+        if name in overrides:
+            if overrides[name] is None:
+                skipped[name] = "layer_configs: None"
+                continue
+            resolved.update(_as_dict(overrides[name], f"layer_configs[{name!r}]"))
+        else:
+            if skip_first_last and index in (0, len(candidates) - 1):
+                skipped[name] = "first layer" if index == 0 else "last layer"
+                continue
+            if raw_weight(module).numel() < small_layer_threshold:
+                resolved.update(small)
+        configs[name] = _validated(name, resolved, module)
+    return DKMCompressor(model, configs, skipped, milestone=milestone, backend=backend,
+                         lut_dtype=lut_dtype, seed=seed)
