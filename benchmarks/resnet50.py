@@ -37,8 +37,8 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 def naive_attention_bytes(compressor, max_iter: int) -> int:
     """Bytes of the M x k attention matrices the naive DKM keeps for backward, all layers."""
     total = 0
-    for layer in compressor.get_compression_info()["layers"].values():
-        rows = layer["num_weights"] // layer["dim"]
+    for layer in compressor.get_compression_info()["layers"]:
+        rows = layer["params"] // layer["dim"]
         total += max_iter * rows * layer["n_clusters"] * 4
     return total
 
