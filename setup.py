@@ -20,16 +20,50 @@ except ImportError:
     )
 
 
+def _compiler_accepts(flag):
+    """Whether the C++ compiler builds a tiny OpenMP program with `flag` (Apple clang, say, has no
+    -fopenmp without libomp)."""
+    import subprocess
+    import tempfile
+    import sysconfig
+
+    compiler = os.environ.get("CXX") or (sysconfig.get_config_var("CXX") or "c++").split()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cpp")
+        with open(source, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            result = subprocess.run([compiler, flag, source, "-o", os.path.join(tmp, "probe")],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            return False
+    return result.returncode == 0
+
+
 def cpu_extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not sources or os.environ.get("DKM_KERNELS_NO_EXTENSION") == "1":
         return []
+    if sys.platform == "win32":
+        # The kernels are written with GCC/Clang vector extensions, which MSVC lacks: without the
+        # extension the package runs on its portable `torch` backend.
+        return []
+    # Portable flags only: the AVX2 and AVX-512 kernels are compiled by target pragmas in their
+    # own files (csrc/kernels_avx*.cpp) and chosen at run time. fp-contract lets the compiler fuse
+    # a * b + c into FMA where the target has it.
+    compile_args, link_args = ["-O3", "-ffp-contract=fast"], []
+    # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel
+    # if this code is compiled with OpenMP.
+    if _compiler_accepts("-fopenmp"):
+        compile_args.append("-fopenmp")
+        link_args.append("-fopenmp")
     return [
         CppExtension(
             "dkm_kernels._C",
             sources,
-            extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
-            extra_link_args=["-fopenmp"],
+            depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
+            extra_compile_args={"cxx": compile_args},
+            extra_link_args=link_args,
         )
     ]
 
@@ -46,7 +80,7 @@ setup(
     # user's torch (a CPU build, say) with another one.
     install_requires=["numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "tqdm", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "tqdm", "matplotlib", "triton; platform_system == 'Linux'"],
         "triton": ["triton"],
     },
     ext_modules=cpu_extension(),

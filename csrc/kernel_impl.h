@@ -1,0 +1,452 @@
+// The DKM kernels, written once with GCC/Clang vector extensions and compiled once per instruction
+// set by kernels_generic.cpp, kernels_avx2.cpp and kernels_avx512.cpp, which define
+//   DKM_ISA_NS   the namespace of this copy (so copies never share a symbol),
+//   DKM_VBYTES   the vector width in bytes,
+//   DKM_ISA_NAME the instruction set's name, reported by dkm_kernels._C.isa().
+// Include nothing here but kernels.h: a library inline function compiled with AVX-512 enabled
+// could be the copy the linker keeps for everyone.
+//
+// Layout: kernels vectorise over centroids (j). A row's squared distances, exponentials and
+// derivatives live in scratch rows of kp values (1 KiB for k = 256 in float), which stay in L1;
+// nothing of size rows x k is ever allocated. Distances (and the forward accumulation) take 4 rows
+// at a time, so that each centroid vector loaded serves 4 rows.
+
+#include "kernels.h"
+
+namespace dkm {
+namespace DKM_ISA_NS {
+namespace {
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(DKM_VBYTES)));
+  typedef int32_t itype __attribute__((vector_size(DKM_VBYTES)));
+  static constexpr int lanes = DKM_VBYTES / 4;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(DKM_VBYTES)));
+  typedef int64_t itype __attribute__((vector_size(DKM_VBYTES)));
+  static constexpr int lanes = DKM_VBYTES / 8;
+};
+
+template <typename T>
+using vec = typename Vec<T>::type;
+
+template <typename T>
+inline vec<T> load(const T* p) {
+  vec<T> v;
+  __builtin_memcpy(&v, p, sizeof v);  // an unaligned vector load
+  return v;
+}
+
+template <typename T>
+inline void store(T* p, vec<T> v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+
+template <typename T>
+inline vec<T> splat(T x) {
+  return vec<T>{} + x;
+}
+
+template <typename T, int Bytes>
+struct Part {
+  typedef T type __attribute__((vector_size(Bytes)));
+};
+
+// Horizontal sum and minimum by halving (log2 of the lanes vector steps, not a lane-by-lane
+// chain): a row ends with a dozen of these, so their cost is not negligible next to k = 256.
+template <typename T, int Bytes>
+inline T tree_sum(typename Part<T, Bytes>::type v) {
+  if constexpr (Bytes <= 16) {
+    T s = v[0];
+    for (int i = 1; i < Bytes / static_cast<int>(sizeof(T)); ++i) s += v[i];
+    return s;
+  } else {
+    typename Part<T, Bytes / 2>::type lo, hi;
+    __builtin_memcpy(&lo, &v, Bytes / 2);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return tree_sum<T, Bytes / 2>(lo + hi);
+  }
+}
+
+template <typename T, int Bytes>
+inline T tree_min(typename Part<T, Bytes>::type v) {
+  if constexpr (Bytes <= 16) {
+    T s = v[0];
+    for (int i = 1; i < Bytes / static_cast<int>(sizeof(T)); ++i) s = v[i] < s ? v[i] : s;
+    return s;
+  } else {
+    typename Part<T, Bytes / 2>::type lo, hi;
+    __builtin_memcpy(&lo, &v, Bytes / 2);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return tree_min<T, Bytes / 2>(hi < lo ? hi : lo);
+  }
+}
+
+template <typename T>
+inline T hsum(vec<T> v) {
+  return tree_sum<T, DKM_VBYTES>(v);
+}
+
+template <typename T>
+inline T hmin(vec<T> v) {
+  return tree_min<T, DKM_VBYTES>(v);
+}
+
+template <typename T>
+inline vec<T> vmin(vec<T> a, vec<T> b) {
+  return a < b ? a : b;
+}
+
+template <typename T>
+inline vec<T> vmax(vec<T> a, vec<T> b) {
+  return a > b ? a : b;
+}
+
+// 2^y for y <= a few ulps above 0 (y = -inf included), to within about an ulp. Results below
+// the smallest normal number (2^-126 in float, 2^-1022 in double) are flushed to exactly 0:
+// denormal results cost microcode assists on many CPUs and, with a small tau, most of a row's
+// entries fall there; an attention weight that small changes no sum it enters. A centroid whose
+// attention is that small for every row has exactly zero mass and keeps its position.
+// y = n + f with n an integer and |f| <= 1/2; 2^f by its Taylor series in f ln2 (truncation far
+// below an ulp); 2^n built in the exponent bits. About 16 vector operations.
+inline vec<float> vexp2(vec<float> y) {
+  typedef vec<float> vf;
+  typedef Vec<float>::itype vi;
+  y = vmax<float>(y, splat(-127.0f));
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf t = y + magic;
+  const vf n = t - magic;
+  const vf f = y - n;  // exact
+  vf p = f * 1.5252733804059841e-05f + 1.5403530393381606e-04f;  // (ln2)^i / i!, i = 7 .. 0
+  p = p * f + 1.3333558146428443e-03f;
+  p = p * f + 9.6181291076284772e-03f;
+  p = p * f + 5.5504108664821580e-02f;
+  p = p * f + 2.4022650695910071e-01f;
+  p = p * f + 6.9314718055994531e-01f;
+  p = p * f + 1.0f;
+  const vi ni = (vi)t - 0x4B400000;
+  const vi normal = ni > -126;  // p * 2^n >= 2^-126 * 0.7 needs n >= -125
+  const vf scale = (vf)(((ni + 127) << 23) & normal);
+  return p * scale;
+}
+
+inline vec<double> vexp2(vec<double> y) {
+  typedef vec<double> vd;
+  typedef Vec<double>::itype vi;
+  y = vmax<double>(y, splat(-1023.0));
+  const vd magic = splat(6755399441055744.0);  // 1.5 * 2^52
+  const vd t = y + magic;
+  const vd n = t - magic;
+  const vd f = y - n;
+  // Taylor series of 2^f = e^(f ln2) to degree 13: the first omitted term is below 5e-18.
+  const double coef[14] = {1.0,
+                           6.9314718055994530942e-01,
+                           2.4022650695910071233e-01,
+                           5.5504108664821579953e-02,
+                           9.6181291076284771620e-03,
+                           1.3333558146428443423e-03,
+                           1.5403530393381609954e-04,
+                           1.5252733804059840280e-05,
+                           1.3215486790144309488e-06,
+                           1.0178086009239699727e-07,
+                           7.0549116208011233298e-09,
+                           4.4455382718708114975e-10,
+                           2.5678435993488202381e-11,
+                           1.3691488853904124338e-12};
+  vd p = splat(coef[13]);
+  for (int i = 12; i >= 0; --i) p = p * f + coef[i];
+  const vi ni = (vi)t - 0x4338000000000000LL;
+  const vi normal = ni > -1022;
+  const vd scale = (vd)(((ni + 1023) << 52) & normal);
+  return p * scale;
+}
+
+// Squared distances of R rows to every centroid: scores[r * kp + j]. Padding centroids sit at a
+// huge coordinate, so their distance is huge and their attention exactly 0. Returns each row's
+// smallest distance in dmin[r]. D is d when known at compile time, else 0.
+template <typename T, int D, int R>
+inline void distances(const Pass<T>& p, const T* w, T* scores, T* dmin) {
+  constexpr int N = Vec<T>::lanes;
+  const int64_t d = D ? D : p.d, kp = p.kp;
+  vec<T> lowest[R];
+  for (int r = 0; r < R; ++r) lowest[r] = splat<T>(__builtin_inf());
+  for (int64_t j = 0; j < kp; j += N) {
+    vec<T> acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = vec<T>{};
+    for (int64_t l = 0; l < d; ++l) {
+      const vec<T> c = load(p.cT + l * kp + j);
+      for (int r = 0; r < R; ++r) {
+        const vec<T> diff = c - w[r * d + l];
+        acc[r] += diff * diff;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      store(scores + r * kp + j, acc[r]);
+      lowest[r] = vmin<T>(lowest[r], acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) dmin[r] = hmin<T>(lowest[r]);
+}
+
+// Turns one row of squared distances into exp(S_ij - max_j S_ij) in place, S = -dist / tau, and
+// returns 1 / sum_j of them: A_ij = row[j] * (returned value). The exponent is computed base 2 by
+// one fused multiply-add, (dmin - dist) log2(e) / tau: the rounding of the two constants changes
+// every score of the row by the same factor and offset, as a relative change of tau of an ulp.
+template <typename T>
+inline T exponentiate(const Pass<T>& p, T* row, T dmin) {
+  constexpr int N = Vec<T>::lanes;
+  const T slope = -p.exp2_scale, offset = dmin * p.exp2_scale;
+  vec<T> sum{};
+  for (int64_t j = 0; j < p.kp; j += N) {
+    const vec<T> e = vexp2(load(row + j) * slope + offset);
+    store(row + j, e);
+    sum += e;
+  }
+  return T(1) / hsum<T>(sum);
+}
+
+// Scaled copies of R rows of x: xs[r * d + l] = x[r * d + l] * scale[r].
+template <typename T>
+inline void scale_rows(const T* x, const T* scale, int R, int64_t d, T* xs) {
+  for (int r = 0; r < R; ++r)
+    for (int64_t l = 0; l < d; ++l) xs[r * d + l] = x[r * d + l] * scale[r];
+}
+
+// R rows: accT[l][j] += sum_r A_rj x_rl, mass[j] += sum_r A_rj. A_rj = e_rj / sum_r, and the
+// division is folded into x (d multiplies per row instead of kp).
+template <typename T, int D, int R>
+inline void accumulate_rows(const Pass<T>& p, const T* w, const T* x, T* accT, T* mass, T* scratch) {
+  constexpr int N = Vec<T>::lanes;
+  const int64_t d = D ? D : p.d, kp = p.kp;
+  T dmin[R], inv[R];
+  T* xs = scratch + kScratchRows * kp;
+  distances<T, D, R>(p, w, scratch, dmin);
+  for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
+  scale_rows(x, inv, R, d, xs);
+  for (int64_t j = 0; j < kp; j += N) {
+    vec<T> e[R];
+    for (int r = 0; r < R; ++r) e[r] = load(scratch + r * kp + j);
+    if (mass) {
+      vec<T> m = load(mass + j);
+      for (int r = 0; r < R; ++r) m += e[r] * inv[r];
+      store(mass + j, m);
+    }
+    for (int64_t l = 0; l < d; ++l) {
+      vec<T> acc = load(accT + l * kp + j);
+      for (int r = 0; r < R; ++r) acc += e[r] * xs[r * d + l];
+      store(accT + l * kp + j, acc);
+    }
+  }
+}
+
+template <typename T, int D>
+void accumulate_impl(const Pass<T>& p, const T* w, const T* x, int64_t rows, T* accT, T* mass,
+                     T* scratch) {
+  const int64_t d = D ? D : p.d;
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) accumulate_rows<T, D, 4>(p, w + i * d, x + i * d, accT, mass, scratch);
+  for (; i < rows; ++i) accumulate_rows<T, D, 1>(p, w + i * d, x + i * d, accT, mass, scratch);
+}
+
+// Per-row accumulators for the horizontal sums over centroids: registers when d is known.
+template <int D>
+struct RowSlots {
+  static constexpr int value = D ? D : 1;
+};
+
+template <typename T, int D>
+void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch) {
+  constexpr int N = Vec<T>::lanes;
+  const int64_t d = D ? D : p.d, kp = p.kp;
+  for (int64_t i = 0; i < rows; ++i) {
+    T dmin;
+    distances<T, D, 1>(p, w + i * d, scratch, &dmin);
+    const T inv = exponentiate(p, scratch, dmin);
+    if (D) {
+      vec<T> o[RowSlots<D>::value];
+      for (int l = 0; l < RowSlots<D>::value; ++l) o[l] = vec<T>{};
+      for (int64_t j = 0; j < kp; j += N) {
+        const vec<T> e = load(scratch + j);
+        for (int l = 0; l < RowSlots<D>::value; ++l) o[l] += e * load(p.cLT + l * kp + j);
+      }
+      for (int l = 0; l < RowSlots<D>::value; ++l) out[i * d + l] = hsum<T>(o[l]) * inv;
+    } else {
+      for (int64_t l = 0; l < d; ++l) {
+        vec<T> o{};
+        for (int64_t j = 0; j < kp; j += N) o += load(scratch + j) * load(p.cLT + l * kp + j);
+        out[i * d + l] = hsum<T>(o) * inv;
+      }
+    }
+  }
+}
+
+// One backward step for one row i (DESIGN §3), given e_ij (A_ij = e_ij * inv) in `row`:
+//   dA_ij = gm_j . w_i - gdc_j (+ G~_i . C_L,j on the last step)
+//   dS_ij = A_ij (dA_ij - sum_l A_il dA_il)
+//   dW_i += sum_j A_ij gm_j - (2/tau) (w_i sum_j dS_ij - sum_j dS_ij c_t,j)
+//   accT[l][j] += dS_ij w_il, accS[j] += dS_ij
+template <typename T, int D>
+inline void grad_row(const Pass<T>& p, const T* wi, const T* gi, T inv, T* row, T* grad_a, T* dwi,
+                     T* accT, T* accS) {
+  constexpr int N = Vec<T>::lanes;
+  constexpr int S = RowSlots<D>::value;
+  const int64_t d = D ? D : p.d, kp = p.kp;
+  vec<T> row_dot{}, sum_ds{};
+  if (D) {
+    vec<T> u[S], v[S];  // sum_j e_ij gm_jl and sum_j dS_ij c_jl
+    for (int l = 0; l < S; ++l) u[l] = v[l] = vec<T>{};
+    for (int64_t j = 0; j < kp; j += N) {
+      const vec<T> e = load(row + j);
+      vec<T> da = -load(p.gdc + j);
+      for (int l = 0; l < S; ++l) {
+        const vec<T> g = load(p.gmT + l * kp + j);
+        da += g * wi[l];
+        u[l] += e * g;
+      }
+      if (gi)
+        for (int l = 0; l < S; ++l) da += load(p.cLT + l * kp + j) * gi[l];
+      const vec<T> a = e * inv;
+      store(row + j, a);
+      store(grad_a + j, da);
+      row_dot += a * da;
+    }
+    const T dot = hsum<T>(row_dot);
+    for (int64_t j = 0; j < kp; j += N) {
+      const vec<T> ds = load(row + j) * (load(grad_a + j) - dot);
+      sum_ds += ds;
+      store(accS + j, load(accS + j) + ds);
+      for (int l = 0; l < S; ++l) {
+        v[l] += ds * load(p.cT + l * kp + j);
+        store(accT + l * kp + j, load(accT + l * kp + j) + ds * wi[l]);
+      }
+    }
+    const T sds = hsum<T>(sum_ds);
+    // One horizontal sum per coordinate: inv * u + (2/tau) v.
+    for (int l = 0; l < S; ++l)
+      dwi[l] += hsum<T>(u[l] * inv + v[l] * p.two_over_tau) - p.two_over_tau * wi[l] * sds;
+  } else {
+    // Any d: rows of A and dS go to scratch, then one sweep over centroids per coordinate.
+    for (int64_t j = 0; j < kp; j += N) {
+      vec<T> da = -load(p.gdc + j);
+      for (int64_t l = 0; l < d; ++l) da += load(p.gmT + l * kp + j) * wi[l];
+      if (gi)
+        for (int64_t l = 0; l < d; ++l) da += load(p.cLT + l * kp + j) * gi[l];
+      const vec<T> a = load(row + j) * inv;
+      store(row + j, a);
+      store(grad_a + j, da);
+      row_dot += a * da;
+    }
+    const T dot = hsum<T>(row_dot);
+    for (int64_t j = 0; j < kp; j += N) {
+      const vec<T> ds = load(row + j) * (load(grad_a + j) - dot);
+      sum_ds += ds;
+      store(grad_a + j, ds);
+      store(accS + j, load(accS + j) + ds);
+    }
+    const T sds = hsum<T>(sum_ds);
+    for (int64_t l = 0; l < d; ++l) {
+      vec<T> u{}, v{};
+      for (int64_t j = 0; j < kp; j += N) {
+        const vec<T> ds = load(grad_a + j);
+        u += load(row + j) * load(p.gmT + l * kp + j);
+        v += ds * load(p.cT + l * kp + j);
+        store(accT + l * kp + j, load(accT + l * kp + j) + ds * wi[l]);
+      }
+      dwi[l] += hsum<T>(u) - p.two_over_tau * (wi[l] * sds - hsum<T>(v));
+    }
+  }
+}
+
+template <typename T, int D, int R>
+inline void grad_rows(const Pass<T>& p, const T* w, const T* grad_out, T* dw, T* accT, T* accS,
+                      T* scratch) {
+  const int64_t d = D ? D : p.d, kp = p.kp;
+  T dmin[R], inv[R];
+  distances<T, D, R>(p, w, scratch, dmin);
+  for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
+  for (int r = 0; r < R; ++r)
+    grad_row<T, D>(p, w + r * d, grad_out ? grad_out + r * d : nullptr, inv[r], scratch + r * kp,
+                   scratch + R * kp, dw + r * d, accT, accS);
+}
+
+template <typename T, int D>
+void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw, T* accT,
+                    T* accS, T* scratch) {
+  const int64_t d = D ? D : p.d;
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4)
+    grad_rows<T, D, 4>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, accS, scratch);
+  for (; i < rows; ++i)
+    grad_rows<T, D, 1>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, accS, scratch);
+}
+
+// While a kernel runs, denormal results are flushed to zero and denormal inputs read as zero
+// (x86 MXCSR FTZ and DAZ; restored on return, so torch's own code never sees the change). With a
+// small tau most attention weights are tiny, and products with them would otherwise land in the
+// denormal range, where x86 CPUs take a slow path: up to 1.4x on the whole pass here. Values that
+// small change no sum they enter.
+struct FlushDenormals {
+#if defined(__x86_64__) || defined(__SSE2__)
+  unsigned saved;
+  FlushDenormals() : saved(__builtin_ia32_stmxcsr()) { __builtin_ia32_ldmxcsr(saved | 0x8040u); }
+  ~FlushDenormals() { __builtin_ia32_ldmxcsr(saved); }
+#endif
+};
+
+// Entry points: pick the instantiation for d.
+template <typename T>
+void accumulate_entry(const Pass<T>& p, const T* w, const T* x, int64_t rows, T* accT, T* mass,
+                      T* scratch) {
+  const FlushDenormals flush;
+  switch (p.d) {
+    case 1: return accumulate_impl<T, 1>(p, w, x, rows, accT, mass, scratch);
+    case 2: return accumulate_impl<T, 2>(p, w, x, rows, accT, mass, scratch);
+    case 4: return accumulate_impl<T, 4>(p, w, x, rows, accT, mass, scratch);
+    case 8: return accumulate_impl<T, 8>(p, w, x, rows, accT, mass, scratch);
+    case 16: return accumulate_impl<T, 16>(p, w, x, rows, accT, mass, scratch);
+    default: return accumulate_impl<T, 0>(p, w, x, rows, accT, mass, scratch);
+  }
+}
+
+template <typename T>
+void output_entry(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch) {
+  const FlushDenormals flush;
+  switch (p.d) {
+    case 1: return output_impl<T, 1>(p, w, rows, out, scratch);
+    case 2: return output_impl<T, 2>(p, w, rows, out, scratch);
+    case 4: return output_impl<T, 4>(p, w, rows, out, scratch);
+    case 8: return output_impl<T, 8>(p, w, rows, out, scratch);
+    case 16: return output_impl<T, 16>(p, w, rows, out, scratch);
+    default: return output_impl<T, 0>(p, w, rows, out, scratch);
+  }
+}
+
+template <typename T>
+void grad_step_entry(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw, T* accT,
+                     T* accS, T* scratch) {
+  const FlushDenormals flush;
+  switch (p.d) {
+    case 1: return grad_step_impl<T, 1>(p, w, grad_out, rows, dw, accT, accS, scratch);
+    case 2: return grad_step_impl<T, 2>(p, w, grad_out, rows, dw, accT, accS, scratch);
+    case 4: return grad_step_impl<T, 4>(p, w, grad_out, rows, dw, accT, accS, scratch);
+    case 8: return grad_step_impl<T, 8>(p, w, grad_out, rows, dw, accT, accS, scratch);
+    case 16: return grad_step_impl<T, 16>(p, w, grad_out, rows, dw, accT, accS, scratch);
+    default: return grad_step_impl<T, 0>(p, w, grad_out, rows, dw, accT, accS, scratch);
+  }
+}
+
+}  // namespace
+
+const KernelSet table = {
+    DKM_ISA_NAME,
+    {&accumulate_entry<float>, &output_entry<float>, &grad_step_entry<float>},
+    {&accumulate_entry<double>, &output_entry<double>, &grad_step_entry<double>},
+};
+
+}  // namespace DKM_ISA_NS
+}  // namespace dkm

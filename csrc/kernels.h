@@ -1,0 +1,71 @@
+// The interface between the driver (dkm_cpu.cpp: ATen, threads, dtypes) and the per-instruction-set
+// kernels (kernels_*.cpp: plain arithmetic on rows already in the compute type).
+//
+// This header is included by translation units compiled for different instruction sets, so it
+// holds declarations only: nothing here may be an inline function whose code could differ
+// between them.
+#pragma once
+
+#include <cstdint>
+
+namespace dkm {
+
+// Everything a kernel needs about one clustering problem for one pass. Centroid matrices are
+// stored transposed and padded, (d, kp) with kp a multiple of 16, so that the kernels vectorise
+// over centroids. Padding columns are zero, except in cT, where they hold kFarAway so that padding
+// centroids are so far that their attention is exactly zero.
+template <typename T>
+struct Pass {
+  int64_t k = 0, kp = 0, d = 0;
+  T exp2_scale = 0;    // log2(e) / tau: scores in base 2
+  T two_over_tau = 0;  // 2 / tau
+  const T* cT = nullptr;   // (d, kp) C_t: the centroids the attention is computed against
+  const T* cLT = nullptr;  // (d, kp) C_L: output pass, and the last backward step
+  const T* gmT = nullptr;  // (d, kp) G_{t+1,j} / s_{t,j} (0 where s_{t,j} == 0): backward step
+  const T* gdc = nullptr;  // (kp) (G_{t+1,j} / s_{t,j}) . C_{t+1,j}: backward step
+};
+
+// A kernel call may use kScratchRows * (kp + d) values of scratch.
+constexpr int64_t kScratchRows = 5;
+
+// The coordinate of padding centroids in cT: its square times d stays finite for any practical d
+// (and an infinite distance still gives zero attention).
+template <typename T>
+struct FarAway;
+template <>
+struct FarAway<float> {
+  static constexpr float value = 1e18f;
+};
+template <>
+struct FarAway<double> {
+  static constexpr double value = 1e150;
+};
+
+// All kernels process `rows` consecutive rows (row-major, d values each) and add into their
+// accumulators in row order, so a call's result does not depend on anything but its inputs.
+template <typename T>
+struct Kernels {
+  // A = softmax(-|w - C_t|^2 / tau); accT[l][j] += sum_i A_ij x_il; mass[j] += sum_i A_ij
+  // (mass may be null). x = w gives the centroid update, x = G~ gives G_L = A^T G~.
+  void (*accumulate)(const Pass<T>& p, const T* w, const T* x, int64_t rows, T* accT, T* mass,
+                     T* scratch);
+  // out_i = sum_j A_ij C_L,j (overwrites out).
+  void (*output)(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch);
+  // One backward step t (DESIGN §3): dw_i += the row's gradient; accT[l][j] += sum_i dS_ij w_il;
+  // accS[j] += sum_i dS_ij. grad_out is non-null only on the last step (t = L-1).
+  void (*grad_step)(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw,
+                    T* accT, T* accS, T* scratch);
+};
+
+struct KernelSet {
+  const char* name;
+  Kernels<float> f32;
+  Kernels<double> f64;
+};
+
+// Null when the instruction set was not compiled in (another architecture or compiler).
+const KernelSet* kernels_generic();
+const KernelSet* kernels_avx2();
+const KernelSet* kernels_avx512();
+
+}  // namespace dkm
