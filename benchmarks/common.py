@@ -15,7 +15,8 @@ that one case's allocator caches and peak memory never leak into another's.
   are the medians over the runs (wall clock, time.perf_counter). One untimed warm-up run comes
   first. The process CPU time of forward+backward is recorded too: on a machine shared with other
   work, wall time includes waiting for a core, CPU time does not.
-- Peak memory: the resident set (RSS) high-water mark of the process during the runs, minus the
+- Peak memory: with MALLOC_MMAP_THRESHOLD_=64 KiB (every tensor its own mapping, returned to
+  the system when freed), the resident set (RSS) high-water mark of the process during the runs, minus the
   RSS just before the first run (after imports and after the inputs exist, so the inputs are not
   counted, the op's outputs and everything it allocates are). On Linux the high-water mark is reset
   first (writing 5 to /proc/self/clear_refs) and read from VmHWM in /proc/self/status, so the
@@ -55,9 +56,12 @@ def measure_case(backend: str, groups: int, m: int, d: int, k: int, max_iter: in
     predicted = predicted_reference_bytes(groups, m, k, max_iter)
     if backend == "reference" and predicted > cap_bytes:
         return dict(case, skipped="over cap", predicted_bytes=predicted, cap_bytes=cap_bytes)
+    # Allocations of 64 KiB or more get their own mappings, so memory freed before the
+    # measurement (at import, say) leaves the resident set instead of being silently reused.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case)],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True, text=True, timeout=timeout, env=env,
     )
     if done.returncode != 0:
         return dict(case, error=done.stderr.strip().splitlines()[-1] if done.stderr.strip() else

@@ -7,22 +7,64 @@ Run it through `python benchmarks/suite.py`, which writes the JSON and the repor
 Cases: ResNet-50 layer shapes (M = 294,912 rows: a 512x512x3x3 layer at d = 8; M = 12,800 rows),
 k in {4, 16, 256, 4096}, d in {1, 4, 8}, 5 iterations with no early stop. Each case is timed for the
 forward, the backward (the forward done in setup) and forward+backward, in the same run for every
-backend. Peak memory is measured once per case and backend: on the CPU in a fresh process (see
-peak_memory.py), on a GPU with torch.cuda.max_memory_allocated. A reference case whose M x k
+backend. Peak memory is measured once per case and backend: on the CPU in a fresh process (common.py
+says how), on a GPU as the rise of torch.cuda.max_memory_allocated over the inputs. A reference case whose M x k
 tensors would pass the memory cap is skipped and reported as such.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 import dkm_kernels
-from peak_memory import Case, cuda_peak_bytes, fresh_process_peak_bytes, predicted_reference_bytes
+from common import measure_case, predicted_reference_bytes
 
 ROWS = (294_912, 12_800)
 CENTROIDS = (4, 16, 256, 4096)
 DIMS = (1, 4, 8)
 PHASES = ("forward", "backward", "forward+backward")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    m: int
+    d: int
+    k: int
+    device: str = "cpu"
+    max_iter: int = 5
+
+    @property
+    def id(self) -> str:
+        return f"M{self.m}-d{self.d}-k{self.k}"
+
+    @property
+    def reference_bytes(self) -> int:
+        return predicted_reference_bytes(1, self.m, self.k, self.max_iter)
+
+    def inputs(self):
+        """Weights ~ N(0, 0.02^2) like a trained layer's, k random rows as centroids, and a tau at
+        which the attention is soft: a quarter of the mean squared nearest-centroid distance
+        (estimated on a sample of rows)."""
+        gen = torch.Generator().manual_seed(0)
+        weights = torch.randn(self.m, self.d, generator=gen) * 0.02
+        centroids = dkm_kernels.random_rows(weights, self.k, generator=gen)
+        nearest = torch.cdist(weights[:4096], centroids).square().min(dim=1).values.mean().item()
+        return weights.to(self.device), centroids.to(self.device), 0.25 * max(nearest, 1e-12)
+
+    def peak_bytes(self, backend: str) -> int:
+        if self.device == "cpu":
+            return measure_case(backend, 1, self.m, self.d, self.k, self.max_iter, repeats=1)["peak_bytes"]
+        weights, centroids, tau = self.inputs()
+        weights.requires_grad_(True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = dkm_kernels.dkm(weights, centroids, tau, self.max_iter, 0.0, backend=backend).weights
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
 
 
 def pytest_generate_tests(metafunc):  # noqa: D103 - parametrisation depends on the options
@@ -46,17 +88,14 @@ def _rounds(case: Case) -> int:
 
 
 def test_dkm(benchmark, case: Case, backend: str, phase: str, memory_cap_bytes: int):
-    if backend == "reference" and predicted_reference_bytes(case) > memory_cap_bytes:
-        pytest.skip(f"reference over the memory cap: needs ~{predicted_reference_bytes(case) / 2**30:.1f} GiB")
+    if backend == "reference" and case.reference_bytes > memory_cap_bytes:
+        pytest.skip(f"reference over the memory cap: needs ~{case.reference_bytes / 2**30:.1f} GiB")
     benchmark.group = f"{case.id} {phase}"
     benchmark.extra_info.update(m=case.m, d=case.d, k=case.k, backend=backend, phase=phase,
                                 device=case.device, iterations=case.max_iter)
     if phase == "forward+backward":
         # Peak memory is recorded on this phase only: once per case and backend.
-        if case.device == "cuda":
-            benchmark.extra_info["peak_bytes"] = cuda_peak_bytes(case, backend)
-        else:
-            benchmark.extra_info["peak_bytes"] = fresh_process_peak_bytes(case, backend)
+        benchmark.extra_info["peak_bytes"] = case.peak_bytes(backend)
 
     weights, centroids, tau = case.inputs()
     synchronize = torch.cuda.synchronize if case.device == "cuda" else (lambda: None)
