@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .._ops import compute_dtype, define_ops
+from .iterations import final_centroids, iterate, safe_inverse
 
 # Transient memory one chunk may use. Larger chunks mean fewer, bigger kernel launches.
 WORKSPACE_BYTES = 64 * 2**20
@@ -57,47 +58,26 @@ def _chunks(total: int, size: int):
         yield slice(start, min(start + size, total))
 
 
-def _safe_inverse(mass: Tensor) -> Tensor:
-    """1 / s_j, and 0 for a centroid with no attention mass (its terms vanish)."""
-    return torch.where(mass > 0, 1.0 / torch.where(mass > 0, mass, 1.0), 0.0)
-
-
 def forward(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsilon: float,
             deterministic: bool):
     groups, m, d = weights.shape
     k = centroids.shape[1]
     cdtype = compute_dtype(weights.dtype)
     rows = rows_per_chunk(groups, k, d, cdtype)
-    history = weights.new_empty((max_iter + 1, groups, k, d), dtype=cdtype)
-    masses = weights.new_zeros((max_iter, groups, k), dtype=cdtype)
-    iterations = torch.full((groups,), max_iter, dtype=torch.int64, device=weights.device)
-    active = torch.ones(groups, dtype=torch.bool, device=weights.device)
-    history[0] = centroids
-    with _full_precision_matmul():
-        for t in range(max_iter):
-            c = history[t]
-            weighted_sum = torch.zeros_like(c)
-            mass = c.new_zeros((groups, k))
-            for rows_slice in _chunks(m, rows):
-                w = weights[:, rows_slice].to(cdtype)
-                attention = _attention(w, c, tau)
-                weighted_sum.baddbmm_(attention.transpose(1, 2), w)
-                mass += attention.sum(dim=1)
-            moved = weighted_sum * _safe_inverse(mass).unsqueeze(-1)
-            c_next = torch.where((mass > 0).unsqueeze(-1), moved, c)
-            c_next = torch.where(active[:, None, None], c_next, c)
-            history[t + 1] = c_next
-            masses[t] = torch.where(active[:, None], mass, 0.0)
-            converged = active & ((c_next - c).abs().amax(dim=(1, 2)) <= epsilon)
-            iterations[converged] = t + 1
-            active &= ~converged
-            if not bool(active.any()):
-                history[t + 2:] = c_next
-                break
 
-        group = torch.arange(groups, device=weights.device)
-        c_last_attention = history[iterations - 1, group]
-        c_final = history[iterations, group]
+    def attention_sums(c: Tensor, active: Tensor):  # a stopped group's sums are not used
+        weighted_sum = torch.zeros_like(c)
+        mass = c.new_zeros((groups, k))
+        for rows_slice in _chunks(m, rows):
+            w = weights[:, rows_slice].to(cdtype)
+            attention = _attention(w, c, tau)
+            weighted_sum.baddbmm_(attention.transpose(1, 2), w)
+            mass += attention.sum(dim=1)
+        return weighted_sum, mass
+
+    with _full_precision_matmul():
+        history, masses, iterations = iterate(centroids.to(cdtype), max_iter, epsilon, attention_sums)
+        c_last_attention, c_final = final_centroids(history, iterations)
         out = torch.empty_like(weights)
         for rows_slice in _chunks(m, rows):
             w = weights[:, rows_slice].to(cdtype)
@@ -111,15 +91,13 @@ def backward(grad_out: Tensor, weights: Tensor, history: Tensor, masses: Tensor,
     k = history.shape[2]
     cdtype = history.dtype
     rows = rows_per_chunk(groups, k, d, cdtype)
-    group = torch.arange(groups, device=weights.device)
     last = iterations - 1
-    c_final = history[iterations, group]
+    c_last_attention, c_final = final_centroids(history, iterations)
     grad_weights = torch.zeros(weights.shape, dtype=cdtype, device=weights.device)
 
     with _full_precision_matmul():
         # G_L = A_{L-1}^T G~: the gradient reaching the final centroids through the output.
         grad_c = torch.zeros_like(c_final)
-        c_last_attention = history[last, group]
         for rows_slice in _chunks(m, rows):
             attention = _attention(weights[:, rows_slice].to(cdtype), c_last_attention, tau)
             grad_c.baddbmm_(attention.transpose(1, 2), grad_out[:, rows_slice].to(cdtype))
@@ -128,7 +106,7 @@ def backward(grad_out: Tensor, weights: Tensor, history: Tensor, masses: Tensor,
             active = (t < iterations)[:, None, None]
             is_last = (t == last)[:, None, None]
             c, c_next, mass = history[t], history[t + 1], masses[t]
-            grad_over_mass = grad_c * _safe_inverse(mass).unsqueeze(-1)  # G_{t+1,j} / s_j
+            grad_over_mass = grad_c * safe_inverse(mass).unsqueeze(-1)  # G_{t+1,j} / s_j
             grad_dot_c_next = (grad_over_mass * c_next).sum(dim=-1)  # (G, k)
             sum_ds_w = torch.zeros_like(c)
             sum_ds = c.new_zeros((groups, k))

@@ -43,6 +43,7 @@ import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 import triton.language as tl
 
 from .._ops import define_ops
+from .iterations import final_centroids, iterate, safe_inverse
 
 # k up to this many centroids is handled as one block per tile (softmax in registers).
 MAX_SINGLE_BLOCK_K = 256
@@ -460,11 +461,6 @@ def _attention_sums(weights: Tensor, values: Tensor, centroids: Tensor, active: 
     return sums.sum(dim=1), mass.sum(dim=1)
 
 
-def _safe_inverse(mass: Tensor) -> Tensor:
-    """1 / s_j, and 0 for a centroid with no attention mass (its terms vanish)."""
-    return torch.where(mass > 0, 1.0 / torch.where(mass > 0, mass, 1.0), 0.0)
-
-
 def _check_dtype(weights: Tensor) -> None:
     reason = unavailable_reason(weights.device, weights.dtype)
     if reason is not None:
@@ -478,31 +474,12 @@ def forward(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsil
     k = centroids.shape[1]
     device = weights.device
     plan = _Plan(groups, m, k, d, deterministic, device)
-    history = torch.empty((max_iter + 1, groups, k, d), dtype=torch.float32, device=device)
-    masses = torch.zeros((max_iter, groups, k), dtype=torch.float32, device=device)
-    iterations = torch.full((groups,), max_iter, dtype=torch.int64, device=device)
-    active = torch.ones(groups, dtype=torch.bool, device=device)
-    history[0] = centroids
     with _device_context(device):
-        for t in range(max_iter):
-            c = history[t]
-            weighted_sum, mass = _attention_sums(weights, weights, c, active.to(torch.int32),
-                                                 tau, plan)
-            moved = weighted_sum * _safe_inverse(mass).unsqueeze(-1)
-            c_next = torch.where((mass > 0).unsqueeze(-1), moved, c)
-            c_next = torch.where(active[:, None, None], c_next, c)  # a stopped group stays put
-            history[t + 1] = c_next
-            masses[t] = torch.where(active[:, None], mass, 0.0)
-            converged = active & ((c_next - c).abs().amax(dim=(1, 2)) <= epsilon)
-            iterations[converged] = t + 1
-            active &= ~converged
-            if not bool(active.any()):
-                history[t + 2:] = c_next
-                break
-
-        group = torch.arange(groups, device=device)
-        c_last_attention = history[iterations - 1, group].contiguous()
-        c_final = history[iterations, group].contiguous()
+        history, masses, iterations = iterate(
+            centroids.float(), max_iter, epsilon,
+            lambda c, active: _attention_sums(weights, weights, c, active.to(torch.int32), tau, plan),
+        )
+        c_last_attention, c_final = final_centroids(history, iterations)
         out = torch.empty_like(weights)
         _output_kernel[(triton.cdiv(m, plan.output_block_m), groups)](
             weights, c_last_attention, c_final, out, m, k, -_LOG2E / tau,
@@ -520,21 +497,19 @@ def backward(grad_out: Tensor, weights: Tensor, history: Tensor, masses: Tensor,
     device = weights.device
     plan = _Plan(groups, m, k, d, deterministic, device, tile=BACKWARD_SINGLE_BLOCK_TILE)
     grad_out = grad_out.contiguous()
-    group = torch.arange(groups, device=device)
     last = iterations - 1
-    c_final = history[iterations, group].contiguous()
+    c_last_attention, c_final = final_centroids(history, iterations)
     grad_weights = torch.zeros(weights.shape, dtype=torch.float32, device=device)
     everyone = torch.ones(groups, dtype=torch.int32, device=device)
     zeros_like_slots = (groups, plan.slots, k)
 
     with _device_context(device):
         # G_L = A_{L-1}^T G~: the gradient reaching the final centroids through the output.
-        grad_c, _ = _attention_sums(weights, grad_out, history[last, group].contiguous(),
-                                    everyone, tau, plan)
+        grad_c, _ = _attention_sums(weights, grad_out, c_last_attention, everyone, tau, plan)
         for t in reversed(range(int(iterations.max()))):
             active = t < iterations
             c, c_next, mass = history[t], history[t + 1], masses[t]
-            grad_over_mass = (grad_c * _safe_inverse(mass).unsqueeze(-1)).contiguous()
+            grad_over_mass = (grad_c * safe_inverse(mass).unsqueeze(-1)).contiguous()
             ds_w = torch.zeros((*zeros_like_slots, d), dtype=torch.float32, device=device)
             ds = torch.zeros(zeros_like_slots, dtype=torch.float32, device=device)
             _backward_kernel[(plan.chunks, groups)](
