@@ -15,8 +15,9 @@ that one case's allocator caches and peak memory never leak into another's.
   are the medians over the runs (wall clock, time.perf_counter). One untimed warm-up run comes
   first. The process CPU time of forward+backward is recorded too: on a machine shared with other
   work, wall time includes waiting for a core, CPU time does not.
-- Peak memory: with MALLOC_MMAP_THRESHOLD_=64 KiB (every tensor its own mapping, returned to
-  the system when freed), the resident set (RSS) high-water mark of the process during the runs, minus the
+- Peak memory (after the warm-up run, so that loading code and starting threads are not counted):
+  with MALLOC_MMAP_THRESHOLD_=64 KiB (every tensor its own mapping, returned to
+  the system when freed), the resident set (RSS) high-water mark over the timed runs of the process during the runs, minus the
   RSS just before the first run (after imports and after the inputs exist, so the inputs are not
   counted, the op's outputs and everything it allocates are). On Linux the high-water mark is reset
   first (writing 5 to /proc/self/clear_refs) and read from VmHWM in /proc/self/status, so the
@@ -117,9 +118,9 @@ def _worker(case: dict) -> dict:
         t2, c2 = time.perf_counter(), time.process_time()
         return t1 - t0, t2 - t1, t2 - t0, c2 - c0, int(result.iterations.max())
 
+    once()  # warm-up: first-call costs (dispatch, thread pool, code pages) are not the op's
     exact = sys.platform.startswith("linux") and _reset_peak()
     baseline = _rss_bytes()
-    once()  # warm-up: first-call costs (dispatch, thread pool, page faults) are not the op's
     runs = [once() for _ in range(case["repeats"])]
     peak = _peak_bytes(exact)
     return dict(

@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine  # noqa: E402
 from resnet50_model import resnet50  # noqa: E402
 
 import dkm_kernels  # noqa: E402
@@ -45,14 +43,6 @@ def naive_attention_bytes(compressor, max_iter: int) -> int:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None) -> dict:
@@ -96,23 +86,21 @@ def main(argv=None) -> dict:
     info = compressor.get_compression_info()
     result = {
         "what": "ResNet-50 cv:8/8 fc:8/8, full training step (forward, backward, SGD) on synthetic 224x224",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else machine()["cpu"],
+        "machine": machine(),
         "batch": args.batch,
-        "backend": args.backend,
+        "backend": (args.backend if args.backend != "auto"
+                    else dkm_kernels.backends.choose(device, torch.float32)),
         "clustered_layers": len(info["layers"]),
         "step_seconds": step_times,
         "step_seconds_after_first": min(step_times[1:]) if len(step_times) > 1 else step_times[0],
         "peak_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()),
         "peak_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS (ru_maxrss)",
         "naive_dkm_attention_bytes_lower_bound": naive_attention_bytes(compressor, 5),
-        "torch": torch.__version__,
         "dkm_kernels": dkm_kernels.__version__,
-        "commit": git_commit(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     gib = 2**30
-    print(f"\nResNet-50 8/8, batch {args.batch} on {result['device']} ({args.backend} backend)")
+    print(f"\nResNet-50 8/8, batch {args.batch} on {result['device']} ({result['backend']} backend)")
     print(f"  step time (best after the first): {result['step_seconds_after_first']:.2f} s")
     print(f"  peak memory ({result['peak_kind']}): {result['peak_bytes'] / gib:.2f} GiB")
     print(f"  naive DKM, attention kept for backward alone: >= "

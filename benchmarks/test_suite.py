@@ -87,9 +87,16 @@ def _rounds(case: Case) -> int:
     return 1 if case.m * case.k * case.d > 50_000_000 else 3
 
 
+# On the CPU the `torch` backend is the fallback for machines without the C++ extension; a pass over
+# more row-centroid pairs than this takes it minutes per run, so such cases are skipped there.
+TORCH_CPU_MAX_PAIRS = 2**28
+
+
 def test_dkm(benchmark, case: Case, backend: str, phase: str, memory_cap_bytes: int):
     if backend == "reference" and case.reference_bytes > memory_cap_bytes:
         pytest.skip(f"reference over the memory cap: needs ~{case.reference_bytes / 2**30:.1f} GiB")
+    if backend == "torch" and case.device == "cpu" and case.m * case.k > TORCH_CPU_MAX_PAIRS:
+        pytest.skip("torch backend on the CPU over the time cap (M*k > 2**28)")
     benchmark.group = f"{case.id} {phase}"
     benchmark.extra_info.update(m=case.m, d=case.d, k=case.k, backend=backend, phase=phase,
                                 device=case.device, iterations=case.max_iter)
