@@ -88,27 +88,30 @@ def markdown(data, rows) -> str:
 
 
 def plot(rows, png_path: str, quantity: str) -> None:
-    panels = sorted({(m, d) for m, d, _, _ in rows}, key=lambda p: (-p[0], p[1]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
-    for ax, (m, d) in zip(axes[0], panels):
-        for backend in BACKEND_ORDER:
-            points = sorted((k, row.get("forward+backward") if quantity == "time" else row.get("peak"))
-                            for (mm, dd, k, b), row in rows.items() if (mm, dd, b) == (m, d, backend))
-            points = [(k, v) for k, v in points if v]
-            if points:
-                ks, values = zip(*points)
-                scale = 1.0 if quantity == "time" else 2**-20
-                ax.plot(ks, [v * scale for v in values], marker="o", label=backend)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title(f"M = {m:,}, d = {d}")
-        ax.set_xlabel("k (centroids)")
-        ax.set_ylabel("forward+backward (s)" if quantity == "time" else "peak memory (MiB)")
-        ax.grid(True, which="both", alpha=0.3)
+    """One panel per (M, d): M down the rows, d across; one line per backend, k on the x axis."""
+    ms = sorted({m for m, _, _, _ in rows}, reverse=True)
+    ds = sorted({d for _, d, _, _ in rows})
+    fig, axes = plt.subplots(len(ms), len(ds), figsize=(3.6 * len(ds), 3.0 * len(ms)), squeeze=False)
+    scale = 1.0 if quantity == "time" else 2**-20
+    for axes_row, m in zip(axes, ms):
+        for ax, d in zip(axes_row, ds):
+            for backend in BACKEND_ORDER:
+                points = sorted((k, row.get("forward+backward" if quantity == "time" else "peak"))
+                                for (mm, dd, k, b), row in rows.items() if (mm, dd, b) == (m, d, backend))
+                points = [(k, v) for k, v in points if v]
+                if points:
+                    ks, values = zip(*points)
+                    ax.plot(ks, [v * scale for v in values], marker="o", label=backend)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"M = {m:,}, d = {d}", fontsize=10)
+            ax.set_xlabel("k (centroids)")
+            ax.set_ylabel("forward+backward (s)" if quantity == "time" else "peak memory (MiB)")
+            ax.grid(True, which="both", alpha=0.3)
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
+    fig.savefig(png_path, dpi=100)
     plt.close(fig)
 
 
