@@ -24,10 +24,16 @@ class DKMResult(NamedTuple):
     iterations: Tensor
 
 
+def check_count(name: str, value, allowed: str = "") -> int:
+    """An integer >= 1 (bools are not counts); the error names the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1{allowed}, got {value!r}")
+    return value
+
+
 def vectorize(weight: Tensor, dim: int) -> Tensor:
     """View a weight tensor of any shape as (numel / dim, dim) rows, the vectors DKM clusters."""
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-        raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
+    check_count("dim", dim)
     if weight.numel() % dim:
         raise ValueError(
             f"dim={dim} does not divide the weight's {weight.numel()} elements "
@@ -119,8 +125,7 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
     _check_tensors(weights, centroids)
     tau = _check_number("tau", tau, 0.0, strict=True)
     epsilon = _check_number("epsilon", epsilon, 0.0, strict=False)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    check_count("max_iter", max_iter)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     name = _resolve_backend(backend, weights.device, weights.dtype)

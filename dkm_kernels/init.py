@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ._ops import compute_dtype
+from .functional import check_count
 
 INIT_METHODS = ("kmeans++", "random")
 
@@ -19,8 +20,7 @@ INIT_METHODS = ("kmeans++", "random")
 def _check(weights: Tensor, k: int, generator: torch.Generator | None) -> None:
     if not isinstance(weights, Tensor) or weights.dim() not in (2, 3):
         raise ValueError("weights must be a tensor of shape (M, d) or (G, M, d)")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"n_clusters (k) must be an integer >= 1, got {k!r}")
+    check_count("n_clusters (k)", k)
     if weights.shape[-2] < 1:
         raise ValueError("weights must have at least one row")
     if generator is not None and generator.device.type != weights.device.type:

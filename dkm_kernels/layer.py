@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .functional import dkm
+from .functional import check_count, dkm
 from .init import INIT_METHODS, init_centroids
 
 # tau="auto": tau = AUTO_TAU_FRACTION * (mean squared distance of the weight vectors to their
@@ -113,12 +113,9 @@ class DKMLayer(nn.Module):
                  generator: torch.Generator | None = None, seed: int | None = None,
                  keep_weight: bool = True, lazy_init: bool = False):
         super().__init__()
-        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
-            raise ValueError(f"n_clusters must be an integer >= 1, got {n_clusters!r}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be an integer >= 1, got {dim!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+        check_count("n_clusters", n_clusters)
+        check_count("dim", dim)
+        check_count("max_iter", max_iter)
         if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
             raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
         if init_method not in INIT_METHODS:
@@ -130,8 +127,7 @@ class DKMLayer(nn.Module):
             raise ValueError("weight_tensor must have at least one element")
         out_channels = weight_tensor.shape[0]
         if group_size is not None:
-            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-                raise ValueError(f"group_size must be an integer >= 1 or None, got {group_size!r}")
+            check_count("group_size", group_size, allowed=" or None")
             if out_channels % group_size:
                 raise ValueError(
                     f"group_size={group_size} does not divide the {out_channels} output channels")
