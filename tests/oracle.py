@@ -41,6 +41,19 @@ def make_problem(m: int, d: int, k: int, groups: int | None = None, seed: int = 
     return weights.to(device), centroids.to(device), tau
 
 
+def staggered_groups(m: int, groups: int, seed: int = 3):
+    """Grouped problem (G, M, 2) with k = 8 whose groups stop at different iterations: group 0 is
+    converged from the start (its rows sit on centroids 10 apart, so it stops after one
+    iteration), the others are random."""
+    weights, centroids, tau = make_problem(m, 2, k=8, groups=groups, seed=seed)
+    gen = torch.Generator().manual_seed(5)
+    weights[0] = torch.randn(m, 2, dtype=torch.float64, generator=gen) * 0.01
+    weights[0, :8] += torch.arange(8, dtype=torch.float64).unsqueeze(1) * 10
+    weights[0, 8:] += 10 * torch.randint(0, 8, (m - 8, 1), generator=gen)
+    centroids[0] = weights[0, :8]
+    return weights, centroids, tau
+
+
 def run(backend: str, weights, centroids, tau, max_iter=5, epsilon=1e-4, seed=1, **kwargs):
     """Forward and backward with a fixed random upstream gradient.
 

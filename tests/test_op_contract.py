@@ -19,11 +19,16 @@ def test_reference_matches_the_definition():
     assert steps == 1
 
 
-def test_reference_gradcheck():
-    weights, centroids, tau = make_problem(11, 2, k=3, seed=2)
+@pytest.mark.parametrize("backend", ["reference", "torch", "cpu"])
+def test_gradcheck(backend):
+    """The float64 backends' gradients against finite differences, two groups at once."""
+    reason = dkm_kernels.backends.unavailable_reason(backend, torch.device("cpu"), torch.float64)
+    if reason is not None:
+        pytest.skip(reason)
+    weights, centroids, tau = make_problem(13, 2, k=3, groups=2, seed=4)
     weights.requires_grad_(True)
     torch.autograd.gradcheck(
-        lambda w: dkm_kernels.dkm(w, centroids, tau, 3, 0.0, backend="reference").weights, (weights,)
+        lambda w: dkm_kernels.dkm(w, centroids, tau, 3, 0.0, backend=backend).weights, (weights,)
     )
 
 

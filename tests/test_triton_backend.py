@@ -30,6 +30,7 @@ from oracle import (  # noqa: E402
     make_problem,
     relative_error,
     run,
+    staggered_groups,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,13 +124,7 @@ def test_multi_block_path_with_small_blocks(m, d, k, deterministic, small_blocks
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_grouped_groups_stop_on_their_own(deterministic):
     """Groups that converge at different iterations give what each gives alone."""
-    weights, centroids, tau = make_problem(131, 2, k=8, groups=3, seed=3)
-    # Group 0: already converged (centroids far apart, rows on them): stops after one iteration.
-    gen = torch.Generator().manual_seed(5)
-    weights[0] = torch.randn(131, 2, dtype=torch.float64, generator=gen) * 0.01
-    weights[0, :8] += torch.arange(8, dtype=torch.float64).unsqueeze(1) * 10
-    weights[0, 8:] += 10 * torch.randint(0, 8, (123, 1), generator=gen)
-    centroids[0] = weights[0, :8]
+    weights, centroids, tau = staggered_groups(131, groups=3)
     ours, ref = assert_float32_close(weights, centroids, tau, max_iter=8, epsilon=1e-3,
                                      deterministic=deterministic)
     assert len(set(ref[2].tolist())) > 1, f"groups should stop at different iterations: {ref[2]}"
