@@ -126,6 +126,30 @@ def _grad_attention(w_ptr, grad_out_ptr, grad_over_mass_ptr, next_ptr, final_ptr
 
 
 @triton.jit
+def _softmax_rows(scores, row_mask):
+    """Attention of a tile whose scores (log2 units) cover all k centroids; zero on masked rows."""
+    p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
+    attention = p / tl.sum(p, axis=1)[:, None]
+    return tl.where(row_mask[:, None], attention, 0.0)
+
+
+@triton.jit
+def _online_max(row_max, scores):
+    """One block of an online softmax: the new running max, the factor that rescales sums taken
+    under the old max, and the block's exp2(scores - new max)."""
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    return new_max, tl.exp2(row_max - new_max), tl.exp2(scores - new_max[:, None])
+
+
+@triton.jit
+def _add_to_rows(ptr, rows, row_mask, dims, values, D: tl.constexpr):
+    """ptr[rows] += values for a (BLOCK_M, BLOCK_D) tile of a (M, D) fp32 matrix."""
+    ptrs = ptr + rows[:, None] * D + dims[None, :]
+    mask = row_mask[:, None] & (dims < D)[None, :]
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + values, mask=mask)
+
+
+@triton.jit
 def _load_block(ptr, first, count, dims, D: tl.constexpr):
     """Rows first.. of a (count, D) matrix as a (block, BLOCK_D) fp32 tile, zero-padded."""
     mask = (first < count)[:, None] & (dims < D)[None, :]
@@ -192,9 +216,7 @@ def _attention_sums_kernel(
                 row_mask = rows < row_end
                 scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
                                       neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
-                p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
-                attention = p / tl.sum(p, axis=1)[:, None]
-                attention = tl.where(row_mask[:, None], attention, 0.0)
+                attention = _softmax_rows(scores, row_mask)
                 values = _load_block(v_ptr, rows, row_end, dims, D)
                 chunk_sums += tl.dot(tl.trans(attention), values, input_precision="ieee")
                 chunk_mass += tl.sum(attention, axis=0)
@@ -212,10 +234,8 @@ def _attention_sums_kernel(
                     col_mask = cols < k
                     scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
                                           neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
-                    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-                    row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(
-                        tl.exp2(scores - new_max[:, None]), axis=1)
-                    row_max = new_max
+                    row_max, rescale, p = _online_max(row_max, scores)
+                    row_sum = row_sum * rescale + tl.sum(p, axis=1)
                 log_normaliser = row_max + tl.log2(row_sum)
                 values = _load_block(v_ptr, rows, row_end, dims, D)
                 # Sweep 2: exact attention, block by block, into the slot.
@@ -256,13 +276,10 @@ def _output_kernel(
         col_mask = cols < k
         scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask, neg_log2e_over_tau,
                               D, BLOCK_M, BLOCK_K)
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        rescale = tl.exp2(row_max - new_max)
-        p = tl.exp2(scores - new_max[:, None])
+        row_max, rescale, p = _online_max(row_max, scores)
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         final = _load_block(f_ptr, cols, k, dims, D)
         acc = acc * rescale[:, None] + tl.dot(p, final, input_precision="ieee")
-        row_max = new_max
     out = acc / row_sum[:, None]
     out_mask = row_mask[:, None] & (dims < D)[None, :]
     tl.store(out_ptr + group * m * D + rows[:, None] * D + dims[None, :],
@@ -316,9 +333,7 @@ def _backward_kernel(
                 row_mask = rows < row_end
                 scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
                                       neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
-                p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
-                attention = p / tl.sum(p, axis=1)[:, None]
-                attention = tl.where(row_mask[:, None], attention, 0.0)
+                attention = _softmax_rows(scores, row_mask)
                 grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask, cols,
                                          col_mask, is_last, D, BLOCK_M, BLOCK_K)
                 weighted = tl.sum(attention * grad_a, axis=1)
@@ -328,9 +343,7 @@ def _backward_kernel(
                 grad_w = tl.dot(attention, grad_over_mass, input_precision="ieee")
                 grad_w += two_over_tau * (tl.dot(grad_s, centroids, input_precision="ieee")
                                           - w * tl.sum(grad_s, axis=1)[:, None])
-                gw_ptrs = gw_ptr + rows[:, None] * D + dims[None, :]
-                gw_mask = row_mask[:, None] & (dims < D)[None, :]
-                tl.store(gw_ptrs, tl.load(gw_ptrs, mask=gw_mask, other=0.0) + grad_w, mask=gw_mask)
+                _add_to_rows(gw_ptr, rows, row_mask, dims, grad_w, D)
                 chunk_ds_w += tl.dot(tl.trans(grad_s), w, input_precision="ieee")
                 chunk_ds += tl.sum(grad_s, axis=0)
             _add_to_slot(slot_ds_w_ptr, slot_ds_ptr, cols, col_mask, dims, chunk_ds_w, chunk_ds,
@@ -350,12 +363,9 @@ def _backward_kernel(
                                           neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
                     grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask,
                                              cols, col_mask, is_last, D, BLOCK_M, BLOCK_K)
-                    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-                    rescale = tl.exp2(row_max - new_max)
-                    p = tl.exp2(scores - new_max[:, None])
+                    row_max, rescale, p = _online_max(row_max, scores)
                     row_sum = row_sum * rescale + tl.sum(p, axis=1)
                     row_weighted = row_weighted * rescale + tl.sum(p * grad_a, axis=1)
-                    row_max = new_max
                 log_normaliser = row_max + tl.log2(row_sum)
                 weighted = row_weighted / row_sum
                 w = _load_block(w_ptr, rows, row_end, dims, D)
@@ -381,9 +391,7 @@ def _backward_kernel(
                                  tl.dot(tl.trans(grad_s), w, input_precision="ieee"),
                                  tl.sum(grad_s, axis=0), D, ATOMIC)
                 grad_w -= two_over_tau * w * grad_s_rows[:, None]
-                gw_ptrs = gw_ptr + rows[:, None] * D + dims[None, :]
-                gw_mask = row_mask[:, None] & (dims < D)[None, :]
-                tl.store(gw_ptrs, tl.load(gw_ptrs, mask=gw_mask, other=0.0) + grad_w, mask=gw_mask)
+                _add_to_rows(gw_ptr, rows, row_mask, dims, grad_w, D)
 
 
 # ----------------------------------------------------------------------------------------------
