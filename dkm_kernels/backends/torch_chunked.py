@@ -105,6 +105,7 @@ def backward(grad_out: Tensor, weights: Tensor, history: Tensor, masses: Tensor,
         for t in reversed(range(int(iterations.max()))):
             active = (t < iterations)[:, None, None]
             is_last = (t == last)[:, None, None]
+            any_last = bool(is_last.any())  # one host sync per iteration, not per chunk
             c, c_next, mass = history[t], history[t + 1], masses[t]
             grad_over_mass = grad_c * safe_inverse(mass).unsqueeze(-1)  # G_{t+1,j} / s_j
             grad_dot_c_next = (grad_over_mass * c_next).sum(dim=-1)  # (G, k)
@@ -115,7 +116,7 @@ def backward(grad_out: Tensor, weights: Tensor, history: Tensor, masses: Tensor,
                 attention = _attention(w, c, tau)
                 # dA_ij = G_{t+1,j} . (w_i - C_{t+1,j}) / s_j  (+ G~_i . C_L,j on the last one)
                 grad_a = torch.bmm(w, grad_over_mass.transpose(1, 2)) - grad_dot_c_next.unsqueeze(1)
-                if bool(is_last.any()):
+                if any_last:
                     go = grad_out[:, rows_slice].to(cdtype)
                     grad_a += is_last * torch.bmm(go, c_final.transpose(1, 2))
                 grad_s = attention * (grad_a - (attention * grad_a).sum(dim=-1, keepdim=True))
