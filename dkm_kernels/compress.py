@@ -19,7 +19,6 @@ uncompressed unless `layer_configs` names them.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, Mapping
 
@@ -27,8 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .init import INIT_METHODS
-from .layer import DKMLayer
+from .layer import DKMLayer, check_layer_options
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CLUSTERABLE_TYPES = (*CONV_TYPES, nn.Linear, nn.Embedding)
@@ -109,39 +107,17 @@ def _validated(name: str, config: dict, module: nn.Module) -> LayerConfig:
     """A LayerConfig for `module`, or a ValueError naming the layer and the option."""
     where = f"layer {name!r}"
     weight = raw_weight(module)
-    bits, dim, tau = config["bits"], config["dim"], config["tau"]
-    group_size = config["group_size"]
+    bits = config["bits"]
     if not _is_int(bits) or not 1 <= bits <= MAX_BITS:
         raise ValueError(f"{where}: bits must be an integer from 1 to {MAX_BITS}, got {bits!r}")
-    if not _is_int(dim) or dim < 1:
-        raise ValueError(f"{where}: dim must be an integer >= 1, got {dim!r}")
-    if tau != "auto" and (isinstance(tau, bool) or not isinstance(tau, (int, float))
-                          or not math.isfinite(tau) or tau <= 0):
-        raise ValueError(f"{where}: tau must be a number > 0 or 'auto', got {tau!r}")
-    out_channels = weight.shape[0]
-    groups = 1
-    if group_size is not None:
-        if not _is_int(group_size) or group_size < 1:
-            raise ValueError(f"{where}: group_size must be an integer >= 1 or None, "
-                             f"got {group_size!r}")
-        if out_channels % group_size:
-            raise ValueError(f"{where}: group_size={group_size} does not divide its "
-                             f"{out_channels} output channels")
-        groups = out_channels // group_size
-    per_group = weight.numel() // groups
-    if per_group % dim:
-        detail = f"its {weight.numel()} weights" if groups == 1 else \
-            f"the {per_group} weights of each group of {group_size} output channels"
-        raise ValueError(f"{where}: dim={dim} does not divide {detail} "
-                         f"(weight shape {tuple(weight.shape)})")
-    if not _is_int(config["max_iter"]) or config["max_iter"] < 1:
-        raise ValueError(f"{where}: max_iter must be an integer >= 1, got {config['max_iter']!r}")
-    epsilon = config["epsilon"]
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
-        raise ValueError(f"{where}: epsilon must be a number >= 0, got {epsilon!r}")
-    if config["init_method"] not in INIT_METHODS:
-        raise ValueError(f"{where}: init_method must be one of {INIT_METHODS}, "
-                         f"got {config['init_method']!r}")
+    # The same checks DKMLayer makes, run before any layer is built so that a bad config leaves
+    # the model untouched.
+    try:
+        check_layer_options(tuple(weight.shape), 2**bits, config["tau"], config["dim"],
+                            config["max_iter"], config["epsilon"], config["init_method"],
+                            config["group_size"])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
     return LayerConfig(**config)
 
 

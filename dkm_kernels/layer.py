@@ -80,6 +80,40 @@ def lloyd_kmeans(rows: Tensor, centroids: Tensor, iterations: int = 50) -> Tenso
     return centroids
 
 
+def check_layer_options(shape: tuple, n_clusters, tau, dim, max_iter, epsilon, init_method,
+                        group_size) -> int:
+    """Validate the clustering options of a weight of `shape`; returns the number of palettes.
+
+    Raises a ValueError naming the option (compress_model adds the layer's name).
+    """
+    check_count("n_clusters", n_clusters)
+    check_count("dim", dim)
+    check_count("max_iter", max_iter)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
+        raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
+    if init_method not in INIT_METHODS:
+        raise ValueError(f"init_method must be one of {INIT_METHODS}, got {init_method!r}")
+    if tau != "auto" and (isinstance(tau, bool) or not isinstance(tau, (int, float))
+                          or not math.isfinite(tau) or tau <= 0):
+        raise ValueError(f"tau must be a number > 0 or 'auto', got {tau!r}")
+    numel = math.prod(shape)
+    if len(shape) < 1 or numel == 0:
+        raise ValueError("weight_tensor must have at least one element")
+    out_channels = shape[0]
+    if group_size is not None:
+        check_count("group_size", group_size, allowed=" or None")
+        if out_channels % group_size:
+            raise ValueError(
+                f"group_size={group_size} does not divide the {out_channels} output channels")
+    groups = 1 if group_size is None else out_channels // group_size
+    per_group = numel // groups
+    if per_group % dim:
+        where = "the weight's" if groups == 1 else f"each group's (group_size={group_size})"
+        raise ValueError(f"dim={dim} does not divide {where} {per_group} elements "
+                         f"(weight shape {tuple(shape)})")
+    return groups
+
+
 class DKMLayer(nn.Module):
     """Differentiable k-means clustering of one weight tensor.
 
@@ -113,31 +147,8 @@ class DKMLayer(nn.Module):
                  generator: torch.Generator | None = None, seed: int | None = None,
                  keep_weight: bool = True, lazy_init: bool = False):
         super().__init__()
-        check_count("n_clusters", n_clusters)
-        check_count("dim", dim)
-        check_count("max_iter", max_iter)
-        if not (isinstance(epsilon, (int, float)) and epsilon >= 0):
-            raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
-        if init_method not in INIT_METHODS:
-            raise ValueError(f"init_method must be one of {INIT_METHODS}, got {init_method!r}")
-        if tau != "auto" and (isinstance(tau, bool) or not isinstance(tau, (int, float))
-                              or not math.isfinite(tau) or tau <= 0):
-            raise ValueError(f"tau must be a number > 0 or 'auto', got {tau!r}")
-        if weight_tensor.dim() < 1 or weight_tensor.numel() == 0:
-            raise ValueError("weight_tensor must have at least one element")
-        out_channels = weight_tensor.shape[0]
-        if group_size is not None:
-            check_count("group_size", group_size, allowed=" or None")
-            if out_channels % group_size:
-                raise ValueError(
-                    f"group_size={group_size} does not divide the {out_channels} output channels")
-        groups = 1 if group_size is None else out_channels // group_size
-        per_group = weight_tensor.numel() // groups
-        if per_group % dim:
-            where = "the weight's" if groups == 1 else f"each group's (group_size={group_size})"
-            raise ValueError(
-                f"dim={dim} does not divide {where} {per_group} elements "
-                f"(weight shape {tuple(weight_tensor.shape)})")
+        groups = check_layer_options(tuple(weight_tensor.shape), n_clusters, tau, dim, max_iter,
+                                     epsilon, init_method, group_size)
         if lut_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"lut_dtype must be float16, bfloat16 or float32, got {lut_dtype}")
 
