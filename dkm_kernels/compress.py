@@ -26,10 +26,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import export
 from .layer import DKMLayer, check_layer_options
+from .modules import CONV_TYPES, clusterable_modules, raw_weight
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CLUSTERABLE_TYPES = (*CONV_TYPES, nn.Linear, nn.Embedding)
 MAX_BITS = 16  # indices are packed in at most 16 bits (65536 centroids)
 
 
@@ -119,19 +119,6 @@ def _validated(name: str, config: dict, module: nn.Module) -> LayerConfig:
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     return LayerConfig(**config)
-
-
-def raw_weight(module: nn.Module) -> Tensor | None:
-    """The module's trainable weight, without running a parametrization on it."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module._parameters.get("weight")
-
-
-def clusterable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every Conv1d/2d/3d, Linear and Embedding, in registration order."""
-    return [(name, module) for name, module in model.named_modules()
-            if isinstance(module, CLUSTERABLE_TYPES) and raw_weight(module) is not None]
 
 
 def _weight_key(name: str, suffix: str = "weight") -> str:
@@ -224,15 +211,13 @@ class DKMCompressor(nn.Module):
         weights (the parametrizations are removed; the Parameter objects stay the same ones, so an
         optimizer still refers to them). Calling it again does nothing.
         """
-        from .export import snap_layer
-
         modules = dict(self.model.named_modules())
         for name, layer in self.dkm_layers.items():
             if name in self.snapped:
                 continue
             module = modules[name]
             original = module.parametrizations.weight.original
-            record = snap_layer(layer, original.detach(), self.configs[name])
+            record = export.snap_layer(layer, original.detach(), self.configs[name])
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             module.weight.copy_(record.decode())
             self.snapped[name] = record
@@ -243,21 +228,15 @@ class DKMCompressor(nn.Module):
 
     def export_compressed(self) -> dict:
         """The compressed model (snaps first if needed): see `dkm_kernels.export`."""
-        from .export import export_compressed
-
-        return export_compressed(self)
+        return export.export_compressed(self)
 
     def save_compressed(self, path) -> dict:
         """Write `export_compressed()` to `path` with torch.save; returns the export."""
-        from .export import save_compressed
-
-        return save_compressed(self, path)
+        return export.save_compressed(self, path)
 
     def get_compression_info(self) -> dict:
         """Per-layer bits and sizes and the whole model's compression ratio (dkm_kernels.export)."""
-        from .export import compression_info
-
-        return compression_info(self)
+        return export.compression_info(self)
 
     def extra_repr(self) -> str:
         return (f"milestone={self.milestone}, layers={len(self.dkm_layers)}, "

@@ -34,8 +34,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .compress import CLUSTERABLE_TYPES, raw_weight
-from .layer import DKMLayer, nearest_centroids
+from .kmeans import nearest_centroids
+from .layer import DKMLayer
+from .modules import layer_type, raw_weight
 
 FORMAT = "dkm_kernels.compressed/1"
 
@@ -143,14 +144,6 @@ def _uncompressed_state(compressor) -> dict[str, Tensor]:
     return state
 
 
-def _layer_type(module: nn.Module) -> str:
-    """'Conv2d', not the 'ParametrizedConv2d' class parametrize substitutes."""
-    for cls in type(module).__mro__:
-        if cls in CLUSTERABLE_TYPES:
-            return cls.__name__
-    return type(module).__name__
-
-
 def _lut_bytes(compressor) -> int:
     return torch.empty((), dtype=compressor.lut_dtype).element_size()
 
@@ -175,7 +168,7 @@ def compression_info(compressor) -> dict:
         compressed = index_bytes + codebook_bytes + scale_bytes
         clustered_original += original
         layers.append({
-            "name": name, "type": _layer_type(module), "shape": tuple(shape), "params": numel,
+            "name": name, "type": layer_type(module), "shape": tuple(shape), "params": numel,
             "config": config.notation, "bits": config.bits, "dim": config.dim,
             "n_clusters": config.n_clusters, "group_size": config.group_size,
             "groups": layer.groups, "per_channel_scale": config.enable_per_channel_scale,

@@ -30,55 +30,12 @@ from torch import Tensor, nn
 
 from .functional import check_count, dkm
 from .init import INIT_METHODS, init_centroids
+from .kmeans import lloyd_kmeans, nearest_centroids
 
 # tau="auto": tau = AUTO_TAU_FRACTION * (mean squared distance of the weight vectors to their
 # nearest k-means++ centroid). At that temperature a vector midway between two centroids splits its
 # attention, while a vector on a centroid is essentially assigned: soft, but far from uniform.
 AUTO_TAU_FRACTION = 0.25
-
-# Rows of one chunk when computing nearest centroids, so that no M x k matrix is ever built.
-_ASSIGN_CHUNK_BYTES = 32 * 2**20
-
-
-def nearest_centroids(rows: Tensor, centroids: Tensor) -> Tensor:
-    """Index of the nearest centroid of every row: rows (G, M, d), centroids (G, k, d) -> (G, M).
-
-    Ties go to the lowest index. Distances are sums of squared differences in the centroids' dtype.
-    """
-    groups, m, _ = rows.shape
-    k = centroids.shape[1]
-    chunk = max(1, _ASSIGN_CHUNK_BYTES // (8 * groups * k))
-    out = torch.empty((groups, m), dtype=torch.int64, device=rows.device)
-    for start in range(0, m, chunk):
-        block = rows[:, start:start + chunk].to(centroids.dtype)
-        dist = torch.cdist(block, centroids, compute_mode="donot_use_mm_for_euclid_dist")
-        out[:, start:start + chunk] = dist.argmin(dim=-1)
-    return out
-
-
-def lloyd_kmeans(rows: Tensor, centroids: Tensor, iterations: int = 50) -> Tensor:
-    """Plain (hard) k-means from a warm start: rows (G, M, d), centroids (G, k, d) -> (G, k, d).
-
-    An empty cluster keeps its centroid. Stops early when no assignment changes.
-    """
-    rows = rows.to(centroids.dtype)
-    groups, _, d = rows.shape
-    k = centroids.shape[1]
-    centroids = centroids.clone()
-    previous = None
-    for _ in range(iterations):
-        assignment = nearest_centroids(rows, centroids)
-        if previous is not None and torch.equal(assignment, previous):
-            break
-        previous = assignment
-        flat = (assignment + k * torch.arange(groups, device=rows.device)[:, None]).reshape(-1)
-        sums = torch.zeros(groups * k, d, dtype=rows.dtype, device=rows.device)
-        sums.index_add_(0, flat, rows.reshape(-1, d))
-        counts = torch.bincount(flat, minlength=groups * k).to(rows.dtype).unsqueeze(1)
-        means = (sums / counts.clamp_min(1)).reshape(groups, k, d)
-        centroids = torch.where(counts.reshape(groups, k, 1) > 0, means, centroids)
-    return centroids
-
 
 def check_layer_options(shape: tuple, n_clusters, tau, dim, max_iter, epsilon, init_method,
                         group_size) -> int:

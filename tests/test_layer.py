@@ -6,7 +6,8 @@ from torch import nn
 
 import dkm_kernels
 from dkm_kernels import DKMLayer
-from dkm_kernels.layer import AUTO_TAU_FRACTION, lloyd_kmeans, nearest_centroids
+from dkm_kernels.kmeans import lloyd_kmeans, nearest_centroids
+from dkm_kernels.layer import AUTO_TAU_FRACTION
 from dkm_kernels.reference import dkm_reference
 
 
