@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .compress import parse_config, parse_model_config
-from .export import export_bytes
+from .info import export_bytes
 
 __all__ = ["print_compression_summary", "format_bytes", "export_bytes", "parse_config",
            "parse_model_config"]
