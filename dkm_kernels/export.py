@@ -37,8 +37,9 @@ import torch
 from torch import Tensor, nn
 
 from .info import compression_info, dtype_name, export_bytes, uncompressed_state, weight_key
+from .modules import raw_weight
 from .packing import pack_indices, unpack_indices
-from .snapping import SnappedLayer, decode_weight, snap_layer
+from .snapping import SnappedLayer, check_snappable, decode_weight, snap_layer
 
 __all__ = ["FORMAT", "export_compressed", "save_compressed", "decoded_state_dict",
            "load_compressed", "compression_info", "export_bytes", "SnappedLayer", "snap_layer",
@@ -59,10 +60,14 @@ def export_compressed(compressor) -> dict:
     """The compressed model in the format above; snaps the compressor's weights first if needed.
 
     Raises ValueError when a weight was changed after snap_weights() (it no longer matches its
-    palette and indices).
+    palette and indices), or when a weight to snap is not finite or does not fit in lut_dtype.
     """
-    compressor.snap_weights()
     modules = dict(compressor.model.named_modules())
+    # Checked here with the layer names, before snap_weights() changes any layer.
+    for name, layer in compressor.dkm_layers.items():
+        if name not in compressor.snapped:
+            check_snappable(layer, raw_weight(modules[name]).detach(), name)
+    compressor.snap_weights()
     export = {"format": FORMAT, "lut_dtype": dtype_name(compressor.lut_dtype),
               "layer_configs": {}, "codebooks": {}, "assignments": {}, "scales": {},
               "uncompressed": {k: v.detach().cpu().clone()
