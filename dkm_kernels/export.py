@@ -16,7 +16,8 @@ Format of `export_compressed()` (a dict of plain Python values and tensors, so t
     format          "dkm_kernels.compressed/1"
     lut_dtype       "float16" (default), "bfloat16" or "float32": the dtype of palettes and scales
     layer_configs   {name: {"shape", "dtype", "bits", "dim", "n_clusters", "groups", "group_size",
-                            "per_channel_scale", "n_vectors"}}
+                            "per_channel_scale", "n_vectors"[, "tied"]}}; "tied" lists the other
+                    modules that share this layer's weight (written once, loaded into each)
     codebooks       {name: (G, k, d) tensor in lut_dtype}: the palettes (G = 1 without group_size)
     assignments     {name: uint8 tensor of ceil(n_vectors * bits / 8) bytes}: the palette index of
                     every weight vector, `bits` bits each, least significant bit first, vectors in
@@ -36,7 +37,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .info import compression_info, dtype_name, export_bytes, uncompressed_state, weight_key
+from .info import (compression_info, dtype_name, export_bytes, tied_modules, uncompressed_state,
+                   weight_key)
 from .modules import raw_weight
 from .packing import pack_indices, unpack_indices
 from .snapping import SnappedLayer, check_snappable, decode_weight, snap_layer
@@ -60,7 +62,8 @@ def export_compressed(compressor) -> dict:
     """The compressed model in the format above; snaps the compressor's weights first if needed.
 
     Raises ValueError when a weight was changed after snap_weights() (it no longer matches its
-    palette and indices), or when a weight to snap is not finite or does not fit in lut_dtype.
+    palette and indices), when a module listed as sharing a clustered weight holds another one,
+    or when a weight to snap is not finite or does not fit in lut_dtype.
     """
     modules = dict(compressor.model.named_modules())
     # Checked here with the layer names, before snap_weights() changes any layer.
@@ -68,6 +71,7 @@ def export_compressed(compressor) -> dict:
         if name not in compressor.snapped:
             check_snappable(layer, raw_weight(modules[name]).detach(), name)
     compressor.snap_weights()
+    tied = tied_modules(compressor)
     export = {"format": FORMAT, "lut_dtype": dtype_name(compressor.lut_dtype),
               "layer_configs": {}, "codebooks": {}, "assignments": {}, "scales": {},
               "uncompressed": {k: v.detach().cpu().clone()
@@ -77,13 +81,22 @@ def export_compressed(compressor) -> dict:
         if not torch.equal(decoded, modules[name].weight.detach().cpu()):
             raise ValueError(f"layer {name!r}: its weight changed after snap_weights(), so it no "
                              f"longer matches its palette; export right after snapping")
-        export["layer_configs"][name] = {
+        for other in tied.get(name, []):
+            weight = getattr(modules.get(other), "weight", None)
+            if not isinstance(weight, Tensor) or not torch.equal(decoded, weight.detach().cpu()):
+                raise ValueError(f"layer {name!r}: module {other!r} is listed in compressor.tied "
+                                 f"as sharing its weight but does not hold the same weight; tie "
+                                 f"them (`{other}.weight = {name}.weight`) or drop it from tied")
+        meta = {
             "shape": list(record.shape), "dtype": dtype_name(record.dtype),
             "bits": record.bits, "dim": record.dim, "n_clusters": record.codebook.shape[1],
             "groups": record.codebook.shape[0], "group_size": record.group_size,
             "per_channel_scale": record.scale is not None,
             "n_vectors": record.indices.numel(),
         }
+        if tied.get(name):
+            meta["tied"] = list(tied[name])
+        export["layer_configs"][name] = meta
         export["codebooks"][name] = record.codebook.clone()
         export["assignments"][name] = pack_indices(record.indices, record.bits)
         if record.scale is not None:
@@ -110,7 +123,9 @@ def decoded_state_dict(export: dict) -> dict[str, Tensor]:
         indices = unpack_indices(export["assignments"][name], meta["bits"], meta["n_vectors"])
         weight = decode_weight(codebook, indices, export["scales"].get(name), meta["shape"],
                                _dtype_from_name(meta["dtype"]))
-        state[weight_key(name)] = weight
+        # Tied modules get the same tensor, so a model that ties them stays tied on loading.
+        for module in (name, *meta.get("tied", [])):
+            state[weight_key(module)] = weight
     return state
 
 

@@ -4,7 +4,7 @@ what an export's tensors take (`export_bytes`); plus the state-dict keys the exp
 Sizes count exactly the bytes of the exported tensors: per clustered layer
 ceil(n_vectors * bits / 8) + G*k*d*lut_bytes (+ out_channels*lut_bytes with scales), plus every
 uncompressed state_dict tensor at its own dtype. The original size is the same state dict with the
-clustered weights at their dtype.
+clustered weights at their dtype. A weight shared by several modules (tied) counts once in both.
 (Shapes, names and dtypes, the format's few hundred bytes of metadata, are not counted.)
 """
 from __future__ import annotations
@@ -31,16 +31,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def tied_modules(compressor) -> dict[str, list[str]]:
+    """{clustered layer: other modules sharing its weight Parameter} (empty when none)."""
+    return {name: list(others) for name, others in getattr(compressor, "tied", {}).items()}
+
+
 def uncompressed_state(compressor) -> dict[str, Tensor]:
-    """The model's state_dict without the clustered weights (and their DKM buffers)."""
-    prefixes = [f"{name}." if name else "" for name in compressor.configs]
-    state = {}
-    for key, value in compressor.model.state_dict().items():
-        if any(key.startswith(p + "parametrizations.weight.")
-                                   or key == p + "weight" for p in prefixes):
-            continue
-        state[key] = value
-    return state
+    """The model's state_dict without the clustered weights (and their DKM buffers), nor the
+    weights of modules that share a clustered weight (the export stores that weight once)."""
+    modules = list(compressor.configs) + [other for others in tied_modules(compressor).values()
+                                          for other in others]
+    prefixes = [f"{name}." if name else "" for name in modules]
+    return {key: value for key, value in compressor.model.state_dict().items()
+            if not any(key == p + "weight" or key.startswith(p + "parametrizations.weight.")
+                       for p in prefixes)}
 
 
 def tensor_bytes(tensors) -> int:
@@ -52,6 +56,7 @@ def compression_info(compressor) -> dict:
     """Per-layer configs and sizes, and the model's totals (see the module doc for the counts)."""
     modules = dict(compressor.model.named_modules())
     lut_bytes = torch.empty((), dtype=compressor.lut_dtype).element_size()
+    tied = tied_modules(compressor)
     layers = []
     clustered_original = 0
     for name, config in compressor.configs.items():
@@ -70,7 +75,7 @@ def compression_info(compressor) -> dict:
             "config": config.notation, "bits": config.bits, "dim": config.dim,
             "n_clusters": config.n_clusters, "group_size": config.group_size,
             "groups": layer.groups, "per_channel_scale": config.enable_per_channel_scale,
-            "tau": layer.tau,
+            "tau": layer.tau, "tied": tied.get(name, []),
             "bits_per_weight": config.bits / config.dim,
             "effective_bits_per_weight": BITS_PER_BYTE * compressed / numel,
             "index_bytes": index_bytes, "codebook_bytes": codebook_bytes,
