@@ -5,8 +5,8 @@ Where the export code lives (imports run one way, left to right; none imports co
     packing.py   pack_indices, unpack_indices: palette indices at their real bit width
     snapping.py  SnappedLayer, snap_layer, decode_weight: a clustered weight on its palette
     info.py      compression_info, export_bytes: sizes per layer and in all
-    export.py    this file: FORMAT, export_compressed, save_compressed,
-                 decoded_state_dict, load_compressed; it re-exports the
+    export.py    this file: FORMAT, export_compressed, save_compressed, read_export,
+                 validate_export, decoded_state_dict, load_compressed; it re-exports the
                  public names of the three others, so `from dkm_kernels.export import ...` works
                  for all of them
 
@@ -28,34 +28,44 @@ Format of `export_compressed()` (a dict of plain Python values and tensors, so t
 A clustered weight is decoded as `codebook.float()[g, index]` reshaped to the weight's shape,
 times `scale.float()` per output channel, cast to the weight's dtype. `snap_weights()` computes the
 model's weights with the same function, so a loaded model equals the snapped one bit for bit.
+
+Reading checks every field against the others (and, in load_compressed, against the model) before
+anything is decoded or loaded, and raises ValueError naming the layer and the field.
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .info import (compression_info, dtype_name, export_bytes, tied_modules, uncompressed_state,
-                   weight_key)
+from .info import (TENSOR_TABLES, compression_info, dtype_name, export_bytes, tied_modules,
+                   uncompressed_state, weight_key)
 from .modules import raw_weight
-from .packing import pack_indices, unpack_indices
+from .packing import check_bits, pack_indices, packed_bytes, unpack_indices
 from .snapping import SnappedLayer, check_snappable, decode_weight, snap_layer
 
-__all__ = ["FORMAT", "export_compressed", "save_compressed", "decoded_state_dict",
-           "load_compressed", "compression_info", "export_bytes", "SnappedLayer", "snap_layer",
-           "decode_weight", "pack_indices", "unpack_indices"]
+__all__ = ["FORMAT", "export_compressed", "save_compressed", "read_export", "validate_export",
+           "decoded_state_dict", "load_compressed", "compression_info", "export_bytes",
+           "SnappedLayer", "snap_layer", "decode_weight", "pack_indices", "unpack_indices"]
 
 FORMAT = "dkm_kernels.compressed/1"
+# The dtype names a file may hold: palettes and scales; decoded weights.
+LUT_DTYPES = ("float16", "bfloat16", "float32")
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+LAYER_FIELDS = ("shape", "dtype", "bits", "dim", "n_clusters", "groups", "group_size",
+                "per_channel_scale", "n_vectors")
+# Written only for a layer whose weight other modules share.
+OPTIONAL_LAYER_FIELDS = ("tied",)
+FIELDS = ("format", "lut_dtype", "layer_configs") + TENSOR_TABLES
+# The fix for every inconsistency inside a file.
+_REEXPORT = "the file is damaged or was edited; export the model again with save_compressed()"
+_OTHER_MODEL = "load it into the architecture it was exported from"
 
 
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} in the export")
-    return dtype
-
+# -- writing --------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def export_compressed(compressor) -> dict:
@@ -112,21 +122,234 @@ def save_compressed(compressor_or_export, path) -> dict:
     return export
 
 
-def decoded_state_dict(export: dict) -> dict[str, Tensor]:
-    """A plain state dict (snapped weights decoded) from an export."""
-    if export.get("format") != FORMAT:
-        raise ValueError(f"not a dkm_kernels export (format {export.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+# -- reading and checking -------------------------------------------------------------------------
+
+class CheckedLayer(NamedTuple):
+    """One clustered layer of an export, every field checked, its indices unpacked."""
+
+    meta: dict
+    codebook: Tensor
+    indices: Tensor
+    scale: Tensor | None
+    dtype: torch.dtype
+    tied: list
+
+    def decode(self) -> Tensor:
+        return decode_weight(self.codebook, self.indices, self.scale, self.meta["shape"],
+                             self.dtype)
+
+
+def read_export(source, map_location="cpu") -> dict:
+    """The export in `source`, a path (read with torch.load, weights_only) or the dict itself,
+    after validate_export. A missing file raises FileNotFoundError; anything that is not an export
+    of this format raises ValueError saying what it is not."""
+    return _read(source, map_location)[0]
+
+
+def _read(source, map_location) -> tuple[dict, dict[str, CheckedLayer]]:
+    if not isinstance(source, (str, os.PathLike)):
+        return source, validate_export(source)
+    path = os.fspath(source)
+    try:
+        export = torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as error:  # torch.load raises many types for bytes it cannot read
+        raise ValueError(f"{path} is not a dkm_kernels export: torch.load(weights_only=True) "
+                         f"cannot read it ({type(error).__name__}); it is truncated or not a "
+                         f"torch file") from error
+    try:
+        return export, validate_export(export)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_error(layer: str | None, field: str, problem: str, fix: str = _REEXPORT) -> ValueError:
+    where = "export" if layer is None else f"export layer {layer!r}"
+    return ValueError(f"{where}, field {field!r}: {problem}; {fix}")
+
+
+def _check_top(export) -> None:
+    """What makes a dict an export of this format, before its layers are read."""
+    if not isinstance(export, dict):
+        raise ValueError(f"not a dkm_kernels export: it holds a {type(export).__name__}, not the "
+                         f"dict export_compressed() writes")
+    if "format" not in export:
+        plain = export and all(isinstance(value, Tensor) for value in export.values())
+        raise ValueError("not a dkm_kernels export: the dict has no 'format' field"
+                         + (" (it looks like a plain state dict: use model.load_state_dict)"
+                            if plain else ""))
+    if export["format"] != FORMAT:
+        raise ValueError(f"not a dkm_kernels export of this version: field 'format' is "
+                         f"{export['format']!r}, expected {FORMAT!r}")
+    for field in FIELDS:
+        if field not in export:
+            raise _field_error(None, field, "missing")
+    unknown = [field for field in export if field not in FIELDS]
+    if unknown:
+        raise _field_error(None, str(unknown[0]), f"unknown (the fields are {list(FIELDS)})")
+    if not isinstance(export["lut_dtype"], str) or export["lut_dtype"] not in LUT_DTYPES:
+        raise _field_error(None, "lut_dtype",
+                           f"must be one of {list(LUT_DTYPES)}, got {export['lut_dtype']!r}")
+    for table in FIELDS[2:]:
+        if not isinstance(export[table], dict) or not all(
+                isinstance(key, str) for key in export[table]):
+            raise _field_error(None, table, f"must be a dict with str keys, got "
+                                            f"{type(export[table]).__name__}")
+    for table in ("codebooks", "assignments", "scales"):
+        stray = [name for name in export[table] if name not in export["layer_configs"]]
+        if stray:
+            raise _field_error(stray[0], table, "stored for a layer that layer_configs lacks")
+    for key, value in export["uncompressed"].items():
+        if not isinstance(value, Tensor):
+            raise _field_error(None, "uncompressed",
+                               f"{key!r} must be a tensor, got {type(value).__name__}")
+
+
+def _table_tensor(export: dict, table: str, name: str, dtype: torch.dtype, shape) -> Tensor:
+    """export[table][name], checked to be a finite tensor of `dtype` and `shape`."""
+    if name not in export[table]:
+        raise _field_error(name, table, "missing")
+    value = export[table][name]
+    if not isinstance(value, Tensor):
+        raise _field_error(name, table, f"must be a tensor, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise _field_error(name, table, f"dtype must be {dtype_name(dtype)}, got "
+                                        f"{dtype_name(value.dtype)}")
+    if tuple(value.shape) != tuple(shape):
+        raise _field_error(name, table, f"shape must be {tuple(shape)}, got {tuple(value.shape)}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise _field_error(name, table, "holds NaN or inf values")
+    return value
+
+
+def _check_layer(export: dict, name: str, meta) -> CheckedLayer:
+    """Every field of one layer against the others; ValueError naming the layer and field."""
+    def fail(field, problem):
+        return _field_error(name, field, problem)
+
+    if not isinstance(meta, dict):
+        raise fail("layer_configs", f"must be a dict of the layer's fields, got "
+                                    f"{type(meta).__name__}")
+    for field in LAYER_FIELDS:
+        if field not in meta:
+            raise fail(field, "missing")
+    for field in meta:
+        if field not in LAYER_FIELDS + OPTIONAL_LAYER_FIELDS:
+            raise fail(str(field), f"unknown (the fields are "
+                                   f"{list(LAYER_FIELDS + OPTIONAL_LAYER_FIELDS)})")
+    shape = meta["shape"]
+    if (not isinstance(shape, (list, tuple)) or not shape
+            or not all(_is_int(size) and size > 0 for size in shape)):
+        raise fail("shape", f"must be a list of positive integers, got {shape!r}")
+    numel, channels = math.prod(shape), shape[0]
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in WEIGHT_DTYPES:
+        raise fail("dtype", f"must be one of {list(WEIGHT_DTYPES)}, got {meta['dtype']!r}")
+    bits = meta["bits"]
+    try:
+        check_bits(bits)
+    except ValueError as error:
+        raise fail("bits", str(error)) from None
+    dim = meta["dim"]
+    if not _is_int(dim) or dim < 1 or numel % dim:
+        raise fail("dim", f"must be a positive integer dividing the {numel} weights of shape "
+                          f"{list(shape)}, got {dim!r}")
+    n_vectors = meta["n_vectors"]
+    if not _is_int(n_vectors) or n_vectors != numel // dim:
+        raise fail("n_vectors", f"must be prod(shape) / dim = {numel // dim}, got {n_vectors!r}")
+    k = meta["n_clusters"]
+    if not _is_int(k) or not 1 <= k <= 2 ** bits:
+        raise fail("n_clusters", f"must be an integer from 1 to 2**bits = {2 ** bits} "
+                                 f"(bits={bits}), got {k!r}")
+    groups, group_size = meta["groups"], meta["group_size"]
+    if not _is_int(groups) or groups < 1 or channels % groups or n_vectors % groups:
+        raise fail("groups", f"must be a positive integer dividing the {channels} output "
+                             f"channels and the {n_vectors} vectors, got {groups!r}")
+    if not (group_size is None and groups == 1
+            or _is_int(group_size) and group_size * groups == channels):
+        raise fail("group_size", f"must be output channels / groups = {channels // groups} "
+                                 f"(or null with one group), got {group_size!r}")
+    if not isinstance(meta["per_channel_scale"], bool):
+        raise fail("per_channel_scale", f"must be true or false, got "
+                                        f"{meta['per_channel_scale']!r}")
+    tied = meta.get("tied", [])
+    if not isinstance(tied, list) or not all(isinstance(other, str) for other in tied):
+        raise fail("tied", f"must be a list of module names, got {tied!r}")
+
+    lut_dtype = getattr(torch, export["lut_dtype"])
+    codebook = _table_tensor(export, "codebooks", name, lut_dtype, (groups, k, dim))
+    packed = _table_tensor(export, "assignments", name, torch.uint8,
+                           (packed_bytes(n_vectors, bits),))
+    indices = unpack_indices(packed, bits, n_vectors)
+    if n_vectors and int(indices.max()) >= k:
+        raise fail("assignments", f"palette index {int(indices.max())} is not below "
+                                  f"n_clusters={k}")
+    scale = None
+    if meta["per_channel_scale"]:
+        scale = _table_tensor(export, "scales", name, lut_dtype, (channels,))
+    elif name in export["scales"]:
+        raise fail("scales", "stored, but the layer's per_channel_scale is false")
+    return CheckedLayer(meta, codebook, indices, scale, getattr(torch, meta["dtype"]), tied)
+
+
+def validate_export(export) -> dict[str, CheckedLayer]:
+    """Check every field of an export against the others; {layer: CheckedLayer}.
+
+    Raises ValueError naming the layer and field (or saying what the object is not)."""
+    _check_top(export)
+    layers = {name: _check_layer(export, name, meta)
+              for name, meta in export["layer_configs"].items()}
+    owner = {}  # state_dict key -> the layer whose decoded weight fills it
+    for name, layer in layers.items():
+        for module in (name, *layer.tied):
+            key = weight_key(module)
+            if key in owner or key in export["uncompressed"]:
+                other = (f"layer {owner[key]!r}" if key in owner else "uncompressed")
+                raise _field_error(name, "tied" if module != name else "layer_configs",
+                                   f"state_dict key {key!r} is also filled by {other}")
+            owner[key] = name
+    return layers
+
+
+def _decode(export: dict, layers: dict[str, CheckedLayer]) -> dict[str, Tensor]:
     state = dict(export["uncompressed"])
-    for name, meta in export["layer_configs"].items():
-        codebook = export["codebooks"][name]
-        indices = unpack_indices(export["assignments"][name], meta["bits"], meta["n_vectors"])
-        weight = decode_weight(codebook, indices, export["scales"].get(name), meta["shape"],
-                               _dtype_from_name(meta["dtype"]))
+    for name, layer in layers.items():
+        weight = layer.decode()
         # Tied modules get the same tensor, so a model that ties them stays tied on loading.
-        for module in (name, *meta.get("tied", [])):
+        for module in (name, *layer.tied):
             state[weight_key(module)] = weight
     return state
+
+
+def decoded_state_dict(export: dict) -> dict[str, Tensor]:
+    """A plain state dict (snapped weights decoded) from an export, checked by validate_export."""
+    return _decode(export, validate_export(export))
+
+
+def _check_fits(model: nn.Module, layers: dict[str, CheckedLayer],
+                state: dict[str, Tensor]) -> None:
+    """ValueError unless `state` has exactly the model's state_dict keys, at its shapes."""
+    target = model.state_dict()
+    missing = [key for key in target if key not in state]
+    unexpected = [key for key in state if key not in target]
+    if missing or unexpected:
+        parts = ([f"keys the model has and the export lacks: {missing}"] if missing else []) + (
+            [f"keys the export has and the model lacks: {unexpected}"] if unexpected else [])
+        raise ValueError(f"the export does not fit the model ({type(model).__name__}): "
+                         f"{'; '.join(parts)}; {_OTHER_MODEL}")
+    owner = {weight_key(module): name for name, layer in layers.items()
+             for module in (name, *layer.tied)}
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(target[key].shape):
+            problem = (f"{list(value.shape)}, but the model's {key!r} is "
+                       f"{list(target[key].shape)}")
+            if key in owner:
+                raise _field_error(owner[key], "shape", problem, _OTHER_MODEL)
+            raise _field_error(None, "uncompressed", f"{key!r} has shape {problem}", _OTHER_MODEL)
 
 
 def load_compressed(source, model_factory: Callable[[], nn.Module] | nn.Module,
@@ -135,14 +358,15 @@ def load_compressed(source, model_factory: Callable[[], nn.Module] | nn.Module,
 
     model_factory: a callable returning the uncompressed architecture, or a module of that
     architecture to load into. Its weights end up equal to the snapped ones exactly; it is
-    returned in evaluation mode.
+    returned in evaluation mode. Everything is checked and decoded before the model is touched,
+    so a file that does not fit raises ValueError (naming the layer and field) and leaves a given
+    module as it was.
     """
-    if isinstance(source, (str, os.PathLike)):
-        export = torch.load(source, map_location=map_location, weights_only=True)
-    else:
-        export = source
+    export, layers = _read(source, map_location)
+    state = _decode(export, layers)
     model = model_factory if isinstance(model_factory, nn.Module) else model_factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_factory must return a torch.nn.Module, got {type(model).__name__}")
-    model.load_state_dict(decoded_state_dict(export), strict=True)
+    _check_fits(model, layers, state)
+    model.load_state_dict(state, strict=True)
     return model.eval()
