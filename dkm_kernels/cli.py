@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 DEFAULT_CONFIGS = "1/1,2/1,3/1,4/4,4/8"
+# The exit status of a command that failed (a file that is not a readable export).
+EXIT_FAILURE = 1
 
 
 class DigitsCNN(nn.Module):
@@ -166,21 +168,26 @@ def print_table(rows, train_data, test_data, args, elapsed: float) -> None:
     print(f"total time {elapsed:.1f} s")
 
 
-def run_info(args) -> None:
-    from .export import FORMAT, export_bytes
+def run_info(args) -> int:
+    """Describe a saved export; a file that cannot be read as one is a one-line error."""
+    from .export import export_bytes, read_export
     from .utils import format_bytes
 
-    export = torch.load(args.path, map_location="cpu", weights_only=True)
-    if not isinstance(export, dict) or export.get("format") != FORMAT:
-        raise SystemExit(f"{args.path} is not a dkm_kernels export ({FORMAT})")
+    try:
+        export = read_export(args.path)
+    except (OSError, ValueError) as error:
+        print(f"dkm-kernels info: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"{args.path}: palettes in {export['lut_dtype']}")
     for name, meta in export["layer_configs"].items():
         numel = math.prod(meta["shape"])
+        tied = f" tied to {', '.join(meta['tied'])}" if meta.get("tied") else ""
         print(f"  {name:<28} {str(tuple(meta['shape'])):<18} {meta['bits']}/{meta['dim']} "
               f"k={meta['n_clusters']} groups={meta['groups']}"
-              f"{' scaled' if meta['per_channel_scale'] else ''} ({numel} weights)")
+              f"{' scaled' if meta['per_channel_scale'] else ''} ({numel} weights){tied}")
     print(f"  uncompressed tensors: {len(export['uncompressed'])}")
     print(f"  stored tensor bytes: {format_bytes(export_bytes(export))}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,8 +227,7 @@ def main(argv=None) -> int:
         argv.insert(0, "demo")
     args = build_parser().parse_args(argv)
     if args.command == "info":
-        run_info(args)
-        return 0
+        return run_info(args)
     if args.quick:
         args.epochs, args.dkm_epochs = 2, 1
         if args.configs == DEFAULT_CONFIGS:

@@ -1,8 +1,10 @@
 """The command line: a tiny demo run, the info subcommand and `python -m dkm_kernels`."""
 import os
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -38,6 +40,60 @@ def test_info_describes_a_saved_model(tmp_path, capsys):
     assert cli.main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "3/1" in out and "(512 weights)" in out and "float16" in out
+
+
+def _saved_export(path):
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    compress_model(model, bits=3, skip_first_last=False, small_layer_threshold=0,
+                   tau=1e-3).save_compressed(path)
+
+
+def _corrupted_export(path):
+    _saved_export(path)
+    export = torch.load(path, weights_only=True)
+    export["layer_configs"]["0"]["bits"] = 17
+    torch.save(export, path)
+
+
+def _truncated_export(path):
+    _saved_export(path)
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+# (case, how the file is made, the words of the one-line error)
+BAD_FILES = [
+    ("missing file", lambda path: None, "No such file"),
+    ("directory", lambda path: path.mkdir(), "Is a directory"),
+    ("random bytes", lambda path: path.write_bytes(os.urandom(2048)), "not a dkm_kernels export"),
+    ("plain state dict", lambda path: torch.save(nn.Linear(2, 2).state_dict(), path),
+     "not a dkm_kernels export.*plain state dict"),
+    ("truncated export", _truncated_export, "not a dkm_kernels export"),
+    ("corrupted export", _corrupted_export, r"layer '0', field 'bits'"),
+]
+
+
+@pytest.mark.parametrize("make,pattern", [case[1:] for case in BAD_FILES],
+                         ids=[case[0] for case in BAD_FILES])
+def test_info_on_a_bad_file_prints_one_line_and_fails(make, pattern, tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    make(path)
+    assert cli.main(["info", str(path)]) != 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dkm-kernels info: error: ")
+    assert re.search(pattern, lines[0])
+
+
+def test_info_exits_non_zero_without_a_traceback(tmp_path):
+    path = tmp_path / "model.pt"
+    _corrupted_export(path)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    result = subprocess.run([sys.executable, "-m", "dkm_kernels", "info", str(path)], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "field 'bits'" in result.stderr
 
 
 def test_module_entry_point_help():
