@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 
-from dkm_kernels import cli, compress_model
+from dkm_kernels import cli
+from export_files import NOT_EXPORTS, save_small_export
 
 
 def test_quick_demo_prints_the_table(capsys):
@@ -32,43 +32,25 @@ def test_quick_demo_prints_the_table(capsys):
 
 
 def test_info_describes_a_saved_model(tmp_path, capsys):
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    compressor = compress_model(model, bits=3, skip_first_last=False, small_layer_threshold=0,
-                                tau=1e-3)
     path = tmp_path / "model.pt"
-    compressor.save_compressed(path)
+    save_small_export(path)
     assert cli.main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "3/1" in out and "(512 weights)" in out and "float16" in out
 
 
-def _saved_export(path):
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    compress_model(model, bits=3, skip_first_last=False, small_layer_threshold=0,
-                   tau=1e-3).save_compressed(path)
-
-
 def _corrupted_export(path):
-    _saved_export(path)
+    save_small_export(path)
     export = torch.load(path, weights_only=True)
     export["layer_configs"]["0"]["bits"] = 17
     torch.save(export, path)
-
-
-def _truncated_export(path):
-    _saved_export(path)
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
 
 
 # (case, how the file is made, the words of the one-line error)
 BAD_FILES = [
     ("missing file", lambda path: None, "No such file"),
     ("directory", lambda path: path.mkdir(), "Is a directory"),
-    ("random bytes", lambda path: path.write_bytes(os.urandom(2048)), "not a dkm_kernels export"),
-    ("plain state dict", lambda path: torch.save(nn.Linear(2, 2).state_dict(), path),
-     "not a dkm_kernels export.*plain state dict"),
-    ("truncated export", _truncated_export, "not a dkm_kernels export"),
+    *((case, write, f"not a dkm_kernels export.*{words}") for case, write, words in NOT_EXPORTS),
     ("corrupted export", _corrupted_export, r"layer '0', field 'bits'"),
 ]
 
@@ -89,15 +71,18 @@ def test_info_on_a_bad_file_prints_one_line_and_fails(make, pattern, tmp_path, c
 def test_info_exits_non_zero_without_a_traceback(tmp_path):
     path = tmp_path / "model.pt"
     _corrupted_export(path)
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    result = subprocess.run([sys.executable, "-m", "dkm_kernels", "info", str(path)], env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = run_module("info", str(path))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr and "field 'bits'" in result.stderr
 
 
-def test_module_entry_point_help():
+def run_module(*args):
+    """`python -m dkm_kernels ARGS` on this checkout's package."""
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    result = subprocess.run([sys.executable, "-m", "dkm_kernels", "--help"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "dkm_kernels", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_module_entry_point_help():
+    result = run_module("--help")
     assert result.returncode == 0 and "demo" in result.stdout and "info" in result.stdout

@@ -5,7 +5,6 @@ Each case below corrupts one field of a valid export. "fc" is a 3-bit, 2-dim lay
 scales and four groups of 8 output channels; "out" a plain 2-bit layer.
 """
 import copy
-import os
 from collections import OrderedDict
 
 import pytest
@@ -13,7 +12,8 @@ import torch
 import torch.nn as nn
 
 from dkm_kernels import compress_model, load_compressed
-from dkm_kernels.export import FORMAT, decoded_state_dict, read_export
+from dkm_kernels.export import decoded_state_dict, read_export
+from export_files import NOT_EXPORTS
 
 
 def net():
@@ -227,31 +227,11 @@ def test_the_valid_export_loads(valid_export):
     assert torch.isfinite(model.fc.weight).all()
 
 
-def _truncated_export(path, valid_export):
-    torch.save(valid_export, path)
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
-
-
-# (case, how the file is written, the words of the error)
-FILE_CASES = [
-    ("random bytes", lambda path, _: path.write_bytes(os.urandom(4096)),
-     "cannot read it"),
-    ("empty", lambda path, _: path.write_bytes(b""), "cannot read it"),
-    ("truncated export", _truncated_export, "cannot read it"),
-    ("plain state dict", lambda path, _: torch.save(net().state_dict(), path),
-     "no 'format' field.*plain state dict"),
-    ("a list", lambda path, _: torch.save([1, 2], path), "it holds a list"),
-    ("another format", lambda path, _: torch.save({"format": "other/1"}, path),
-     f"field 'format' is 'other/1', expected '{FORMAT}'"),
-]
-
-
-@pytest.mark.parametrize("write,pattern", [case[1:] for case in FILE_CASES],
-                         ids=[case[0] for case in FILE_CASES])
-def test_a_file_that_is_not_an_export_says_what_it_is_not(valid_export, write, pattern, tmp_path):
+@pytest.mark.parametrize("write,pattern", [case[1:] for case in NOT_EXPORTS],
+                         ids=[case[0] for case in NOT_EXPORTS])
+def test_a_file_that_is_not_an_export_says_what_it_is_not(write, pattern, tmp_path):
     path = tmp_path / "model.pt"
-    write(path, valid_export)
+    write(path)
     model = net()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=rf"not a dkm_kernels export.*{pattern}"):
