@@ -1,4 +1,4 @@
-"""The file format of a DKM-compressed model: writing it, and reading it back with every field checked.
+"""The file format of a DKM-compressed model: writing it, and reading it back, every field checked.
 
 Where the export code lives (imports run one way, left to right; none imports compress.py):
 
@@ -59,7 +59,9 @@ LAYER_FIELDS = ("shape", "dtype", "bits", "dim", "n_clusters", "groups", "group_
                 "per_channel_scale", "n_vectors")
 # Written only for a layer whose weight other modules share.
 OPTIONAL_LAYER_FIELDS = ("tied",)
-FIELDS = ("format", "lut_dtype", "layer_configs") + TENSOR_TABLES
+# The fields that are dicts: layer configs by layer name, and the tensor tables.
+DICT_FIELDS = ("layer_configs",) + TENSOR_TABLES
+FIELDS = ("format", "lut_dtype") + DICT_FIELDS
 # The fix for every inconsistency inside a file.
 _REEXPORT = "the file is damaged or was edited; export the model again with save_compressed()"
 _OTHER_MODEL = "load it into the architecture it was exported from"
@@ -195,7 +197,7 @@ def _check_top(export) -> None:
     if not isinstance(export["lut_dtype"], str) or export["lut_dtype"] not in LUT_DTYPES:
         raise _field_error(None, "lut_dtype",
                            f"must be one of {list(LUT_DTYPES)}, got {export['lut_dtype']!r}")
-    for table in FIELDS[2:]:
+    for table in DICT_FIELDS:
         if not isinstance(export[table], dict) or not all(
                 isinstance(key, str) for key in export[table]):
             raise _field_error(None, table, f"must be a dict with str keys, got "

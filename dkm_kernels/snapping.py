@@ -53,8 +53,9 @@ def _check_finite(tensor: Tensor, where: str, what: str, consequence: str) -> No
     if bool(bad.any()):
         value = tensor[bad].reshape(-1)[0].item()
         raise ValueError(f"{where}: {what} are not finite ({int(bad.sum())} of "
-                         f"{tensor.numel()}, the first is {value}); {consequence}. Fix the training (a lower learning rate, "
-                         f"gradient clipping) or reload a checkpoint before snapping")
+                         f"{tensor.numel()}, the first is {value}); {consequence}. Fix the "
+                         f"training (a lower learning rate, gradient clipping) or reload a "
+                         f"checkpoint before snapping")
 
 
 def _check_representable(values: Tensor, lut_dtype: torch.dtype, where: str, what: str) -> None:
