@@ -13,7 +13,8 @@ from torch import Tensor
 # Indices are packed in at most 16 bits: 65536 palette entries, the most a layer can ask for.
 MAX_BITS = 16
 BITS_PER_BYTE = 8
-# Indices packed per pass, so that packing a large layer needs no bits * n_vectors int64 tensor.
+# Indices (un)packed per pass, so that a large layer needs no bits * n_vectors int64 tensor; a
+# multiple of 8, so that each pass starts on a byte boundary.
 _PACK_CHUNK = 1 << 20
 
 
@@ -52,7 +53,14 @@ def unpack_indices(packed: Tensor, bits: int, count: int) -> Tensor:
     if packed.numel() != packed_bytes(count, bits):
         raise ValueError(f"{count} indices of {bits} bits need {packed_bytes(count, bits)} "
                          f"bytes, got {packed.numel()}")
-    shifts = torch.arange(BITS_PER_BYTE, dtype=torch.int32)
-    bit_stream = (packed.reshape(-1).to(torch.int32).unsqueeze(1) >> shifts) & 1
-    bit_stream = bit_stream.reshape(-1)[:count * bits].reshape(count, bits).to(torch.int64)
-    return (bit_stream << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
+    packed = packed.reshape(-1).cpu()
+    byte_shifts = torch.arange(BITS_PER_BYTE, dtype=torch.int32)
+    place_values = torch.arange(bits, dtype=torch.int64)
+    out = torch.empty(count, dtype=torch.int64)
+    for start in range(0, count, _PACK_CHUNK):
+        n = min(_PACK_CHUNK, count - start)
+        first = start * bits // BITS_PER_BYTE
+        block = packed[first:first + packed_bytes(n, bits)].to(torch.int32)
+        bit_stream = ((block.unsqueeze(1) >> byte_shifts) & 1).reshape(-1)[:n * bits]
+        out[start:start + n] = (bit_stream.reshape(n, bits).to(torch.int64) << place_values).sum(1)
+    return out

@@ -173,3 +173,15 @@ def test_every_name_used_elsewhere_still_imports_from_export():
                  "unpack_indices", "compression_info", "export_bytes", "export_compressed",
                  "save_compressed", "decoded_state_dict", "load_compressed"):
         assert hasattr(export, name), name
+
+
+@pytest.mark.parametrize("bits", [1, 3, 7, 16])
+def test_pack_roundtrip_across_passes(bits, monkeypatch):
+    from dkm_kernels import packing
+
+    values = torch.randint(2 ** bits, (101,), generator=torch.Generator().manual_seed(bits))
+    in_one_pass = pack_indices(values, bits)
+    monkeypatch.setattr(packing, "_PACK_CHUNK", 16)  # many passes, the last one partial
+    packed = pack_indices(values, bits)
+    assert torch.equal(packed, in_one_pass)
+    assert torch.equal(unpack_indices(packed, bits, values.numel()), values)
