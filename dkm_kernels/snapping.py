@@ -64,8 +64,7 @@ def _check_representable(values: Tensor, lut_dtype: torch.dtype, where: str, wha
     limit = torch.finfo(lut_dtype).max
     largest = float(values.detach().abs().max()) if values.numel() else 0.0
     if largest > limit:
-        name = str(lut_dtype).removeprefix("torch.")
-        raise ValueError(f"{where}: {what} reach {largest:.6g}, beyond the largest {name} "
+        raise ValueError(f"{where}: {what} reach {largest:.6g}, beyond the largest {lut_dtype} "
                          f"({limit:.6g}), so the export would store them as inf; "
                          f"{WIDER_LUT_HINT}")
 
