@@ -1,5 +1,5 @@
-"""Compression analysis helpers, importable as in the public implementation:
-`from dkm_kernels.utils import print_compression_summary`."""
+"""Compression analysis: the per-layer summary table and byte formatting, importable as in the
+public implementation: `from dkm_kernels.utils import print_compression_summary`."""
 from __future__ import annotations
 
 import sys
