@@ -52,6 +52,11 @@ def cpu_extension():
     # own files (csrc/kernels_avx*.cpp) and chosen at run time. fp-contract lets the compiler fuse
     # a * b + c into FMA where the target has it.
     compile_args, link_args = ["-O3", "-ffp-contract=fast"], []
+    # DKM_KERNELS_SANITIZE=address builds with AddressSanitizer (tests/run_under_asan.sh).
+    sanitizer = os.environ.get("DKM_KERNELS_SANITIZE")
+    if sanitizer:
+        compile_args += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"]
+        link_args.append(f"-fsanitize={sanitizer}")
     # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel
     # if this code is compiled with OpenMP.
     if _compiler_accepts("-fopenmp"):
