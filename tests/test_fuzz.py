@@ -65,7 +65,8 @@ def _check(backend, problem, dtype):
     device = device_of(backend)
     if weights.numel() == 0:  # G = 0: empty results, no crash
         w = weights.to(dtype).to(device).requires_grad_(True)
-        result = dkm_kernels.dkm(w, centroids.float().to(device), tau, backend=backend)
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        result = dkm_kernels.dkm(w, centroids.to(compute).to(device), tau, backend=backend)
         result.weights.sum().backward()
         assert result.weights.shape == weights.shape and w.grad.shape == weights.shape
         return
