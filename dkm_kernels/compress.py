@@ -27,11 +27,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import export
-from .layer import (DKMLayer, _in_backward, check_backend, check_bool, check_layer_options,
-                    check_lut_dtype, check_seed)
+from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _in_backward,
+                    check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed)
+from .init import SEED_BOUND
 from .modules import CONV_TRANSPOSE_TYPES, CONV_TYPES, clusterable_modules, raw_weight
 
 MAX_BITS = 16  # indices are packed in at most 16 bits (65536 centroids)
+# The paper's protocol for small layers: weights with fewer elements than the threshold are cheap
+# to keep precise, so they get 8-bit scalar palettes whatever the model's config.
+SMALL_LAYER_THRESHOLD = 10_000
+SMALL_LAYER_CONFIG = {"bits": 8, "dim": 1, "group_size": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,11 +45,11 @@ class LayerConfig:
 
     bits: int = 4
     dim: int = 1
-    tau: float | str = 2e-5
+    tau: float | str = DEFAULT_TAU
     group_size: int | None = None
     enable_per_channel_scale: bool = False
-    max_iter: int = 5
-    epsilon: float = 1e-4
+    max_iter: int = DEFAULT_MAX_ITER
+    epsilon: float = DEFAULT_EPSILON
     init_method: str = "kmeans++"
 
     @property
@@ -194,7 +199,7 @@ class DKMCompressor(nn.Module):
             # A meta weight initialises later, on the CPU, from the shared generator.
             if generator is not None and weight.device.type not in ("cpu", "meta"):
                 layer_generator = torch.Generator(device=weight.device).manual_seed(
-                    int(torch.randint(2**62, (), generator=generator)))
+                    int(torch.randint(SEED_BOUND, (), generator=generator)))
             groups = 1 if config.group_size is None else weight.shape[0] // config.group_size
             layer = DKMLayer(
                 weight, n_clusters=config.n_clusters, tau=config.tau, dim=config.dim,
@@ -333,13 +338,15 @@ class DKMCompressor(nn.Module):
                 f"lut_dtype={self.lut_dtype}")
 
 
-def compress_model(model: nn.Module, bits: int = 4, dim: int = 1, tau: float | str = 2e-5,
+def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
+                   tau: float | str = DEFAULT_TAU,
                    conv_config=None, fc_config=None, skip_first_last: bool = True, *,
                    config: str | None = None, embedding_config=None,
                    layer_configs: Mapping[str, Any] | None = None,
                    group_size: int | None = None, enable_per_channel_scale: bool = False,
-                   small_layer_threshold: int = 10_000, small_layer_config=None,
-                   milestone: int = 0, max_iter: int = 5, epsilon: float = 1e-4,
+                   small_layer_threshold: int = SMALL_LAYER_THRESHOLD, small_layer_config=None,
+                   milestone: int = 0, max_iter: int = DEFAULT_MAX_ITER,
+                   epsilon: float = DEFAULT_EPSILON,
                    init_method: str = "kmeans++", backend: str = "auto",
                    lut_dtype: torch.dtype = torch.float16,
                    seed: int | None = None) -> DKMCompressor:
@@ -377,7 +384,7 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1, tau: float | s
         "embedding": _as_dict(fc_config if embedding_config is None else embedding_config,
                               "embedding_config"),
     }
-    small = _as_dict({"bits": 8, "dim": 1, "group_size": None} if small_layer_config is None
+    small = _as_dict(SMALL_LAYER_CONFIG if small_layer_config is None
                      else small_layer_config, "small_layer_config")
     if not _is_int(small_layer_threshold) or small_layer_threshold < 0:
         raise ValueError(f"small_layer_threshold must be an integer >= 0, "

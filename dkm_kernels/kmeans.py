@@ -9,6 +9,9 @@ from torch import Tensor
 
 # Rows of one chunk when computing nearest centroids, so that no M x k matrix is ever built.
 _ASSIGN_CHUNK_BYTES = 32 * 2**20
+# Bytes budgeted per row-centroid distance in a chunk: a distance in the widest dtype it can have
+# (float64), which also covers the float32 case with cdist's workspace.
+_DISTANCE_BYTES = torch.float64.itemsize
 
 
 def nearest_centroids_checked(rows: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor]:
@@ -21,7 +24,7 @@ def nearest_centroids_checked(rows: Tensor, centroids: Tensor) -> tuple[Tensor, 
     """
     groups, m, _ = rows.shape
     k = centroids.shape[1]
-    chunk = max(1, _ASSIGN_CHUNK_BYTES // (8 * groups * k))
+    chunk = max(1, _ASSIGN_CHUNK_BYTES // (_DISTANCE_BYTES * groups * k))
     out = torch.empty((groups, m), dtype=torch.int64, device=rows.device)
     finite = torch.empty((groups, m), dtype=torch.bool, device=rows.device)
     for start in range(0, m, chunk):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from . import backends
 from .functional import check_count, dkm
-from .init import INIT_METHODS, init_centroids
+from .init import INIT_METHODS, SEED_BOUND, init_centroids
 from .kmeans import nearest_centroids, nearest_centroids_checked, lloyd_kmeans
 
 # tau="auto": tau = AUTO_TAU_FRACTION * (mean squared distance of the weight vectors to their
@@ -44,6 +44,11 @@ MIN_AUTO_TAU = 1e-12
 # make that history larger than this is a mistake, not a setting (the paper runs 5 iterations).
 MAX_CENTROID_HISTORY_BYTES = 2**30
 LUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Defaults of the public implementation and the paper: tau for 2-bit ResNet-18 on ImageNet, five
+# DKM iterations per step, stopping early once no centroid moves more than epsilon.
+DEFAULT_TAU = 2e-5
+DEFAULT_MAX_ITER = 5
+DEFAULT_EPSILON = 1e-4
 
 
 def check_bool(name: str, value) -> bool:
@@ -164,8 +169,9 @@ class DKMLayer(nn.Module):
     between steps resumes exactly.
     """
 
-    def __init__(self, weight_tensor: Tensor, n_clusters: int = 16, tau: float | str = 2e-5,
-                 dim: int = 1, max_iter: int = 5, epsilon: float = 1e-4,
+    def __init__(self, weight_tensor: Tensor, n_clusters: int = 16,
+                 tau: float | str = DEFAULT_TAU, dim: int = 1, max_iter: int = DEFAULT_MAX_ITER,
+                 epsilon: float = DEFAULT_EPSILON,
                  init_method: str = "kmeans++", backend: str = "auto",
                  group_size: int | None = None, enable_per_channel_scale: bool = False,
                  lut_dtype: torch.dtype = torch.float16,
@@ -217,14 +223,13 @@ class DKMLayer(nn.Module):
         buffers = dict(dtype=torch.float32, device=weight_tensor.device)
         self.register_buffer("centroids", torch.zeros(shape, **buffers))
         self.register_buffer("pending_centroids", torch.zeros(shape, **buffers))
-        # A fixed tau stays an exact Python float; an auto tau is a buffer, saved with the
-        # checkpoint (float32: buffers must move to any device, MPS included).
-        self._fixed_tau = None if self.auto_tau else float(tau)
+        # tau (an auto tau is only known after initialisation) is saved with the checkpoint;
+        # float32: buffers must move to any device, MPS included.
         self.register_buffer("tau_value", torch.tensor(float("nan") if self.auto_tau else tau,
                                                        **buffers))
         self.register_buffer("initialized", torch.tensor(False, device=weight_tensor.device))
-        # Host-side mirrors of the buffers above, so that a forward never reads a device value;
-        # refreshed whenever the buffers are loaded (_load_from_state_dict).
+        # Host-side mirrors of the buffers above, so that a forward never reads a device value
+        # (a fixed tau stays an exact Python float); refreshed whenever the buffers are loaded.
         self._initialized = False
         self._tau = float("nan") if self.auto_tau else float(tau)
         self._has_pending = False
@@ -293,7 +298,8 @@ class DKMLayer(nn.Module):
         generator = self.generator
         if generator is not None and generator.device.type != rows.device.type:
             # The model moved since the generator was made: continue its stream on the new device.
-            seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+            seed = int(torch.randint(SEED_BOUND, (), generator=generator,
+                                     device=generator.device))
             generator = self.generator = torch.Generator(device=rows.device).manual_seed(seed)
         centroids = init_centroids(rows, self.n_clusters, self.init_method, generator)
         if self.auto_tau:
@@ -401,8 +407,8 @@ class DKMLayer(nn.Module):
             self.advance()
         # Only within a model forward, never while backward recomputes one: a recomputed read must
         # build its own graph (reentrant checkpointing backpropagates through it separately).
-        use_cache = (self.caching and not _in_backward()
-                     and not torch.compiler.is_compiling())
+        use_cache = (self.caching and not torch.compiler.is_compiling()
+                     and not _in_backward())
         if use_cache:
             key = self.cache_key(weight)
             if self._cache is not None and self._cache[0] == key:
