@@ -4,7 +4,9 @@ Each clustered weight gets a `DKMLayer` registered with `torch.nn.utils.parametr
 `weight` becomes the clustered weight, the trainable float weight lives on as
 `<module>.parametrizations.weight.original`, and the layer's centroids are buffers next to it. So
 `model.parameters()`, optimizers and `state_dict()` work as usual, and a state dict saved during
-training resumes it exactly (warm-start centroids, auto taus and the step counter included).
+training resumes it exactly (warm-start and pending centroids, auto taus and the step counter
+included). A Parameter shared by several modules (a tied embedding and output head) gets one
+DKMLayer, registered on each of them (`DKMCompressor.tied`).
 
 Per-layer configuration, most specific first:
   1. `layer_configs[module_name]`: a config, or None to leave that module uncompressed;

@@ -17,9 +17,13 @@ Per-channel scale (`enable_per_channel_scale=True`): every output channel is div
 function of the current weights, recomputed on every call, and is not differentiated (it is a
 constant of each step); the export stores it next to the palette.
 
-Modes. Training: soft DKM (gradients reach the weight through every iteration), and the final
-centroids become the next call's warm start. Evaluation: every weight vector takes its nearest
-stored centroid (a hard assignment) and the centroids do not move.
+Modes. Training: soft DKM (gradients reach the weight through every iteration) from the committed
+centroids; the final centroids are recorded as pending and become the warm start when `advance()`
+commits them (a standalone layer commits at its next call; compress_model once per model forward,
+so that a forward recomputed by gradient checkpointing clusters from the same start). Evaluation:
+every weight vector takes its nearest stored centroid (a hard assignment) and the centroids do not
+move; a NaN or Inf weight raises a ValueError (on the CPU) or comes out NaN (on other devices,
+where checking would wait for the device).
 """
 from __future__ import annotations
 
