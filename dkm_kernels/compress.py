@@ -397,6 +397,11 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
     check_bool("skip_first_last", skip_first_last)
 
     candidates = clusterable_modules(model)
+    lazy = [name for name, module in candidates
+             if torch.nn.parameter.is_lazy(raw_weight(module))]
+    if lazy:
+        raise ValueError(f"model: module(s) {lazy} are lazy modules whose weights have no shape "
+                         f"yet; run one forward pass with a sample batch before compress_model")
     compressed = [name for name, module in candidates if _dkm_parametrized(module)]
     if compressed:
         raise ValueError(f"model: module(s) {compressed} already carry DKM (was the model "

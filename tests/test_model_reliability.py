@@ -393,3 +393,11 @@ def test_a_state_dict_written_before_pending_centroids_loads():
     fresh.load_state_dict(state)
     assert torch.equal(fresh.get_layer("fc1").pending_centroids,
                        state["model.fc1.parametrizations.weight.0.centroids"])
+
+
+def test_lazy_modules_must_be_materialised_first():
+    model = nn.Sequential(nn.LazyLinear(16), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match=r"\['0'\] are lazy modules.*forward pass"):
+        compress_model(model, **CLUSTER_ALL)
+    model(torch.randn(2, 8))
+    assert set(compress_model(model, bits=2, **CLUSTER_ALL).configs) == {"0", "1"}
