@@ -1,12 +1,14 @@
-// Backend `cpu`: the DKM forward and backward passes of DESIGN §3 as fused CPU kernels.
+// Backend `cpu`: the three DKM passes of docs/design.md §3 as fused CPU kernels, registered as the
+// ops dkm_kernels::cpu_attention_sums, cpu_output and cpu_gradient_pass. The recurrence that runs
+// them (iterations, the epsilon stop, the backward's order) is shared by every backend and lives
+// in dkm_kernels/recurrence.py; docs/design.md §4 says why it costs nothing measurable here.
 //
-// The driver here owns everything that touches ATen: validation, dtypes, threads and the
-// reductions. A pass splits every group's rows into a fixed number of chunks (a function of the
-// shapes only, never of the thread count); the threads of at::parallel_for take (group, chunk)
-// items from a shared counter; each item accumulates into its own k x d partial sum, and the
-// partials are added in chunk order.
-// Results are therefore bit-identical run to run and for any number of threads. The row work
-// itself is in kernel_impl.h, compiled per instruction set and chosen at run time.
+// This file owns everything that touches ATen: checks, dtypes, threads and the reductions. A pass
+// splits every group's rows into a fixed number of chunks (a function of the shapes only, never of
+// the thread count); the threads of at::parallel_for take (group, chunk) items from a shared
+// counter; each item accumulates into its own k x d partial sum, and the partials are added in
+// chunk order. Results are therefore bit-identical run to run and for any number of threads. The
+// row work itself is in kernel_impl.h, compiled per instruction set and chosen at run time.
 //
 // Memory: nothing of size M x k exists. Per pass the workspace is the partial sums (at most
 // kPartialBudget bytes, independent of M) plus a few rows of kp values per thread.
@@ -26,6 +28,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -39,8 +42,14 @@ using at::Tensor;
 
 constexpr int64_t kMinRowsPerChunk = 64;   // fewer rows and a chunk's k x d reduction dominates
 constexpr int64_t kMaxChunks = 256;        // enough items to balance many threads
+constexpr double kLog2e = 1.4426950408889634;  // exp(x) = exp2(x log2(e))
 constexpr int64_t kPartialBudget = 64 << 20;  // bytes of per-chunk partial sums, all groups
 constexpr int64_t kBlockRows = 64;         // rows converted to the compute type at a time
+constexpr int64_t kPadding = 16;           // centroids are padded to a multiple of this: every
+                                           // vector width (4 to 16 lanes) divides it
+constexpr int64_t kMinWorkPerThread = 1 << 21;  // (row, centroid, coordinate) steps: about a
+                                                // fraction of a millisecond, below which waking a
+                                                // thread costs more than it saves
 
 // ---------------------------------------------------------------- instruction set selection --
 
@@ -107,7 +116,7 @@ struct Plan {
 
 template <typename T>
 Plan make_plan(int64_t groups, int64_t m, int64_t d, int64_t k) {
-  Plan p{groups, m, d, k, (k + 15) / 16 * 16, 1, 1};
+  Plan p{groups, m, d, k, (k + kPadding - 1) / kPadding * kPadding, 1, 1};
   const int64_t per_chunk = p.slot() * static_cast<int64_t>(sizeof(T));
   const int64_t max_chunks =
       std::max<int64_t>(1, std::min<int64_t>(kMaxChunks, kPartialBudget / std::max<int64_t>(1, groups * per_chunk)));
@@ -138,19 +147,12 @@ const T* rows_as(const S* src, int64_t n, T* buf) {
 }
 
 template <typename T>
-bool all_finite(const T* x, int64_t n) {
-  bool ok = true;
-  for (int64_t i = 0; i < n; ++i) ok &= std::isfinite(x[i]);
-  return ok;
-}
-
-template <typename T>
 Pass<T> base_pass(const Plan& plan, double tau) {
   Pass<T> p;
   p.k = plan.k;
   p.kp = plan.kp;
   p.d = plan.d;
-  p.exp2_scale = static_cast<T>(1.4426950408889634 / tau);
+  p.exp2_scale = static_cast<T>(kLog2e / tau);
   p.two_over_tau = static_cast<T>(2.0 / tau);
   return p;
 }
@@ -177,8 +179,7 @@ void reduce_chunks(const Plan& plan, const T* partial, int64_t group, T* sum) {
 // Chunks per thread so that each thread gets a fraction of a millisecond of work at least: waking
 // threads for less costs more than it saves. Only the scheduling depends on it, never the arithmetic.
 int64_t grain(int64_t work_per_item) {
-  constexpr int64_t kMinWork = 1 << 21;
-  return std::max<int64_t>(1, kMinWork / std::max<int64_t>(1, work_per_item));
+  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_item));
 }
 
 // Runs body(group, first_row, end_row, partial) for every chunk of every listed group, in
@@ -209,312 +210,269 @@ std::vector<int64_t> all_groups(int64_t groups) {
   return list;
 }
 
-// ------------------------------------------------------------------------------ forward --
+// ---------------------------------------------------------------------------- the passes --
 
-template <typename S, typename T>
-std::tuple<Tensor, Tensor, Tensor, Tensor> forward_typed(const Tensor& weights, const Tensor& centroids,
-                                                         double tau, int64_t max_iter, double epsilon) {
-  const Kernels<T>& K = kernels<T>();
-  const int64_t G = weights.size(0), M = weights.size(1), d = weights.size(2), k = centroids.size(1);
-  const auto copt = weights.options().dtype(c10::CppTypeToScalarType<T>::value);
-  Tensor history = at::empty({max_iter + 1, G, k, d}, copt);
-  Tensor masses = at::zeros({max_iter, G, k}, copt);
-  Tensor iterations = at::full({G}, max_iter, weights.options().dtype(at::kLong));
-  Tensor out = at::empty({G, M, d}, weights.options());
-  history[0].copy_(centroids);
-
-  const Plan plan = make_plan<T>(G, M, d, k);
-  T* hist = history.data_ptr<T>();
-  T* mass_out = masses.data_ptr<T>();
-  int64_t* iters = iterations.data_ptr<int64_t>();
-  const S* w = weights.data_ptr<S>();
-  S* o = out.data_ptr<S>();
-  auto cent = [&](int64_t t, int64_t g) { return hist + (t * G + g) * k * d; };
-
-  std::vector<T> cT(G * d * plan.kp), cLT(G * d * plan.kp), partial(G * plan.chunks * plan.slot());
-  std::vector<Pass<T>> passes(G, base_pass<T>(plan, tau));
-  for (int64_t g = 0; g < G; ++g) {
-    passes[g].cT = cT.data() + g * d * plan.kp;
-    passes[g].cLT = cLT.data() + g * d * plan.kp;
-  }
-  std::vector<char> finite(G * plan.chunks, 1);
-
-  std::vector<int64_t> active = all_groups(G);
-  for (int64_t t = 0; t < max_iter && !active.empty(); ++t) {
-    for (int64_t g : active) attention_centroids(cent(t, g), plan, cT.data() + g * d * plan.kp);
-    for_each_chunk(plan, active, partial.data(), [&](int64_t g, int64_t r0, int64_t r1, T* slot) {
-      std::vector<T> scratch(scratch_size(plan)), wbuf(kBlockRows * d);
-      bool ok = true;
-      for (int64_t b = r0; b < r1; b += kBlockRows) {
-        const int64_t n = std::min(kBlockRows, r1 - b);
-        const T* wb = rows_as(w + (g * M + b) * d, n * d, wbuf.data());
-        if (t == 0) ok &= all_finite(wb, n * d);  // the first pass reads every weight anyway
-        K.accumulate(passes[g], wb, wb, n, slot, slot + d * plan.kp, scratch.data());
-      }
-      if (!ok) finite[g * plan.chunks + r0 / plan.rows] = 0;
-    });
-    if (t == 0)
-      TORCH_CHECK_VALUE(std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; }),
-                        "weights contain NaN or Inf; DKM needs finite weights (check the layer's values "
-                        "or the training step that produced them)");
-
-    std::vector<char> done(G, 0);
-    at::parallel_for(0, static_cast<int64_t>(active.size()), grain(plan.chunks * plan.slot()),
-                     [&](int64_t begin, int64_t end) {
-      std::vector<T> sum(plan.slot());
-      for (int64_t a = begin; a < end; ++a) {
-        const int64_t g = active[a];
-        reduce_chunks(plan, partial.data(), g, sum.data());
-        const T* c = cent(t, g);
-        T* next = cent(t + 1, g);
-        T* mass = mass_out + (t * G + g) * k;
-        T delta = 0;
-        for (int64_t j = 0; j < k; ++j) {
-          const T s = sum[d * plan.kp + j];
-          mass[j] = s;
-          for (int64_t l = 0; l < d; ++l) {
-            // A centroid nobody attends to keeps its position.
-            const T moved = s > 0 ? sum[l * plan.kp + j] / s : c[j * d + l];
-            next[j * d + l] = moved;
-            delta = std::max(delta, std::abs(moved - c[j * d + l]));
-          }
-        }
-        if (static_cast<double>(delta) <= epsilon) {
-          iters[g] = t + 1;
-          done[g] = 1;
-        }
-      }
-    });
-    std::vector<int64_t> still;
-    for (int64_t g : active)
-      if (!done[g]) still.push_back(g);
-    active.swap(still);
-  }
-
-  // A group that stopped at L repeats C_L in the rest of the history.
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t t = iters[g] + 1; t <= max_iter; ++t) std::copy(cent(iters[g], g), cent(iters[g], g) + k * d, cent(t, g));
-
-  // Output pass: W~ = A_{L-1} C_L.
-  for (int64_t g = 0; g < G; ++g) {
-    attention_centroids(cent(iters[g] - 1, g), plan, cT.data() + g * d * plan.kp);
-    transpose_pad(cent(iters[g], g), plan, cLT.data() + g * d * plan.kp);
-  }
-  for_each_chunk<T>(plan, all_groups(G), nullptr, [&](int64_t g, int64_t r0, int64_t r1, T*) {
-    std::vector<T> scratch(scratch_size(plan)), wbuf(kBlockRows * d), obuf(kBlockRows * d);
-    for (int64_t b = r0; b < r1; b += kBlockRows) {
-      const int64_t n = std::min(kBlockRows, r1 - b);
-      const T* wb = rows_as(w + (g * M + b) * d, n * d, wbuf.data());
-      S* dst = o + (g * M + b) * d;
-      if constexpr (std::is_same_v<S, T>) {
-        K.output(passes[g], wb, n, dst, scratch.data());
-      } else {
-        K.output(passes[g], wb, n, obuf.data(), scratch.data());
-        for (int64_t i = 0; i < n * d; ++i) dst[i] = static_cast<S>(obuf[i]);
-      }
-    }
-  });
-  return {out, history, masses, iterations};
+// Every group's (k, d) centroids, transposed and padded for the kernels: (G, d, kp).
+template <typename T>
+std::vector<T> transposed(const Tensor& centroids, const Plan& plan, T fill) {
+  std::vector<T> out(plan.groups * plan.d * plan.kp);
+  const T* c = centroids.data_ptr<T>();
+  for (int64_t g = 0; g < plan.groups; ++g)
+    transpose_pad(c + g * plan.k * plan.d, plan, out.data() + g * plan.d * plan.kp, fill);
+  return out;
 }
 
-// ----------------------------------------------------------------------------- backward --
+std::vector<int64_t> active_groups(const Tensor& active) {
+  const bool* flags = active.data_ptr<bool>();
+  std::vector<int64_t> list;
+  for (int64_t g = 0; g < active.size(0); ++g)
+    if (flags[g]) list.push_back(g);
+  return list;
+}
+
+// Per group, the sum of the chunk partials as (k, d) sums and (k,) totals (zero where inactive).
+template <typename T>
+std::tuple<Tensor, Tensor> reduced(const Plan& plan, const std::vector<T>& partial,
+                                   const std::vector<int64_t>& groups, const at::TensorOptions& opt) {
+  Tensor sums = at::zeros({plan.groups, plan.k, plan.d}, opt);
+  Tensor totals = at::zeros({plan.groups, plan.k}, opt);
+  T* s = sums.data_ptr<T>();
+  T* m = totals.data_ptr<T>();
+  std::vector<T> sum(plan.slot());
+  for (int64_t g : groups) {
+    reduce_chunks(plan, partial.data(), g, sum.data());
+    for (int64_t j = 0; j < plan.k; ++j) {
+      m[g * plan.k + j] = sum[plan.d * plan.kp + j];
+      for (int64_t l = 0; l < plan.d; ++l) s[(g * plan.k + j) * plan.d + l] = sum[l * plan.kp + j];
+    }
+  }
+  return {sums, totals};
+}
+
+// A block of rows in the compute type, converted into `buf` when the storage type differs.
+template <typename S, typename T>
+struct Rows {
+  const S* base;
+  int64_t m, d;
+  std::vector<T> buf;
+  Rows(const S* base, int64_t m, int64_t d) : base(base), m(m), d(d), buf(kBlockRows * d) {}
+  const T* at(int64_t g, int64_t row, int64_t n) { return rows_as(base + (g * m + row) * d, n * d, buf.data()); }
+};
 
 template <typename S, typename T>
-Tensor backward_typed(const Tensor& grad_out, const Tensor& weights, const Tensor& history_in,
-                      const Tensor& masses_in, const Tensor& iterations_in, double tau) {
+std::tuple<Tensor, Tensor> attention_sums_typed(const Tensor& weights, const Tensor& values,
+                                                const Tensor& centroids, const Tensor& active, double tau) {
   const Kernels<T>& K = kernels<T>();
-  const int64_t G = weights.size(0), M = weights.size(1), d = weights.size(2), k = history_in.size(2);
-  const int64_t max_iter = masses_in.size(0);
-  const auto copt = weights.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const Tensor history = history_in.to(copt).contiguous();
-  const Tensor masses = masses_in.to(copt).contiguous();
-  const Tensor iterations = iterations_in.to(at::kLong).contiguous();
-  const int64_t* L = iterations.data_ptr<int64_t>();
-  for (int64_t g = 0; g < G; ++g)
-    TORCH_CHECK_VALUE(L[g] >= 1 && L[g] <= max_iter, "iterations[", g, "] = ", L[g], " is outside [1, ",
-                      max_iter, "]");
-
-  // Gradients accumulate over the steps in the compute type.
-  Tensor grad = at::zeros({G, M, d}, copt);
-  const Plan plan = make_plan<T>(G, M, d, k);
-  const T* hist = history.data_ptr<T>();
-  const T* mass_in = masses.data_ptr<T>();
-  const S* w = weights.data_ptr<S>();
-  const S* go = grad_out.data_ptr<S>();
-  T* dw = grad.data_ptr<T>();
-  auto cent = [&](int64_t t, int64_t g) { return hist + (t * G + g) * k * d; };
-
-  const int64_t mat = d * plan.kp;
-  std::vector<T> cT(G * mat), cLT(G * mat), gmT(G * mat), gdc(G * plan.kp), partial(G * plan.chunks * plan.slot());
-  std::vector<T> grad_c(G * k * d), gm(k * d);
-  std::vector<Pass<T>> passes(G, base_pass<T>(plan, tau));
-  for (int64_t g = 0; g < G; ++g) {
-    passes[g].cT = cT.data() + g * mat;
-    passes[g].cLT = cLT.data() + g * mat;
-    passes[g].gmT = gmT.data() + g * mat;
-    passes[g].gdc = gdc.data() + g * plan.kp;
-  }
-
-  // G_L = A_{L-1}^T G~: the gradient reaching the final centroids through the output.
-  for (int64_t g = 0; g < G; ++g) attention_centroids(cent(L[g] - 1, g), plan, cT.data() + g * mat);
-  for_each_chunk(plan, all_groups(G), partial.data(), [&](int64_t g, int64_t r0, int64_t r1, T* slot) {
-    std::vector<T> scratch(scratch_size(plan)), wbuf(kBlockRows * d), gbuf(kBlockRows * d);
+  const Plan plan = make_plan<T>(weights.size(0), weights.size(1), weights.size(2), centroids.size(1));
+  const int64_t mat = plan.d * plan.kp;
+  std::vector<T> cT = transposed<T>(centroids, plan, FarAway<T>::value);
+  std::vector<T> partial(plan.groups * plan.chunks * plan.slot());
+  const std::vector<int64_t> groups = active_groups(active);
+  Pass<T> pass = base_pass<T>(plan, tau);
+  for_each_chunk(plan, groups, partial.data(), [&](int64_t g, int64_t r0, int64_t r1, T* slot) {
+    Pass<T> p = pass;
+    p.cT = cT.data() + g * mat;
+    std::vector<T> scratch(scratch_size(plan));
+    Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d), x(values.data_ptr<S>(), plan.m, plan.d);
     for (int64_t b = r0; b < r1; b += kBlockRows) {
       const int64_t n = std::min(kBlockRows, r1 - b);
-      const T* wb = rows_as(w + (g * M + b) * d, n * d, wbuf.data());
-      const T* gb = rows_as(go + (g * M + b) * d, n * d, gbuf.data());
-      K.accumulate(passes[g], wb, gb, n, slot, nullptr, scratch.data());
+      K.accumulate(p, w.at(g, b, n), x.at(g, b, n), n, slot, slot + mat, scratch.data());
     }
   });
-  {
-    std::vector<T> sum(plan.slot());
-    for (int64_t g = 0; g < G; ++g) {
-      reduce_chunks(plan, partial.data(), g, sum.data());
-      for (int64_t j = 0; j < k; ++j)
-        for (int64_t l = 0; l < d; ++l) grad_c[(g * k + j) * d + l] = sum[l * plan.kp + j];
-    }
-  }
+  return reduced(plan, partial, groups, centroids.options());
+}
 
-  // Steps t = L-1 .. 0. Groups are aligned at their last iteration: step p is t = L_g - p.
-  const int64_t longest = *std::max_element(L, L + G);
-  for (int64_t p = 1; p <= longest; ++p) {
-    std::vector<int64_t> active;
-    for (int64_t g = 0; g < G; ++g)
-      if (L[g] >= p) active.push_back(g);
-    for (int64_t g : active) {
-      const int64_t t = L[g] - p;
-      const T* c_next = cent(t + 1, g);
-      const T* s = mass_in + (t * G + g) * k;
-      const T* gc = grad_c.data() + g * k * d;
-      T* dot = gdc.data() + g * plan.kp;
-      std::fill(dot, dot + plan.kp, T(0));
-      for (int64_t j = 0; j < k; ++j) {
-        T acc = 0;
-        for (int64_t l = 0; l < d; ++l) {
-          // Terms of a centroid without mass are zero.
-          gm[j * d + l] = s[j] > 0 ? gc[j * d + l] / s[j] : T(0);
-          acc += gm[j * d + l] * c_next[j * d + l];
-        }
-        dot[j] = acc;
+template <typename S, typename T>
+Tensor output_typed(const Tensor& weights, const Tensor& attention_centroids, const Tensor& final_centroids,
+                    double tau) {
+  const Kernels<T>& K = kernels<T>();
+  const Plan plan = make_plan<T>(weights.size(0), weights.size(1), weights.size(2), final_centroids.size(1));
+  const int64_t mat = plan.d * plan.kp;
+  std::vector<T> cT = transposed<T>(attention_centroids, plan, FarAway<T>::value);
+  std::vector<T> cLT = transposed<T>(final_centroids, plan, T(0));
+  Tensor out = at::empty(weights.sizes(), weights.options());
+  S* o = out.data_ptr<S>();
+  Pass<T> pass = base_pass<T>(plan, tau);
+  for_each_chunk<T>(plan, all_groups(plan.groups), nullptr, [&](int64_t g, int64_t r0, int64_t r1, T*) {
+    Pass<T> p = pass;
+    p.cT = cT.data() + g * mat;
+    p.cLT = cLT.data() + g * mat;
+    std::vector<T> scratch(scratch_size(plan)), obuf(kBlockRows * plan.d);
+    Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d);
+    for (int64_t b = r0; b < r1; b += kBlockRows) {
+      const int64_t n = std::min(kBlockRows, r1 - b);
+      S* dst = o + (g * plan.m + b) * plan.d;
+      if constexpr (std::is_same_v<S, T>) {
+        K.output(p, w.at(g, b, n), n, dst, scratch.data());
+      } else {
+        K.output(p, w.at(g, b, n), n, obuf.data(), scratch.data());
+        for (int64_t i = 0; i < n * plan.d; ++i) dst[i] = static_cast<S>(obuf[i]);
       }
-      transpose_pad(gm.data(), plan, gmT.data() + g * mat);
-      attention_centroids(cent(t, g), plan, cT.data() + g * mat);
-      if (p == 1) transpose_pad(cent(L[g], g), plan, cLT.data() + g * mat);
     }
-    for_each_chunk(plan, active, partial.data(), [&](int64_t g, int64_t r0, int64_t r1, T* slot) {
-      std::vector<T> scratch(scratch_size(plan)), wbuf(kBlockRows * d), gbuf(kBlockRows * d);
-      for (int64_t b = r0; b < r1; b += kBlockRows) {
-        const int64_t n = std::min(kBlockRows, r1 - b);
-        const T* wb = rows_as(w + (g * M + b) * d, n * d, wbuf.data());
-        const T* gb = p == 1 ? rows_as(go + (g * M + b) * d, n * d, gbuf.data()) : nullptr;
-        K.grad_step(passes[g], wb, gb, n, dw + (g * M + b) * d, slot, slot + mat, scratch.data());
-      }
-    });
-    std::vector<T> sum(plan.slot());
-    for (int64_t g : active) {
-      reduce_chunks(plan, partial.data(), g, sum.data());
-      const int64_t t = L[g] - p;
-      const T* c = cent(t, g);
-      const T* s = mass_in + (t * G + g) * k;
-      T* gc = grad_c.data() + g * k * d;
-      for (int64_t j = 0; j < k; ++j)
-        for (int64_t l = 0; l < d; ++l) {
-          T next = passes[g].two_over_tau * (sum[l * plan.kp + j] - c[j * d + l] * sum[mat + j]);
-          // A centroid without mass is carried over unchanged: its gradient passes through.
-          if (!(s[j] > 0)) next += gc[j * d + l];
-          gc[j * d + l] = next;
-        }
+  });
+  return out;
+}
+
+template <typename S, typename T>
+std::tuple<Tensor, Tensor> gradient_typed(const Tensor& weights, const std::optional<Tensor>& grad_out,
+                                          const Tensor& centroids, const Tensor& grad_over_mass,
+                                          const Tensor& grad_dot_next, const Tensor& final_centroids,
+                                          const Tensor& active, Tensor& grad_weights, double tau) {
+  const Kernels<T>& K = kernels<T>();
+  const Plan plan = make_plan<T>(weights.size(0), weights.size(1), weights.size(2), centroids.size(1));
+  const int64_t mat = plan.d * plan.kp;
+  std::vector<T> cT = transposed<T>(centroids, plan, FarAway<T>::value);
+  std::vector<T> cLT = transposed<T>(final_centroids, plan, T(0));
+  std::vector<T> gmT = transposed<T>(grad_over_mass, plan, T(0));
+  std::vector<T> gdc(plan.groups * plan.kp, T(0));
+  const T* dot = grad_dot_next.data_ptr<T>();
+  for (int64_t g = 0; g < plan.groups; ++g) std::copy(dot + g * plan.k, dot + (g + 1) * plan.k, gdc.data() + g * plan.kp);
+  std::vector<T> partial(plan.groups * plan.chunks * plan.slot());
+  const std::vector<int64_t> groups = active_groups(active);
+  T* dw = grad_weights.data_ptr<T>();
+  const S* go = grad_out ? grad_out->data_ptr<S>() : nullptr;
+  Pass<T> pass = base_pass<T>(plan, tau);
+  for_each_chunk(plan, groups, partial.data(), [&](int64_t g, int64_t r0, int64_t r1, T* slot) {
+    Pass<T> p = pass;
+    p.cT = cT.data() + g * mat;
+    p.cLT = cLT.data() + g * mat;
+    p.gmT = gmT.data() + g * mat;
+    p.gdc = gdc.data() + g * plan.kp;
+    std::vector<T> scratch(scratch_size(plan));
+    Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d), upstream(go, plan.m, plan.d);
+    for (int64_t b = r0; b < r1; b += kBlockRows) {
+      const int64_t n = std::min(kBlockRows, r1 - b);
+      const T* gb = go ? upstream.at(g, b, n) : nullptr;
+      K.grad_step(p, w.at(g, b, n), gb, n, dw + (g * plan.m + b) * plan.d, slot, slot + mat, scratch.data());
     }
-  }
-  if constexpr (std::is_same_v<S, T>) return grad;
-  return grad.to(weights.scalar_type());
+  });
+  return reduced(plan, partial, groups, centroids.options());
 }
 
 // ------------------------------------------------------------------------------ the ops --
+// Each op checks its own inputs (users and torch.compile may call it directly): shapes against
+// each other, dtypes, devices. Inputs are made contiguous; the one output written in place,
+// grad_weights, must be.
 
-void check_common(const Tensor& weights, double tau) {
-  TORCH_CHECK_VALUE(weights.dim() == 3, "weights must have shape (G, M, d), got ", weights.sizes());
-  TORCH_CHECK_VALUE(weights.device().is_cpu(), "the cpu backend takes CPU tensors, got weights on ",
-                    weights.device());
+void check_cpu(const Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "the cpu backend takes CPU tensors, got ", name, " on ", t.device());
+}
+
+// weights (G, M, d) of a supported dtype; returns the compute type.
+at::ScalarType check_weights(const Tensor& weights, double tau) {
+  check_cpu(weights, "weights");
+  TORCH_CHECK_VALUE(weights.dim() == 3 && weights.size(2) >= 1, "weights must have shape (G, M, d) with d >= 1, got ",
+                    weights.sizes());
   TORCH_CHECK_VALUE(tau > 0 && std::isfinite(tau), "tau must be finite and > 0, got ", tau);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> cpu_forward(const Tensor& weights_in, const Tensor& centroids_in,
-                                                       double tau, int64_t max_iter, double epsilon,
-                                                       bool deterministic) {
-  (void)deterministic;  // always deterministic
-  check_common(weights_in, tau);
-  TORCH_CHECK_VALUE(centroids_in.dim() == 3 && centroids_in.size(0) == weights_in.size(0) &&
-                        centroids_in.size(2) == weights_in.size(2) && centroids_in.size(1) >= 1,
-                    "centroids must have shape (G, k, d) with k >= 1 matching weights ", weights_in.sizes(),
-                    ", got ", centroids_in.sizes());
-  TORCH_CHECK_VALUE(max_iter >= 1, "max_iter must be >= 1, got ", max_iter);
-  const Tensor weights = weights_in.contiguous();
   switch (weights.scalar_type()) {
-    case at::kFloat:
-      return forward_typed<float, float>(weights, centroids_in.to(at::kFloat).contiguous(), tau, max_iter, epsilon);
-    case at::kDouble:
-      return forward_typed<double, double>(weights, centroids_in.to(at::kDouble).contiguous(), tau, max_iter,
-                                           epsilon);
-    case at::kHalf:
-      return forward_typed<c10::Half, float>(weights, centroids_in.to(at::kFloat).contiguous(), tau, max_iter,
-                                             epsilon);
-    case at::kBFloat16:
-      return forward_typed<c10::BFloat16, float>(weights, centroids_in.to(at::kFloat).contiguous(), tau,
-                                                 max_iter, epsilon);
+    case at::kFloat: case at::kHalf: case at::kBFloat16: return at::kFloat;
+    case at::kDouble: return at::kDouble;
     default:
-      TORCH_CHECK_TYPE(false, "weights must be float16, bfloat16, float32 or float64, got ",
-                       weights.scalar_type());
+      TORCH_CHECK_TYPE(false, "weights must be float16, bfloat16, float32 or float64, got ", weights.scalar_type());
   }
 }
 
-Tensor cpu_backward(const Tensor& grad_out_in, const Tensor& weights_in, const Tensor& centroid_history,
-                    const Tensor& masses, const Tensor& iterations, double tau, bool deterministic) {
-  (void)deterministic;
-  check_common(weights_in, tau);
-  TORCH_CHECK_VALUE(grad_out_in.sizes() == weights_in.sizes(), "grad_out has shape ", grad_out_in.sizes(),
-                    " but weights have ", weights_in.sizes());
-  TORCH_CHECK_VALUE(centroid_history.dim() == 4 && masses.dim() == 3 && iterations.dim() == 1 &&
-                        centroid_history.size(0) == masses.size(0) + 1 &&
-                        centroid_history.size(1) == weights_in.size(0) &&
-                        centroid_history.size(3) == weights_in.size(2) &&
-                        iterations.size(0) == weights_in.size(0),
-                    "centroid_history (max_iter+1, G, k, d), masses (max_iter, G, k) and iterations (G,) "
-                    "do not match weights ",
-                    weights_in.sizes());
-  const Tensor weights = weights_in.contiguous();
-  const Tensor grad_out = grad_out_in.to(weights.scalar_type()).contiguous();
-  switch (weights.scalar_type()) {
-    case at::kFloat:
-      return backward_typed<float, float>(grad_out, weights, centroid_history, masses, iterations, tau);
-    case at::kDouble:
-      return backward_typed<double, double>(grad_out, weights, centroid_history, masses, iterations, tau);
-    case at::kHalf:
-      return backward_typed<c10::Half, float>(grad_out, weights, centroid_history, masses, iterations, tau);
-    case at::kBFloat16:
-      return backward_typed<c10::BFloat16, float>(grad_out, weights, centroid_history, masses, iterations, tau);
-    default:
-      TORCH_CHECK_TYPE(false, "weights must be float16, bfloat16, float32 or float64, got ",
-                       weights.scalar_type());
-  }
+// A (G, k, d) or (G, k) tensor of the compute type; k is taken from the first one checked (k < 0).
+Tensor checked_per_centroid(const Tensor& t, const char* name, const Tensor& weights, int64_t& k,
+                            at::ScalarType compute, bool with_d = true) {
+  check_cpu(t, name);
+  const int64_t dims = with_d ? 3 : 2;
+  const bool ok = t.dim() == dims && t.size(0) == weights.size(0) && (k < 0 ? t.size(1) >= 1 : t.size(1) == k) &&
+                  (!with_d || t.size(2) == weights.size(2));
+  TORCH_CHECK_VALUE(ok, name, " must have shape ", with_d ? "(G, k, d)" : "(G, k)", " with G = ", weights.size(0),
+                    with_d ? ", d = " + std::to_string(weights.size(2)) : std::string(),
+                    k < 0 ? std::string(", k >= 1") : ", k = " + std::to_string(k), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == compute, name, " must be ", compute, " (the compute type of ",
+                   weights.scalar_type(), " weights), got ", t.scalar_type());
+  if (k < 0) k = t.size(1);
+  return t.contiguous();
 }
+
+Tensor checked_rows(const Tensor& t, const char* name, const Tensor& weights) {
+  check_cpu(t, name);
+  TORCH_CHECK_VALUE(t.sizes() == weights.sizes(), name, " has shape ", t.sizes(), " but weights have ", weights.sizes());
+  return t.to(weights.scalar_type()).contiguous();
+}
+
+Tensor checked_active(const Tensor& active, const Tensor& weights) {
+  check_cpu(active, "active");
+  TORCH_CHECK_VALUE(active.dim() == 1 && active.size(0) == weights.size(0), "active must have shape (G,) = (",
+                    weights.size(0), ",), got ", active.sizes());
+  return active.to(at::kBool).contiguous();
+}
+
+#define DKM_DISPATCH(weights, NAME, ...)                                                  \
+  switch (weights.scalar_type()) {                                                        \
+    case at::kFloat: return NAME<float, float>(__VA_ARGS__);                              \
+    case at::kDouble: return NAME<double, double>(__VA_ARGS__);                           \
+    case at::kHalf: return NAME<c10::Half, float>(__VA_ARGS__);                           \
+    case at::kBFloat16: return NAME<c10::BFloat16, float>(__VA_ARGS__);                   \
+    default: TORCH_CHECK_TYPE(false, "unsupported weights dtype ", weights.scalar_type()); \
+  }
+
+std::tuple<Tensor, Tensor> cpu_attention_sums(const Tensor& weights_in, const Tensor& values_in,
+                                              const Tensor& centroids_in, const Tensor& active_in, double tau) {
+  const at::ScalarType compute = check_weights(weights_in, tau);
+  const Tensor weights = weights_in.contiguous();
+  const Tensor values = checked_rows(values_in, "values", weights);
+  int64_t k = -1;
+  const Tensor centroids = checked_per_centroid(centroids_in, "centroids", weights, k, compute);
+  const Tensor active = checked_active(active_in, weights);
+  DKM_DISPATCH(weights, attention_sums_typed, weights, values, centroids, active, tau);
+}
+
+Tensor cpu_output(const Tensor& weights_in, const Tensor& attention_in, const Tensor& final_in, double tau) {
+  const at::ScalarType compute = check_weights(weights_in, tau);
+  const Tensor weights = weights_in.contiguous();
+  int64_t k = -1;
+  const Tensor attention = checked_per_centroid(attention_in, "attention_centroids", weights, k, compute);
+  const Tensor final_c = checked_per_centroid(final_in, "final_centroids", weights, k, compute);
+  DKM_DISPATCH(weights, output_typed, weights, attention, final_c, tau);
+}
+
+std::tuple<Tensor, Tensor> cpu_gradient_pass(const Tensor& weights_in, const std::optional<Tensor>& grad_out_in,
+                                             const Tensor& centroids_in, const Tensor& grad_over_mass_in,
+                                             const Tensor& grad_dot_next_in, const Tensor& final_in,
+                                             const Tensor& active_in, Tensor& grad_weights, double tau) {
+  const at::ScalarType compute = check_weights(weights_in, tau);
+  const Tensor weights = weights_in.contiguous();
+  std::optional<Tensor> grad_out;
+  if (grad_out_in) grad_out = checked_rows(*grad_out_in, "grad_out", weights);
+  int64_t k = -1;
+  const Tensor centroids = checked_per_centroid(centroids_in, "centroids", weights, k, compute);
+  const Tensor grad_over_mass = checked_per_centroid(grad_over_mass_in, "grad_over_mass", weights, k, compute);
+  const Tensor grad_dot_next = checked_per_centroid(grad_dot_next_in, "grad_dot_next", weights, k, compute, false);
+  const Tensor final_c = checked_per_centroid(final_in, "final_centroids", weights, k, compute);
+  const Tensor active = checked_active(active_in, weights);
+  check_cpu(grad_weights, "grad_weights");
+  TORCH_CHECK_VALUE(grad_weights.sizes() == weights.sizes() && grad_weights.is_contiguous(),
+                    "grad_weights must be a contiguous tensor of the weights' shape ", weights.sizes(), ", got ",
+                    grad_weights.sizes());
+  TORCH_CHECK_TYPE(grad_weights.scalar_type() == compute, "grad_weights must be ", compute, ", got ",
+                   grad_weights.scalar_type());
+  DKM_DISPATCH(weights, gradient_typed, weights, grad_out, centroids, grad_over_mass, grad_dot_next, final_c, active,
+               grad_weights, tau);
+}
+
+#undef DKM_DISPATCH
 
 }  // namespace
 }  // namespace dkm
 
-// Schemas identical to FORWARD_SCHEMA / BACKWARD_SCHEMA in dkm_kernels/_ops.py.
 TORCH_LIBRARY_FRAGMENT(dkm_kernels, m) {
+  m.def("cpu_attention_sums(Tensor weights, Tensor values, Tensor centroids, Tensor active, float tau)"
+        " -> (Tensor, Tensor)");
+  m.def("cpu_output(Tensor weights, Tensor attention_centroids, Tensor final_centroids, float tau) -> Tensor");
   m.def(
-      "cpu_forward(Tensor weights, Tensor centroids, float tau, int max_iter, float epsilon, bool deterministic)"
-      " -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "cpu_backward(Tensor grad_out, Tensor weights, Tensor centroid_history, Tensor masses, Tensor iterations,"
-      " float tau, bool deterministic) -> Tensor");
+      "cpu_gradient_pass(Tensor weights, Tensor? grad_out, Tensor centroids, Tensor grad_over_mass,"
+      " Tensor grad_dot_next, Tensor final_centroids, Tensor active, Tensor(a!) grad_weights, float tau)"
+      " -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(dkm_kernels, CPU, m) {
-  m.impl("cpu_forward", &dkm::cpu_forward);
-  m.impl("cpu_backward", &dkm::cpu_backward);
+  m.impl("cpu_attention_sums", &dkm::cpu_attention_sums);
+  m.impl("cpu_output", &dkm::cpu_output);
+  m.impl("cpu_gradient_pass", &dkm::cpu_gradient_pass);
 }
 
 // ------------------------------------------------------------------- the Python module --

@@ -1,129 +1,169 @@
-"""The DKM custom ops: schemas, fake (shape) implementations and autograd, in one place.
+"""The DKM op: defined once, for every device and backend (docs/design.md §5).
 
-Each backend is a pair of ops, `dkm_kernels::<name>_forward` and `dkm_kernels::<name>_backward`,
-with the signatures documented in `backends/__init__.py`. Python backends define theirs with
-`define_ops`; a backend whose ops are defined elsewhere (the C++ extension registers its own schema
-with TORCH_LIBRARY) calls `register_fake_and_autograd` for the rest.
+    dkm_kernels::dkm_forward(weights, centroids, tau, max_iter, epsilon, deterministic, backend)
+        -> (out, centroid_history, masses, iterations)
+    dkm_kernels::dkm_backward(grad_out, weights, centroid_history, masses, iterations, tau,
+                              deterministic, backend) -> grad_weights
 
-Outputs are sized by max_iter, not by the number of iterations run, so shapes are static and
-`torch.compile(fullgraph=True)` traces through the op.
+on grouped tensors (shapes in `backends/__init__.py`). One implementation, the shared recurrence
+(`recurrence.py`), runs on any device; what differs per device is the pass kernels, looked up by
+`backend`: "auto" takes the fastest for the tensors' device (`backends.choose`), a name forces one
+(tests and benchmarks compare them). The fake implementations check shapes as the real ones do,
+and the outputs are sized by max_iter, so shapes are static and torch.compile(fullgraph=True)
+traces through the op. Only the first derivative is defined.
+
+Every check here reads shapes, dtypes and devices only: nothing syncs with the device. Values are
+checked where the work already looks at them (NaN and Inf in the recurrence's first pass).
 """
 from __future__ import annotations
-
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-NAMESPACE = "dkm_kernels"
+from . import backends, recurrence
+from .recurrence import compute_dtype
 
-FORWARD_SCHEMA = (
-    "(Tensor weights, Tensor centroids, float tau, int max_iter, float epsilon, bool deterministic)"
-    " -> (Tensor, Tensor, Tensor, Tensor)"
-)
-BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor weights, Tensor centroid_history, Tensor masses, Tensor iterations,"
-    " float tau, bool deterministic) -> Tensor"
-)
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# The op keeps max_iter + 1 centroid sets of G*k*d values; past this many iterations DKM has long
+# converged (the paper runs 5), and a typo's max_iter would allocate without bound.
+MAX_ITER_LIMIT = 10_000
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Math runs in float64 for float64 inputs and in float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def check_inputs(weights: Tensor, centroids: Tensor, tau: float, max_iter: int,
+                 epsilon: float) -> None:
+    """The forward's arguments, against each other; errors name the argument and the fix."""
+    if weights.dtype not in WEIGHT_DTYPES:
+        raise TypeError(f"weights must be float16, bfloat16, float32 or float64, got "
+                        f"{weights.dtype}; convert with weights.float()")
+    if weights.dim() != 3 or centroids.dim() != 3:
+        raise ValueError(f"the op takes weights (G, M, d) and centroids (G, k, d), got "
+                         f"{tuple(weights.shape)} and {tuple(centroids.shape)}; "
+                         f"dkm_kernels.dkm() also takes (M, d) and (k, d)")
+    groups, rows, dim = weights.shape
+    if rows < 1 or dim < 1 or centroids.shape[1] < 1:
+        raise ValueError(f"weights need M >= 1 rows of d >= 1 and centroids k >= 1, got weights "
+                         f"{tuple(weights.shape)} and centroids {tuple(centroids.shape)}")
+    if centroids.shape[0] != groups or centroids.shape[2] != dim:
+        raise ValueError(f"centroids {tuple(centroids.shape)} do not match weights "
+                         f"{tuple(weights.shape)}: they must be (G={groups}, k, d={dim})")
+    if centroids.device != weights.device:
+        raise ValueError(f"centroids are on {centroids.device} but weights are on "
+                         f"{weights.device}; move them with centroids.to(weights.device)")
+    if centroids.dtype != compute_dtype(weights.dtype):
+        raise TypeError(f"centroids are {centroids.dtype}; for {weights.dtype} weights they must "
+                        f"be {compute_dtype(weights.dtype)} (the compute dtype)")
+    if not (tau > 0 and tau < float("inf")):
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    if not 1 <= max_iter <= MAX_ITER_LIMIT:
+        raise ValueError(f"max_iter must be an integer from 1 to {MAX_ITER_LIMIT}, got {max_iter}")
+    if not (epsilon >= 0 and epsilon < float("inf")):
+        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
 
 
-def check_finite(weights: Tensor) -> None:
-    """Raised inside the ops so that the check also runs under torch.compile."""
-    if not bool(torch.isfinite(weights).all()):
-        raise ValueError(
-            "weights contain NaN or Inf; DKM needs finite weights (check the layer's values "
-            "or the training step that produced them)"
-        )
+def check_backward_inputs(grad_out: Tensor, weights: Tensor, history: Tensor, masses: Tensor,
+                          iterations: Tensor, tau: float) -> None:
+    groups, _, dim = weights.shape
+    if grad_out.shape != weights.shape or grad_out.device != weights.device:
+        raise ValueError(f"grad_out {tuple(grad_out.shape)} on {grad_out.device} must match "
+                         f"weights {tuple(weights.shape)} on {weights.device}")
+    steps = masses.shape[0] if masses.dim() == 3 else -1
+    expected = ((steps + 1, groups, -1, dim), (steps, groups, -1), (groups,))
+    for name, tensor, shape in zip(("centroid_history", "masses", "iterations"),
+                                   (history, masses, iterations), expected):
+        if tensor.dim() != len(shape) or any(want not in (-1, got)
+                                             for want, got in zip(shape, tensor.shape)):
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)}; the forward of weights "
+                             f"{tuple(weights.shape)} returns centroid_history (L+1, G, k, d), "
+                             f"masses (L, G, k) and iterations (G,): pass those")
+        if tensor.device != weights.device:
+            raise ValueError(f"{name} is on {tensor.device} but weights are on {weights.device}")
+    if steps < 1 or history.shape[2] != masses.shape[2] or history.shape[2] < 1:
+        raise ValueError(f"centroid_history {tuple(history.shape)} and masses "
+                         f"{tuple(masses.shape)} disagree on k or hold no iteration")
+    cdtype = compute_dtype(weights.dtype)
+    if history.dtype != cdtype or masses.dtype != cdtype or iterations.dtype != torch.int64:
+        raise TypeError(f"centroid_history and masses must be {cdtype} and iterations int64, got "
+                        f"{history.dtype}, {masses.dtype} and {iterations.dtype}")
+    if not (tau > 0 and tau < float("inf")):
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
 
 
-def _fake_forward(weights, centroids, tau, max_iter, epsilon, deterministic):
+def _check_iteration_counts(iterations: Tensor, max_iter: int) -> None:
+    """Counts index the history: out of range they would read outside it (one host sync, which
+    the backward's loop length needs anyway)."""
+    if iterations.numel():
+        low, high = torch.stack([iterations.min(), iterations.max()]).tolist()
+        if low < 1 or high > max_iter:
+            raise ValueError(f"iterations must lie in [1, {max_iter}] (what the forward "
+                             f"returned), got values from {low} to {high}")
+
+
+@torch.library.custom_op("dkm_kernels::dkm_forward", mutates_args=())
+def dkm_forward(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsilon: float,
+                deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_inputs(weights, centroids, tau, max_iter, epsilon)
+    passes = backends.passes(backend, weights.contiguous(), centroids.shape[1], tau,
+                             deterministic)
+    with torch.no_grad():
+        return recurrence.forward(passes, centroids.contiguous(), max_iter, epsilon)
+
+
+@dkm_forward.register_fake
+def _(weights, centroids, tau, max_iter, epsilon, deterministic, backend):
+    check_inputs(weights, centroids, tau, max_iter, epsilon)
     groups, _, dim = weights.shape
     k = centroids.shape[1]
     cdtype = compute_dtype(weights.dtype)
     return (
-        torch.empty_like(weights),
+        torch.empty_like(weights, memory_format=torch.contiguous_format),
         weights.new_empty((max_iter + 1, groups, k, dim), dtype=cdtype),
         weights.new_empty((max_iter, groups, k), dtype=cdtype),
         weights.new_empty((groups,), dtype=torch.int64),
     )
 
 
-def _fake_backward(grad_out, weights, centroid_history, masses, iterations, tau, deterministic):
-    return torch.empty_like(weights)
+@torch.library.custom_op("dkm_kernels::dkm_backward", mutates_args=())
+def dkm_backward(grad_out: Tensor, weights: Tensor, centroid_history: Tensor, masses: Tensor,
+                 iterations: Tensor, tau: float, deterministic: bool, backend: str) -> Tensor:
+    check_backward_inputs(grad_out, weights, centroid_history, masses, iterations, tau)
+    _check_iteration_counts(iterations, masses.shape[0])
+    weights = weights.contiguous()
+    passes = backends.passes(backend, weights, centroid_history.shape[2], tau, deterministic)
+    with torch.no_grad():
+        grad = recurrence.backward(passes, grad_out.to(weights.dtype).contiguous(),
+                                   centroid_history.contiguous(), masses.contiguous(),
+                                   iterations.contiguous(), tau)
+    return grad.to(weights.dtype)
+
+
+@dkm_backward.register_fake
+def _(grad_out, weights, centroid_history, masses, iterations, tau, deterministic, backend):
+    check_backward_inputs(grad_out, weights, centroid_history, masses, iterations, tau)
+    return torch.empty_like(weights, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    weights, _, tau, _, _, deterministic, backend = inputs
+    _, centroid_history, masses, iterations = output
+    ctx.mark_non_differentiable(centroid_history, masses, iterations)
+    # Everything saved is W (alive anyway) or O(L k d): the attention is recomputed.
+    ctx.save_for_backward(weights, centroid_history, masses, iterations)
+    ctx.options = (tau, deterministic, backend)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, *unused_grads):
+    if grad_out is None or not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    weights, centroid_history, masses, iterations = ctx.saved_tensors
+    grad = dkm_backward(grad_out, weights, centroid_history, masses, iterations, *ctx.options)
+    return (grad,) + (None,) * 6
 
 
 def _no_double_backward(ctx, grad):
     raise RuntimeError("DKM supports first derivatives only: its backward is not differentiable")
 
 
-def register_fake_and_autograd(name: str) -> Callable:
-    """Give the ops `<name>_forward/_backward` (schemas already defined) fake impls and autograd.
-
-    Returns the forward op.
-    """
-    forward_name = f"{NAMESPACE}::{name}_forward"
-    backward_name = f"{NAMESPACE}::{name}_backward"
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-    backward_op = getattr(getattr(torch.ops, NAMESPACE), f"{name}_backward").default
-
-    def setup_context(ctx, inputs, output):
-        weights, _, tau, _, _, deterministic = inputs
-        _, centroid_history, masses, iterations = output
-        ctx.mark_non_differentiable(centroid_history, masses, iterations)
-        # Everything saved is W (alive anyway) or O(L*k*d): the attention is recomputed.
-        ctx.save_for_backward(weights, centroid_history, masses, iterations)
-        ctx.tau = tau
-        ctx.deterministic = deterministic
-        ctx.set_materialize_grads(False)
-
-    def backward(ctx, grad_out, *unused_grads):
-        weights, centroid_history, masses, iterations = ctx.saved_tensors
-        grad_weights = None
-        if grad_out is not None and ctx.needs_input_grad[0]:
-            grad_weights = backward_op(
-                grad_out.contiguous(), weights, centroid_history, masses, iterations,
-                ctx.tau, ctx.deterministic,
-            )
-        return grad_weights, None, None, None, None, None
-
-    torch.library.register_autograd(forward_name, backward, setup_context=setup_context)
-    torch.library.register_autograd(backward_name, _no_double_backward)
-    return getattr(getattr(torch.ops, NAMESPACE), f"{name}_forward").default
-
-
-def define_ops(name: str, forward_impl: Callable, backward_impl: Callable,
-               device_types=None) -> Callable:
-    """Define `<name>_forward/_backward` from Python implementations and register them fully.
-
-    `device_types` restricts the implementations to those devices (None: any device).
-    Returns the forward op.
-    """
-    lib = torch.library.Library(NAMESPACE, "FRAGMENT")
-    _LIBRARIES.append(lib)  # a Library deregisters its ops when collected
-    lib.define(f"{name}_forward{FORWARD_SCHEMA}")
-    lib.define(f"{name}_backward{BACKWARD_SCHEMA}")
-
-    # The implementations compute their own gradients: autograd must not record them.
-    @torch.no_grad()
-    def checked_forward(weights, centroids, tau, max_iter, epsilon, deterministic):
-        check_finite(weights)
-        return forward_impl(weights, centroids, tau, max_iter, epsilon, deterministic)
-
-    @torch.no_grad()
-    def unrecorded_backward(*args):
-        return backward_impl(*args)
-
-    for device_type in device_types or ("CompositeExplicitAutograd",):
-        key = device_type if device_type == "CompositeExplicitAutograd" else device_type.upper()
-        lib.impl(f"{name}_forward", checked_forward, key)
-        lib.impl(f"{name}_backward", unrecorded_backward, key)
-    return register_fake_and_autograd(name)
-
-
-_LIBRARIES: list[torch.library.Library] = []
+dkm_forward.register_autograd(_backward, setup_context=_setup_context)
+dkm_backward.register_autograd(_no_double_backward)

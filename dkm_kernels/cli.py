@@ -16,6 +16,14 @@ import torch
 from torch import nn
 
 DEFAULT_CONFIGS = "1/1,2/1,3/1,4/4,4/8"
+# --quick: enough epochs to run every step once, and the extreme palettes of the default set.
+QUICK_EPOCHS, QUICK_DKM_EPOCHS, QUICK_CONFIGS = 2, 1, "1/1,4/8"
+# scikit-learn's digits are 8x8 images of intensities 0..16.
+DIGITS_MAX_INTENSITY = 16.0
+# The share of the digits held out for testing (450 of 1797 images).
+TEST_FRACTION = 0.25
+# The exit status of a command that failed (a file that is not a readable export).
+EXIT_FAILURE = 1
 
 
 class DigitsCNN(nn.Module):
@@ -41,10 +49,12 @@ def load_digits_split(seed: int):
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1)
+    images = images / DIGITS_MAX_INTENSITY
     labels = torch.tensor(digits.target, dtype=torch.int64)
     train_idx, test_idx = train_test_split(
-        list(range(len(labels))), test_size=0.25, random_state=seed, stratify=digits.target)
+        list(range(len(labels))), test_size=TEST_FRACTION, random_state=seed,
+        stratify=digits.target)
     return (images[train_idx], labels[train_idx]), (images[test_idx], labels[test_idx])
 
 
@@ -110,7 +120,8 @@ def run_demo(args) -> list[dict]:
           on_epoch=lambda: progress.update())
     float_state = {k: v.clone() for k, v in float_model.state_dict().items()}
     float_bytes = sum(v.numel() * v.element_size() for v in float_state.values())
-    rows = [{"method": "float32", "config": "-", "bits_per_weight": 32.0,
+    rows = [{"method": "float32", "config": "-",
+             "bits_per_weight": float(torch.finfo(torch.float32).bits),
              "accuracy": accuracy(float_model, test_data), "bytes": float_bytes, "ratio": 1.0}]
 
     def compressed_copy(bits: int, dim: int):
@@ -166,21 +177,27 @@ def print_table(rows, train_data, test_data, args, elapsed: float) -> None:
     print(f"total time {elapsed:.1f} s")
 
 
-def run_info(args) -> None:
-    from .export import FORMAT, export_bytes
-    from .utils import format_bytes
+def run_info(args) -> int:
+    """Describe a saved export; a file that cannot be read as one is a one-line error."""
+    from .export import export_bytes, read_export
+    from .utils import NAME_WIDTH, format_bytes
 
-    export = torch.load(args.path, map_location="cpu", weights_only=True)
-    if not isinstance(export, dict) or export.get("format") != FORMAT:
-        raise SystemExit(f"{args.path} is not a dkm_kernels export ({FORMAT})")
+    try:
+        export = read_export(args.path)
+    except (OSError, ValueError) as error:
+        print(f"dkm-kernels info: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"{args.path}: palettes in {export['lut_dtype']}")
     for name, meta in export["layer_configs"].items():
         numel = math.prod(meta["shape"])
-        print(f"  {name:<28} {str(tuple(meta['shape'])):<18} {meta['bits']}/{meta['dim']} "
+        tied = f" tied to {', '.join(meta['tied'])}" if meta.get("tied") else ""
+        print(f"  {name:<{NAME_WIDTH}} {str(tuple(meta['shape'])):<18} "
+              f"{meta['bits']}/{meta['dim']} "
               f"k={meta['n_clusters']} groups={meta['groups']}"
-              f"{' scaled' if meta['per_channel_scale'] else ''} ({numel} weights)")
+              f"{' scaled' if meta['per_channel_scale'] else ''} ({numel} weights){tied}")
     print(f"  uncompressed tensors: {len(export['uncompressed'])}")
     print(f"  stored tensor bytes: {format_bytes(export_bytes(export))}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,12 +237,11 @@ def main(argv=None) -> int:
         argv.insert(0, "demo")
     args = build_parser().parse_args(argv)
     if args.command == "info":
-        run_info(args)
-        return 0
+        return run_info(args)
     if args.quick:
-        args.epochs, args.dkm_epochs = 2, 1
+        args.epochs, args.dkm_epochs = QUICK_EPOCHS, QUICK_DKM_EPOCHS
         if args.configs == DEFAULT_CONFIGS:
-            args.configs = "1/1,4/8"
+            args.configs = QUICK_CONFIGS
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     run_demo(args)

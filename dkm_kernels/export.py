@@ -1,4 +1,14 @@
-"""Export of a DKM-compressed model: bit-packed indices, palettes, scales and everything else.
+"""The file format of a DKM-compressed model: writing it, and reading it back, every field checked.
+
+Where the export code lives (imports run one way, left to right; none imports compress.py):
+
+    packing.py   pack_indices, unpack_indices: palette indices at their real bit width
+    snapping.py  SnappedLayer, snap_layer, decode_weight: a clustered weight on its palette
+    info.py      compression_info, export_bytes: sizes per layer and in all
+    export.py    this file: FORMAT, export_compressed, save_compressed, read_export,
+                 validate_export, decoded_state_dict, load_compressed; it re-exports the
+                 public names of the three others, so `from dkm_kernels.export import ...` works
+                 for all of them
 
 Format of `export_compressed()` (a dict of plain Python values and tensors, so that
 `torch.load(path, weights_only=True)` reads it):
@@ -6,7 +16,8 @@ Format of `export_compressed()` (a dict of plain Python values and tensors, so t
     format          "dkm_kernels.compressed/1"
     lut_dtype       "float16" (default), "bfloat16" or "float32": the dtype of palettes and scales
     layer_configs   {name: {"shape", "dtype", "bits", "dim", "n_clusters", "groups", "group_size",
-                            "per_channel_scale", "n_vectors"}}
+                            "per_channel_scale", "n_vectors"[, "tied"]}}; "tied" lists the other
+                    modules that share this layer's weight (written once, loaded into each)
     codebooks       {name: (G, k, d) tensor in lut_dtype}: the palettes (G = 1 without group_size)
     assignments     {name: uint8 tensor of ceil(n_vectors * bits / 8) bytes}: the palette index of
                     every weight vector, `bits` bits each, least significant bit first, vectors in
@@ -18,224 +29,91 @@ A clustered weight is decoded as `codebook.float()[g, index]` reshaped to the we
 times `scale.float()` per output channel, cast to the weight's dtype. `snap_weights()` computes the
 model's weights with the same function, so a loaded model equals the snapped one bit for bit.
 
-Sizes (`compression_info`) count exactly the bytes of these tensors: per clustered layer
-ceil(n_vectors * bits / 8) + G*k*d*lut_bytes (+ out_channels*lut_bytes with scales), plus every
-uncompressed state_dict tensor at its own dtype. The original size is the same state dict with the
-clustered weights at their dtype. (Shapes, names and dtypes, the format's few hundred bytes of
-metadata, are not counted.)
+Reading checks every field against the others (and, in load_compressed, against the model) before
+anything is decoded or loaded, and raises ValueError naming the layer and the field.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from .kmeans import nearest_centroids
-from .layer import DKMLayer
-from .modules import layer_type, raw_weight
+from .info import (TENSOR_TABLES, compression_info, dtype_name, export_bytes, tied_modules,
+                   uncompressed_state, weight_key)
+from .modules import raw_weight
+from .packing import check_bits, pack_indices, packed_bytes, unpack_indices
+from .snapping import SnappedLayer, check_snappable, decode_weight, snap_layer
+
+__all__ = ["FORMAT", "export_compressed", "save_compressed", "read_export", "validate_export",
+           "decoded_state_dict", "load_compressed", "compression_info", "export_bytes",
+           "SnappedLayer", "snap_layer", "decode_weight", "pack_indices", "unpack_indices"]
 
 FORMAT = "dkm_kernels.compressed/1"
-
-# Indices packed per pass, so that packing a large layer needs no bits * n_vectors int64 tensor.
-_PACK_CHUNK = 1 << 20
-
-
-def pack_indices(indices: Tensor, bits: int) -> Tensor:
-    """Pack non-negative integers < 2**bits into ceil(n * bits / 8) bytes, LSB first."""
-    if not 1 <= bits <= 16:
-        raise ValueError(f"bits must be 1..16, got {bits}")
-    flat = indices.reshape(-1).to(torch.int64).cpu()
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2 ** bits):
-        raise ValueError(f"indices must lie in [0, {2 ** bits}) to be packed in {bits} bits")
-    shifts = torch.arange(bits, dtype=torch.int64)
-    bit_stream = torch.empty(flat.numel() * bits, dtype=torch.uint8)
-    for start in range(0, flat.numel(), _PACK_CHUNK):
-        block = flat[start:start + _PACK_CHUNK]
-        bit_stream[start * bits:(start + block.numel()) * bits] = (
-            ((block.unsqueeze(1) >> shifts) & 1).reshape(-1).to(torch.uint8))
-    padded = torch.zeros(math.ceil(bit_stream.numel() / 8) * 8, dtype=torch.uint8)
-    padded[:bit_stream.numel()] = bit_stream
-    weights = (2 ** torch.arange(8, dtype=torch.int32))
-    return (padded.reshape(-1, 8).to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
+# The dtype names a file may hold: palettes and scales; decoded weights.
+LUT_DTYPES = ("float16", "bfloat16", "float32")
+WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+LAYER_FIELDS = ("shape", "dtype", "bits", "dim", "n_clusters", "groups", "group_size",
+                "per_channel_scale", "n_vectors")
+# Written only for a layer whose weight other modules share.
+OPTIONAL_LAYER_FIELDS = ("tied",)
+# The fields that are dicts: layer configs by layer name, and the tensor tables.
+DICT_FIELDS = ("layer_configs",) + TENSOR_TABLES
+FIELDS = ("format", "lut_dtype") + DICT_FIELDS
+# The fix for every inconsistency inside a file.
+_REEXPORT = "the file is damaged or was edited; export the model again with save_compressed()"
+_OTHER_MODEL = "load it into the architecture it was exported from"
 
 
-def unpack_indices(packed: Tensor, bits: int, count: int) -> Tensor:
-    """Inverse of pack_indices: the first `count` indices, int64."""
-    if packed.numel() != math.ceil(count * bits / 8):
-        raise ValueError(f"{count} indices of {bits} bits need {math.ceil(count * bits / 8)} "
-                         f"bytes, got {packed.numel()}")
-    bit_stream = ((packed.to(torch.int32).unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1)
-    bit_stream = bit_stream.reshape(-1)[:count * bits].reshape(count, bits).to(torch.int64)
-    return (bit_stream << torch.arange(bits, dtype=torch.int64)).sum(dim=1)
-
-
-def decode_weight(codebook: Tensor, indices: Tensor, scale: Tensor | None, shape,
-                  dtype: torch.dtype) -> Tensor:
-    """The clustered weight: codebook (G, k, d), indices (G, M) -> tensor of `shape`, `dtype`."""
-    table = codebook.float()
-    groups, _, dim = table.shape
-    values = torch.gather(table, 1, indices.reshape(groups, -1, 1).expand(-1, -1, dim))
-    values = values.reshape(shape)
-    if scale is not None:
-        values = values * scale.float().reshape((-1,) + (1,) * (len(shape) - 1))
-    return values.to(dtype)
-
-
-@dataclasses.dataclass
-class SnappedLayer:
-    """One clustered weight as the export stores it."""
-
-    shape: tuple
-    dtype: torch.dtype
-    bits: int
-    dim: int
-    group_size: int | None
-    codebook: Tensor  # (G, k, d), lut dtype
-    indices: Tensor  # (G, M) int64
-    scale: Tensor | None  # (out_channels,), lut dtype
-
-    def decode(self) -> Tensor:
-        return decode_weight(self.codebook, self.indices, self.scale, self.shape, self.dtype)
-
-
-@torch.no_grad()
-def snap_layer(layer: DKMLayer, weight: Tensor, config) -> SnappedLayer:
-    """Hard-assign `weight` to the layer's palette rounded to its lut dtype."""
-    if not bool(layer.initialized):
-        layer.initialize(weight)
-    codebook = layer.centroids.reshape(layer.groups, layer.n_clusters, layer.dim)
-    codebook = codebook.to(layer.lut_dtype)
-    normalized, scale = layer.normalized(weight)
-    indices = nearest_centroids(layer.rows(normalized), codebook.float())
-    return SnappedLayer(
-        shape=tuple(weight.shape), dtype=weight.dtype, bits=config.bits, dim=config.dim,
-        group_size=config.group_size, codebook=codebook.cpu(), indices=indices.cpu(),
-        scale=None if scale is None else scale.reshape(-1).to(layer.lut_dtype).cpu())
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} in the export")
-    return dtype
-
-
-def _clustering_prefixes(names) -> list[str]:
-    return [f"{name}." if name else "" for name in names]
-
-
-def _uncompressed_state(compressor) -> dict[str, Tensor]:
-    """The model's state_dict without the clustered weights (and their DKM buffers)."""
-    prefixes = _clustering_prefixes(compressor.configs)
-    state = {}
-    for key, value in compressor.model.state_dict().items():
-        if any(key.startswith(p + "parametrizations.weight.") or key == p + "weight"
-               for p in prefixes):
-            continue
-        state[key] = value
-    return state
-
-
-def _lut_bytes(compressor) -> int:
-    return torch.empty((), dtype=compressor.lut_dtype).element_size()
-
-
-def compression_info(compressor) -> dict:
-    """Per-layer configs and sizes, and the model's totals (see the module doc for the counts)."""
-    modules = dict(compressor.model.named_modules())
-    lut_bytes = _lut_bytes(compressor)
-    layers = []
-    clustered_original = 0
-    for name, config in compressor.configs.items():
-        module = modules[name]
-        layer = compressor.dkm_layers[name]
-        shape = layer.original_shape
-        numel = math.prod(shape)
-        element = raw_weight(module).element_size()
-        original = numel * element
-        n_vectors = numel // config.dim
-        index_bytes = math.ceil(n_vectors * config.bits / 8)
-        codebook_bytes = layer.groups * config.n_clusters * config.dim * lut_bytes
-        scale_bytes = shape[0] * lut_bytes if config.enable_per_channel_scale else 0
-        compressed = index_bytes + codebook_bytes + scale_bytes
-        clustered_original += original
-        layers.append({
-            "name": name, "type": layer_type(module), "shape": tuple(shape), "params": numel,
-            "config": config.notation, "bits": config.bits, "dim": config.dim,
-            "n_clusters": config.n_clusters, "group_size": config.group_size,
-            "groups": layer.groups, "per_channel_scale": config.enable_per_channel_scale,
-            "tau": layer.tau,
-            "bits_per_weight": config.bits / config.dim,
-            "effective_bits_per_weight": 8 * compressed / numel,
-            "index_bytes": index_bytes, "codebook_bytes": codebook_bytes,
-            "scale_bytes": scale_bytes, "original_bytes": original,
-            "compressed_bytes": compressed, "compression_ratio": original / compressed,
-        })
-    uncompressed = sum(t.numel() * t.element_size()
-                       for t in _uncompressed_state(compressor).values())
-    clustered = sum(entry["compressed_bytes"] for entry in layers)
-    original_total = uncompressed + clustered_original
-    compressed_total = uncompressed + clustered
-    return {
-        "layers": layers,
-        "skipped": dict(compressor.skipped),
-        "lut_dtype": _dtype_name(compressor.lut_dtype),
-        "clustered_params": sum(entry["params"] for entry in layers),
-        "uncompressed_bytes": uncompressed,
-        "original_bytes": original_total,
-        "compressed_bytes": compressed_total,
-        "compression_ratio": (original_total / compressed_total if compressed_total
-                              else float("inf")),
-        "snapped": compressor.is_snapped,
-    }
-
+# -- writing --------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def export_compressed(compressor) -> dict:
     """The compressed model in the format above; snaps the compressor's weights first if needed.
 
     Raises ValueError when a weight was changed after snap_weights() (it no longer matches its
-    palette and indices).
+    palette and indices), when a module listed as sharing a clustered weight holds another one,
+    or when a weight to snap is not finite or does not fit in lut_dtype.
     """
-    compressor.snap_weights()
     modules = dict(compressor.model.named_modules())
-    export = {"format": FORMAT, "lut_dtype": _dtype_name(compressor.lut_dtype),
+    # Checked here with the layer names, before snap_weights() changes any layer.
+    for name, layer in compressor.dkm_layers.items():
+        if name not in compressor.snapped:
+            check_snappable(layer, raw_weight(modules[name]).detach(), name)
+    compressor.snap_weights()
+    tied = tied_modules(compressor)
+    export = {"format": FORMAT, "lut_dtype": dtype_name(compressor.lut_dtype),
               "layer_configs": {}, "codebooks": {}, "assignments": {}, "scales": {},
               "uncompressed": {k: v.detach().cpu().clone()
-                               for k, v in _uncompressed_state(compressor).items()}}
+                               for k, v in uncompressed_state(compressor).items()}}
     for name, record in compressor.snapped.items():
         decoded = record.decode()
         if not torch.equal(decoded, modules[name].weight.detach().cpu()):
             raise ValueError(f"layer {name!r}: its weight changed after snap_weights(), so it no "
                              f"longer matches its palette; export right after snapping")
-        export["layer_configs"][name] = {
-            "shape": list(record.shape), "dtype": _dtype_name(record.dtype),
+        for other in tied.get(name, []):
+            weight = getattr(modules.get(other), "weight", None)
+            if not isinstance(weight, Tensor) or not torch.equal(decoded, weight.detach().cpu()):
+                raise ValueError(f"layer {name!r}: module {other!r} is listed in compressor.tied "
+                                 f"as sharing its weight but does not hold the same weight; tie "
+                                 f"them (`{other}.weight = {name}.weight`) or drop it from tied")
+        meta = {
+            "shape": list(record.shape), "dtype": dtype_name(record.dtype),
             "bits": record.bits, "dim": record.dim, "n_clusters": record.codebook.shape[1],
             "groups": record.codebook.shape[0], "group_size": record.group_size,
             "per_channel_scale": record.scale is not None,
             "n_vectors": record.indices.numel(),
         }
+        if tied.get(name):
+            meta["tied"] = list(tied[name])
+        export["layer_configs"][name] = meta
         export["codebooks"][name] = record.codebook.clone()
         export["assignments"][name] = pack_indices(record.indices, record.bits)
         if record.scale is not None:
             export["scales"][name] = record.scale.clone()
     return export
-
-
-def export_bytes(export: dict) -> int:
-    """Bytes of the export's tensors: what compression_info()['compressed_bytes'] counts."""
-    total = 0
-    for key in ("codebooks", "assignments", "scales", "uncompressed"):
-        total += sum(t.numel() * t.element_size() for t in export[key].values())
-    return total
 
 
 def save_compressed(compressor_or_export, path) -> dict:
@@ -246,19 +124,234 @@ def save_compressed(compressor_or_export, path) -> dict:
     return export
 
 
-def decoded_state_dict(export: dict) -> dict[str, Tensor]:
-    """A plain state dict (snapped weights decoded) from an export."""
-    if export.get("format") != FORMAT:
-        raise ValueError(f"not a dkm_kernels export (format {export.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+# -- reading and checking -------------------------------------------------------------------------
+
+class CheckedLayer(NamedTuple):
+    """One clustered layer of an export, every field checked, its indices unpacked."""
+
+    meta: dict
+    codebook: Tensor
+    indices: Tensor
+    scale: Tensor | None
+    dtype: torch.dtype
+    tied: list
+
+    def decode(self) -> Tensor:
+        return decode_weight(self.codebook, self.indices, self.scale, self.meta["shape"],
+                             self.dtype)
+
+
+def read_export(source, map_location="cpu") -> dict:
+    """The export in `source`, a path (read with torch.load, weights_only) or the dict itself,
+    after validate_export. A missing file raises FileNotFoundError; anything that is not an export
+    of this format raises ValueError saying what it is not."""
+    return _read(source, map_location)[0]
+
+
+def _read(source, map_location) -> tuple[dict, dict[str, CheckedLayer]]:
+    if not isinstance(source, (str, os.PathLike)):
+        return source, validate_export(source)
+    path = os.fspath(source)
+    try:
+        export = torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as error:  # torch.load raises many types for bytes it cannot read
+        raise ValueError(f"{path} is not a dkm_kernels export: torch.load(weights_only=True) "
+                         f"cannot read it ({type(error).__name__}); it is truncated or not a "
+                         f"torch file") from error
+    try:
+        return export, validate_export(export)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field_error(layer: str | None, field: str, problem: str, fix: str = _REEXPORT) -> ValueError:
+    where = "export" if layer is None else f"export layer {layer!r}"
+    return ValueError(f"{where}, field {field!r}: {problem}; {fix}")
+
+
+def _check_top(export) -> None:
+    """What makes a dict an export of this format, before its layers are read."""
+    if not isinstance(export, dict):
+        raise ValueError(f"not a dkm_kernels export: it holds a {type(export).__name__}, not the "
+                         f"dict export_compressed() writes")
+    if "format" not in export:
+        plain = export and all(isinstance(value, Tensor) for value in export.values())
+        raise ValueError("not a dkm_kernels export: the dict has no 'format' field"
+                         + (" (it looks like a plain state dict: use model.load_state_dict)"
+                            if plain else ""))
+    if export["format"] != FORMAT:
+        raise ValueError(f"not a dkm_kernels export of this version: field 'format' is "
+                         f"{export['format']!r}, expected {FORMAT!r}")
+    for field in FIELDS:
+        if field not in export:
+            raise _field_error(None, field, "missing")
+    unknown = [field for field in export if field not in FIELDS]
+    if unknown:
+        raise _field_error(None, str(unknown[0]), f"unknown (the fields are {list(FIELDS)})")
+    if not isinstance(export["lut_dtype"], str) or export["lut_dtype"] not in LUT_DTYPES:
+        raise _field_error(None, "lut_dtype",
+                           f"must be one of {list(LUT_DTYPES)}, got {export['lut_dtype']!r}")
+    for table in DICT_FIELDS:
+        if not isinstance(export[table], dict) or not all(
+                isinstance(key, str) for key in export[table]):
+            raise _field_error(None, table, f"must be a dict with str keys, got "
+                                            f"{type(export[table]).__name__}")
+    for table in ("codebooks", "assignments", "scales"):
+        stray = [name for name in export[table] if name not in export["layer_configs"]]
+        if stray:
+            raise _field_error(stray[0], table, "stored for a layer that layer_configs lacks")
+    for key, value in export["uncompressed"].items():
+        if not isinstance(value, Tensor):
+            raise _field_error(None, "uncompressed",
+                               f"{key!r} must be a tensor, got {type(value).__name__}")
+
+
+def _table_tensor(export: dict, table: str, name: str, dtype: torch.dtype, shape) -> Tensor:
+    """export[table][name], checked to be a finite tensor of `dtype` and `shape`."""
+    if name not in export[table]:
+        raise _field_error(name, table, "missing")
+    value = export[table][name]
+    if not isinstance(value, Tensor):
+        raise _field_error(name, table, f"must be a tensor, got {type(value).__name__}")
+    if value.dtype != dtype:
+        raise _field_error(name, table, f"dtype must be {dtype_name(dtype)}, got "
+                                        f"{dtype_name(value.dtype)}")
+    if tuple(value.shape) != tuple(shape):
+        raise _field_error(name, table, f"shape must be {tuple(shape)}, got {tuple(value.shape)}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise _field_error(name, table, "holds NaN or inf values")
+    return value
+
+
+def _check_layer(export: dict, name: str, meta) -> CheckedLayer:
+    """Every field of one layer against the others; ValueError naming the layer and field."""
+    def fail(field, problem):
+        return _field_error(name, field, problem)
+
+    if not isinstance(meta, dict):
+        raise fail("layer_configs", f"must be a dict of the layer's fields, got "
+                                    f"{type(meta).__name__}")
+    for field in LAYER_FIELDS:
+        if field not in meta:
+            raise fail(field, "missing")
+    for field in meta:
+        if field not in LAYER_FIELDS + OPTIONAL_LAYER_FIELDS:
+            raise fail(str(field), f"unknown (the fields are "
+                                   f"{list(LAYER_FIELDS + OPTIONAL_LAYER_FIELDS)})")
+    shape = meta["shape"]
+    if (not isinstance(shape, (list, tuple)) or not shape
+            or not all(_is_int(size) and size > 0 for size in shape)):
+        raise fail("shape", f"must be a list of positive integers, got {shape!r}")
+    numel, channels = math.prod(shape), shape[0]
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in WEIGHT_DTYPES:
+        raise fail("dtype", f"must be one of {list(WEIGHT_DTYPES)}, got {meta['dtype']!r}")
+    bits = meta["bits"]
+    try:
+        check_bits(bits)
+    except ValueError as error:
+        raise fail("bits", str(error)) from None
+    dim = meta["dim"]
+    if not _is_int(dim) or dim < 1 or numel % dim:
+        raise fail("dim", f"must be a positive integer dividing the {numel} weights of shape "
+                          f"{list(shape)}, got {dim!r}")
+    n_vectors = meta["n_vectors"]
+    if not _is_int(n_vectors) or n_vectors != numel // dim:
+        raise fail("n_vectors", f"must be prod(shape) / dim = {numel // dim}, got {n_vectors!r}")
+    k = meta["n_clusters"]
+    if not _is_int(k) or not 1 <= k <= 2 ** bits:
+        raise fail("n_clusters", f"must be an integer from 1 to 2**bits = {2 ** bits} "
+                                 f"(bits={bits}), got {k!r}")
+    groups, group_size = meta["groups"], meta["group_size"]
+    if not _is_int(groups) or groups < 1 or channels % groups or n_vectors % groups:
+        raise fail("groups", f"must be a positive integer dividing the {channels} output "
+                             f"channels and the {n_vectors} vectors, got {groups!r}")
+    if not (group_size is None and groups == 1
+            or _is_int(group_size) and group_size * groups == channels):
+        raise fail("group_size", f"must be output channels / groups = {channels // groups} "
+                                 f"(or null with one group), got {group_size!r}")
+    if not isinstance(meta["per_channel_scale"], bool):
+        raise fail("per_channel_scale", f"must be true or false, got "
+                                        f"{meta['per_channel_scale']!r}")
+    tied = meta.get("tied", [])
+    if not isinstance(tied, list) or not all(isinstance(other, str) for other in tied):
+        raise fail("tied", f"must be a list of module names, got {tied!r}")
+
+    lut_dtype = getattr(torch, export["lut_dtype"])
+    codebook = _table_tensor(export, "codebooks", name, lut_dtype, (groups, k, dim))
+    packed = _table_tensor(export, "assignments", name, torch.uint8,
+                           (packed_bytes(n_vectors, bits),))
+    indices = unpack_indices(packed, bits, n_vectors)
+    if n_vectors and int(indices.max()) >= k:
+        raise fail("assignments", f"palette index {int(indices.max())} is not below "
+                                  f"n_clusters={k}")
+    scale = None
+    if meta["per_channel_scale"]:
+        scale = _table_tensor(export, "scales", name, lut_dtype, (channels,))
+    elif name in export["scales"]:
+        raise fail("scales", "stored, but the layer's per_channel_scale is false")
+    return CheckedLayer(meta, codebook, indices, scale, getattr(torch, meta["dtype"]), tied)
+
+
+def validate_export(export) -> dict[str, CheckedLayer]:
+    """Check every field of an export against the others; {layer: CheckedLayer}.
+
+    Raises ValueError naming the layer and field (or saying what the object is not)."""
+    _check_top(export)
+    layers = {name: _check_layer(export, name, meta)
+              for name, meta in export["layer_configs"].items()}
+    owner = {}  # state_dict key -> the layer whose decoded weight fills it
+    for name, layer in layers.items():
+        for module in (name, *layer.tied):
+            key = weight_key(module)
+            if key in owner or key in export["uncompressed"]:
+                other = (f"layer {owner[key]!r}" if key in owner else "uncompressed")
+                raise _field_error(name, "tied" if module != name else "layer_configs",
+                                   f"state_dict key {key!r} is also filled by {other}")
+            owner[key] = name
+    return layers
+
+
+def _decode(export: dict, layers: dict[str, CheckedLayer]) -> dict[str, Tensor]:
     state = dict(export["uncompressed"])
-    for name, meta in export["layer_configs"].items():
-        codebook = export["codebooks"][name]
-        indices = unpack_indices(export["assignments"][name], meta["bits"], meta["n_vectors"])
-        weight = decode_weight(codebook, indices, export["scales"].get(name), meta["shape"],
-                               _dtype_from_name(meta["dtype"]))
-        state[f"{name}.weight" if name else "weight"] = weight
+    for name, layer in layers.items():
+        weight = layer.decode()
+        # Tied modules get the same tensor, so a model that ties them stays tied on loading.
+        for module in (name, *layer.tied):
+            state[weight_key(module)] = weight
     return state
+
+
+def decoded_state_dict(export: dict) -> dict[str, Tensor]:
+    """A plain state dict (snapped weights decoded) from an export, checked by validate_export."""
+    return _decode(export, validate_export(export))
+
+
+def _check_fits(model: nn.Module, layers: dict[str, CheckedLayer],
+                state: dict[str, Tensor]) -> None:
+    """ValueError unless `state` has exactly the model's state_dict keys, at its shapes."""
+    target = model.state_dict()
+    missing = [key for key in target if key not in state]
+    unexpected = [key for key in state if key not in target]
+    if missing or unexpected:
+        parts = ([f"keys the model has and the export lacks: {missing}"] if missing else []) + (
+            [f"keys the export has and the model lacks: {unexpected}"] if unexpected else [])
+        raise ValueError(f"the export does not fit the model ({type(model).__name__}): "
+                         f"{'; '.join(parts)}; {_OTHER_MODEL}")
+    owner = {weight_key(module): name for name, layer in layers.items()
+             for module in (name, *layer.tied)}
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(target[key].shape):
+            problem = (f"{list(value.shape)}, but the model's {key!r} is "
+                       f"{list(target[key].shape)}")
+            if key in owner:
+                raise _field_error(owner[key], "shape", problem, _OTHER_MODEL)
+            raise _field_error(None, "uncompressed", f"{key!r} has shape {problem}", _OTHER_MODEL)
 
 
 def load_compressed(source, model_factory: Callable[[], nn.Module] | nn.Module,
@@ -267,14 +360,15 @@ def load_compressed(source, model_factory: Callable[[], nn.Module] | nn.Module,
 
     model_factory: a callable returning the uncompressed architecture, or a module of that
     architecture to load into. Its weights end up equal to the snapped ones exactly; it is
-    returned in evaluation mode.
+    returned in evaluation mode. Everything is checked and decoded before the model is touched,
+    so a file that does not fit raises ValueError (naming the layer and field) and leaves a given
+    module as it was.
     """
-    if isinstance(source, (str, os.PathLike)):
-        export = torch.load(source, map_location=map_location, weights_only=True)
-    else:
-        export = source
+    export, layers = _read(source, map_location)
+    state = _decode(export, layers)
     model = model_factory if isinstance(model_factory, nn.Module) else model_factory()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model_factory must return a torch.nn.Module, got {type(model).__name__}")
-    model.load_state_dict(decoded_state_dict(export), strict=True)
+    _check_fits(model, layers, state)
+    model.load_state_dict(state, strict=True)
     return model.eval()

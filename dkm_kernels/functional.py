@@ -8,11 +8,9 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._ops import compute_dtype
+from ._ops import MAX_ITER_LIMIT, WEIGHT_DTYPES, check_inputs, dkm_forward
+from .recurrence import compute_dtype
 from .reference import dkm_reference
-
-_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
 
 class DKMResult(NamedTuple):
     """weights: the clustered weights W~ (same shape and dtype as the input weights);
@@ -53,15 +51,11 @@ def _check_number(name: str, value, minimum: float, strict: bool) -> float:
 
 
 def _check_tensors(weights, centroids) -> None:
+    """What the op cannot say about the user-facing shapes; the op checks the rest."""
     if not isinstance(weights, Tensor):
         raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
     if not isinstance(centroids, Tensor):
         raise TypeError(f"centroids must be a torch.Tensor, got {type(centroids).__name__}")
-    if weights.dtype not in _WEIGHT_DTYPES:
-        raise TypeError(
-            f"weights must be float16, bfloat16, float32 or float64, got {weights.dtype}; "
-            f"convert with weights.float()"
-        )
     if weights.dim() not in (2, 3):
         raise ValueError(
             f"weights must have shape (M, d) or (G, M, d), got {tuple(weights.shape)}; "
@@ -72,46 +66,25 @@ def _check_tensors(weights, centroids) -> None:
             f"centroids must be {'(k, d)' if weights.dim() == 2 else '(G, k, d)'} to match weights "
             f"of shape {tuple(weights.shape)}, got {tuple(centroids.shape)}"
         )
+    if weights.shape[-2] < 1:
+        raise ValueError(f"weights must have at least one row, got {tuple(weights.shape)}")
     if centroids.shape[-2] < 1:
         raise ValueError("centroids must hold at least one centroid (k >= 1)")
-    if weights.shape[-2] < 1 or weights.shape[-1] < 1:
-        raise ValueError(f"weights must have at least one row of dimension >= 1, got {tuple(weights.shape)}")
     if centroids.shape[-1] != weights.shape[-1]:
         raise ValueError(
             f"centroids have dimension {centroids.shape[-1]} but weights have d={weights.shape[-1]}"
         )
-    if weights.dim() == 3 and centroids.shape[0] != weights.shape[0]:
-        raise ValueError(
-            f"centroids have {centroids.shape[0]} groups but weights have G={weights.shape[0]}"
-        )
-    if centroids.device != weights.device:
-        raise ValueError(
-            f"centroids are on {centroids.device} but weights are on {weights.device}; "
-            f"move them with centroids.to(weights.device)"
-        )
-    if centroids.dtype not in (weights.dtype, compute_dtype(weights.dtype)):
+    if weights.dtype in WEIGHT_DTYPES and centroids.dtype not in (
+            weights.dtype, compute_dtype(weights.dtype)):
         raise TypeError(
             f"centroids are {centroids.dtype} but weights are {weights.dtype}; centroids must be "
             f"{compute_dtype(weights.dtype)} (the compute dtype) or {weights.dtype}"
         )
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(centroids).all()):
-        raise ValueError("centroids contain NaN or Inf; re-initialise them (dkm_kernels.init)")
-
-
-def _resolve_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return backends.choose(device, dtype)
-    reason = backends.unavailable_reason(backend, device, dtype)
-    if reason is not None:
-        raise ValueError(f"backend={backend!r} cannot run here: {reason}")
-    return backend
 
 
 def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsilon: float = 1e-4,
         backend: str = "auto", deterministic: bool | None = None) -> DKMResult:
-    """Differentiable k-means of the rows of `weights` (DESIGN §1).
+    """Differentiable k-means of the rows of `weights` (docs/design.md §1).
 
     weights: (M, d) or (G, M, d) for G independent problems; float16/bfloat16/float32 (math in
         float32) or float64. Gradients flow to it through every iteration.
@@ -126,21 +99,24 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
     tau = _check_number("tau", tau, 0.0, strict=True)
     epsilon = _check_number("epsilon", epsilon, 0.0, strict=False)
     check_count("max_iter", max_iter)
+    if max_iter > MAX_ITER_LIMIT:
+        raise ValueError(f"max_iter must be at most {MAX_ITER_LIMIT}, got {max_iter}")
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    name = _resolve_backend(backend, weights.device, weights.dtype)
+    name = backends.resolve(backend, weights.device, weights.dtype)
 
     grouped = weights.dim() == 3
     w = weights if grouped else weights.unsqueeze(0)
     c = (centroids if grouped else centroids.unsqueeze(0)).detach()
-    c = c.to(compute_dtype(weights.dtype)).contiguous()
+    if weights.dtype in WEIGHT_DTYPES:
+        c = c.to(compute_dtype(weights.dtype))
 
     if name == "reference":
+        check_inputs(w, c, tau, max_iter, epsilon)  # the op checks its own
         out, final, iterations = dkm_reference(w, c, tau, max_iter, epsilon)
     else:
-        forward = getattr(torch.ops.dkm_kernels, f"{name}_forward")
-        out, history, _, iterations = forward(w.contiguous(), c, tau, max_iter, epsilon,
-                                              bool(deterministic))
+        out, history, _, iterations = dkm_forward(w, c, tau, max_iter, epsilon,
+                                                  bool(deterministic), name)
         final = history[-1]  # a group that stopped early repeats its last centroids
     if not grouped:
         out, final, iterations = out[0], final[0], iterations[0]

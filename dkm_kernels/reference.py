@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._ops import check_finite, compute_dtype
+from .recurrence import compute_dtype, has_mass
 
 
 def squared_distances(weights: Tensor, centroids: Tensor) -> Tensor:
@@ -28,10 +28,11 @@ def dkm_single(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, ep
     for t in range(max_iter):
         attention = torch.softmax(-squared_distances(weights, c) / tau, dim=1)
         mass = attention.sum(dim=0)
-        has_mass = (mass > 0).unsqueeze(1)
-        # A centroid nobody attends to keeps its position (and passes its gradient through).
-        mean = (attention.T @ weights) / torch.where(has_mass, mass.unsqueeze(1), 1.0)
-        c_next = torch.where(has_mass, mean, c)
+        # A centroid nobody attends to (mass below recurrence.MIN_MASS) keeps its position and
+        # passes its gradient through.
+        heavy = has_mass(mass).unsqueeze(1)
+        mean = (attention.T @ weights) / torch.where(heavy, mass.unsqueeze(1), 1.0)
+        c_next = torch.where(heavy, mean, c)
         delta = (c_next - c).abs().max()
         c = c_next
         if delta.item() <= epsilon:
@@ -44,10 +45,14 @@ def dkm_reference(weights: Tensor, centroids: Tensor, tau: float, max_iter: int 
     """Grouped reference: weights (G, M, d), centroids (G, k, d).
 
     Returns (W~ in weights' dtype, final centroids in the compute dtype, iterations (G,) int64).
-    Each group runs alone, exactly as DESIGN §1 describes.
+    Each group runs alone, exactly as docs/design.md §1 describes.
     """
-    check_finite(weights)
+    if not bool(torch.isfinite(weights).all()):
+        raise ValueError("weights contain NaN or Inf; DKM needs finite weights (check the layer's "
+                         "values or the training step that produced them)")
     cdtype = compute_dtype(weights.dtype)
+    if weights.shape[0] == 0:  # no problems to solve
+        return weights.clone(), centroids.clone(), weights.new_zeros((0,), dtype=torch.int64)
     outs, finals, iterations = [], [], []
     for w, c in zip(weights.to(cdtype).unbind(0), centroids.unbind(0)):
         out, final, steps = dkm_single(w, c, tau, max_iter, epsilon)

@@ -1,12 +1,14 @@
 """The command line: a tiny demo run, the info subcommand and `python -m dkm_kernels`."""
 import os
+import re
 import subprocess
 import sys
 
+import pytest
 import torch
-import torch.nn as nn
 
-from dkm_kernels import cli, compress_model
+from dkm_kernels import cli
+from export_files import NOT_EXPORTS, save_small_export
 
 
 def test_quick_demo_prints_the_table(capsys):
@@ -30,18 +32,57 @@ def test_quick_demo_prints_the_table(capsys):
 
 
 def test_info_describes_a_saved_model(tmp_path, capsys):
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    compressor = compress_model(model, bits=3, skip_first_last=False, small_layer_threshold=0,
-                                tau=1e-3)
     path = tmp_path / "model.pt"
-    compressor.save_compressed(path)
+    save_small_export(path)
     assert cli.main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "3/1" in out and "(512 weights)" in out and "float16" in out
 
 
-def test_module_entry_point_help():
+def _corrupted_export(path):
+    save_small_export(path)
+    export = torch.load(path, weights_only=True)
+    export["layer_configs"]["0"]["bits"] = 17
+    torch.save(export, path)
+
+
+# (case, how the file is made, the words of the one-line error)
+BAD_FILES = [
+    ("missing file", lambda path: None, "No such file"),
+    ("directory", lambda path: path.mkdir(), "Is a directory"),
+    *((case, write, f"not a dkm_kernels export.*{words}") for case, write, words in NOT_EXPORTS),
+    ("corrupted export", _corrupted_export, r"layer '0', field 'bits'"),
+]
+
+
+@pytest.mark.parametrize("make,pattern", [case[1:] for case in BAD_FILES],
+                         ids=[case[0] for case in BAD_FILES])
+def test_info_on_a_bad_file_prints_one_line_and_fails(make, pattern, tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    make(path)
+    assert cli.main(["info", str(path)]) != 0
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dkm-kernels info: error: ")
+    assert re.search(pattern, lines[0])
+
+
+def test_info_exits_non_zero_without_a_traceback(tmp_path):
+    path = tmp_path / "model.pt"
+    _corrupted_export(path)
+    result = run_module("info", str(path))
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "field 'bits'" in result.stderr
+
+
+def run_module(*args):
+    """`python -m dkm_kernels ARGS` on this checkout's package."""
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-    result = subprocess.run([sys.executable, "-m", "dkm_kernels", "--help"], env=env,
-                            capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "dkm_kernels", *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_module_entry_point_help():
+    result = run_module("--help")
     assert result.returncode == 0 and "demo" in result.stdout and "info" in result.stdout

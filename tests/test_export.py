@@ -143,3 +143,45 @@ def test_load_into_a_module_instance_and_reject_other_files():
     assert torch.equal(model.fc.weight, compressor.model.fc.weight)
     with pytest.raises(ValueError, match="format"):
         load_compressed({"format": "other"}, tiny_net)
+
+
+# The export code in four modules whose imports run one way: packing <- snapping <- info <- export.
+EXPORT_MODULES = ("packing", "snapping", "info", "export")
+
+
+def _package_imports(module_name):
+    import ast
+    import importlib
+
+    path = importlib.import_module(f"dkm_kernels.{module_name}").__file__
+    tree = ast.parse(open(path).read())
+    return {node.module for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+
+
+@pytest.mark.parametrize("position", range(len(EXPORT_MODULES)))
+def test_export_modules_import_one_way_and_never_compress(position):
+    imported = _package_imports(EXPORT_MODULES[position])
+    assert "compress" not in imported
+    assert not imported & set(EXPORT_MODULES[position:])  # only modules before it
+
+
+def test_every_name_used_elsewhere_still_imports_from_export():
+    from dkm_kernels import export
+
+    for name in ("FORMAT", "SnappedLayer", "snap_layer", "decode_weight", "pack_indices",
+                 "unpack_indices", "compression_info", "export_bytes", "export_compressed",
+                 "save_compressed", "decoded_state_dict", "load_compressed"):
+        assert hasattr(export, name), name
+
+
+@pytest.mark.parametrize("bits", [1, 3, 7, 16])
+def test_pack_roundtrip_across_passes(bits, monkeypatch):
+    from dkm_kernels import packing
+
+    values = torch.randint(2 ** bits, (101,), generator=torch.Generator().manual_seed(bits))
+    in_one_pass = pack_indices(values, bits)
+    monkeypatch.setattr(packing, "_PACK_CHUNK", 16)  # many passes, the last one partial
+    packed = pack_indices(values, bits)
+    assert torch.equal(packed, in_one_pass)
+    assert torch.equal(unpack_indices(packed, bits, values.numel()), values)

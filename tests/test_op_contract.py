@@ -1,4 +1,4 @@
-"""The op contract (DESIGN §4): shapes, errors, torch.library registration, torch.compile."""
+"""The op contract (docs/design.md §5): shapes, errors, torch.library registration, torch.compile."""
 import pytest
 import torch
 
@@ -109,16 +109,6 @@ def test_auto_never_fails_on_cpu():
     torch.testing.assert_close(result.weights, expected.weights, rtol=1e-4, atol=1e-5)
 
 
-def test_opcheck_torch_ops():
-    weights, centroids, tau = make_problem(37, 3, k=5, groups=2, seed=8)
-    weights.requires_grad_(True)
-    forward = torch.ops.dkm_kernels.torch_forward.default
-    torch.library.opcheck(forward, (weights, centroids, tau, 4, 1e-4, False))
-    out, history, masses, iterations = forward(weights, centroids, tau, 4, 1e-4, False)
-    backward = torch.ops.dkm_kernels.torch_backward.default
-    torch.library.opcheck(
-        backward, (torch.randn_like(out), weights.detach(), history, masses, iterations, tau, False)
-    )
 
 
 def test_torch_compile_fullgraph_traces_a_model_using_the_op():
@@ -137,8 +127,46 @@ def test_torch_compile_fullgraph_traces_a_model_using_the_op():
     torch.testing.assert_close(grad, expected_grad)
 
 
-def test_deterministic_flag_follows_torch(monkeypatch):
-    args = _valid()
-    first = dkm_kernels.dkm(deterministic=True, backend="torch", **args)
-    second = dkm_kernels.dkm(deterministic=True, backend="torch", **args)
-    assert torch.equal(first.weights, second.weights)
+def _forward_outputs(backend="torch"):
+    weights, centroids, tau = make_problem(30, 2, k=4, groups=2, seed=5, dtype=torch.float32)
+    outputs = torch.ops.dkm_kernels.dkm_forward(weights, centroids, tau, 3, 0.0, True, backend)
+    return weights, tau, outputs
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda a: a.update(masses=a["masses"][..., :3]), "disagree on k"),
+    (lambda a: a.update(masses=a["masses"][:, :1]), "masses"),
+    (lambda a: a.update(centroid_history=a["centroid_history"][:, :1]), "centroid_history"),
+    (lambda a: a.update(iterations=a["iterations"][:1]), "iterations"),
+    (lambda a: a.update(iterations=a["iterations"] * 0), r"iterations must lie in \[1, 3\]"),
+    (lambda a: a.update(iterations=a["iterations"] + 5), r"iterations must lie in \[1, 3\]"),
+    (lambda a: a.update(iterations=a["iterations"].int()), "int64"),
+    (lambda a: a.update(grad_out=a["grad_out"][:, :5]), "grad_out"),
+    (lambda a: a.update(backend="nope"), "backend must be one of"),
+])
+def test_backward_op_checks_its_inputs(change, words):
+    """The registered backward, called directly with inputs that do not belong together, raises a
+    clear error instead of reading outside its buffers."""
+    weights, tau, (out, history, masses, iterations) = _forward_outputs()
+    args = dict(grad_out=torch.ones_like(out), weights=weights, centroid_history=history,
+                masses=masses, iterations=iterations, tau=tau, deterministic=True, backend="cpu")
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=words):
+        torch.ops.dkm_kernels.dkm_backward(*args.values())
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda a: a.update(centroids=a["centroids"][:1]), "do not match"),
+    (lambda a: a.update(centroids=a["centroids"].double()), "compute dtype"),
+    (lambda a: a.update(max_iter=10**9), "max_iter"),
+    (lambda a: a.update(epsilon=float("inf")), "epsilon"),
+    (lambda a: a.update(weights=a["weights"][:, :0]), "M >= 1"),
+    (lambda a: a.update(backend="reference"), "plain autograd"),
+])
+def test_forward_op_checks_its_inputs(change, words):
+    weights, centroids, tau = make_problem(30, 2, k=4, groups=2, seed=5, dtype=torch.float32)
+    args = dict(weights=weights, centroids=centroids, tau=tau, max_iter=3, epsilon=0.0,
+                deterministic=True, backend="torch")
+    change(args)
+    with pytest.raises((ValueError, TypeError), match=words):
+        torch.ops.dkm_kernels.dkm_forward(*args.values())

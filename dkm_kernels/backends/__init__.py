@@ -1,26 +1,19 @@
-"""Backends of the DKM op.
+"""The pass kernels of the DKM op, one module per backend.
 
-Every backend computes the same thing (DESIGN: the DKM iterations and their exact gradient) and
-exposes the same two operations on *grouped* tensors, already validated by `functional.dkm`:
+Every backend computes the same thing (docs/design.md §1-§3) and differs only in how it runs one
+pass over the rows: each module has a `Passes` class (the protocol in `recurrence.py`) and
+`unavailable_reason(device, dtype)`, None when it can run there, else a sentence saying why not
+and what to do. The op (`_ops.py`) and the recurrence are shared; `reference` is not a backend of
+the op but plain autograd (`reference.py`), the oracle of the tests.
 
-    forward(weights (G, M, d), centroids (G, k, d) in the compute dtype, tau, max_iter, epsilon,
-            deterministic)
-        -> out (G, M, d) in weights' dtype,
-           centroid_history (max_iter + 1, G, k, d) compute dtype   [0] = warm start, [t] = C_t;
-                                                                     after a group stops at L,
-                                                                     [t > L] repeats C_L
-           masses (max_iter, G, k) compute dtype                    s_t = sum_i A_t[i, :];
-                                                                     zero for t >= L
-           iterations (G,) int64                                    L per group
+Grouped shapes, as the op sees them:
 
-    backward(grad_out (G, M, d), weights, centroid_history, masses, iterations, tau, deterministic)
-        -> grad_weights (G, M, d) in weights' dtype
-
-The compute dtype is float64 for float64 weights and float32 otherwise.
-
-Each backend module registers its pair as the custom ops `dkm_kernels::<name>_forward` and
-`dkm_kernels::<name>_backward` (see `_ops.py`) and has `unavailable_reason(device, dtype)`, which
-returns None when it can run on that device and dtype, or a sentence saying why not and what to do.
+    weights            (G, M, d)           float16, bfloat16, float32 or float64
+    centroids          (G, k, d)           compute dtype: float64 for float64 weights, else float32
+    centroid_history   (max_iter + 1, G, k, d)   [0] = warm start, [t] = C_t; after a group stops
+                                                 at L, [t > L] repeats C_L
+    masses             (max_iter, G, k)    s_t = sum_i A_t[i, :]; zero for t >= L
+    iterations         (G,) int64          L per group
 """
 from __future__ import annotations
 
@@ -28,8 +21,9 @@ import importlib
 from types import ModuleType
 
 import torch
+from torch import Tensor
 
-# name -> module implementing it. `reference` is not a custom op: it is plain autograd.
+# name -> module implementing its passes.
 _MODULES = {
     "torch": "dkm_kernels.backends.torch_chunked",
     "triton": "dkm_kernels.backends.triton_kernels",
@@ -39,7 +33,6 @@ BACKENDS = ("auto", "reference", *_MODULES)
 
 # What `auto` tries first, by device type; `torch` runs everywhere and closes every list.
 _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
-
 
 _LOADED: dict[str, ModuleType | None] = {}
 
@@ -60,6 +53,11 @@ def load(name: str) -> ModuleType | None:
     return _LOADED.get(name)
 
 
+def check_name(name) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
 def unavailable_reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     if name == "reference":
         return None
@@ -75,3 +73,23 @@ def choose(device: torch.device, dtype: torch.dtype) -> str:
         if unavailable_reason(name, device, dtype) is None:
             return name
     return "torch"
+
+
+def resolve(name, device: torch.device, dtype: torch.dtype) -> str:
+    """`name` itself when it can run here ('auto': the fastest that can), else a ValueError."""
+    check_name(name)
+    if name == "auto":
+        return choose(device, dtype)
+    reason = unavailable_reason(name, device, dtype)
+    if reason is not None:
+        raise ValueError(f"backend={name!r} cannot run here: {reason}")
+    return name
+
+
+def passes(name: str, weights: Tensor, k: int, tau: float, deterministic: bool):
+    """The pass kernels of backend `name` bound to these weights (recurrence.Passes)."""
+    name = resolve(name, weights.device, weights.dtype)
+    if name == "reference":
+        raise ValueError("backend='reference' is plain autograd, not a backend of the op; "
+                         "call dkm_kernels.dkm(..., backend='reference')")
+    return load(name).Passes(weights, k, tau, deterministic)

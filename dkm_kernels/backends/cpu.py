@@ -1,17 +1,14 @@
 """Backend `cpu`: fused C++ kernels (csrc/) for CPU tensors.
 
-The ops `dkm_kernels::cpu_forward` / `cpu_backward` are defined and implemented in C++
-(csrc/dkm_cpu.cpp) and registered when the extension `dkm_kernels._C` is imported; this module adds
-their fake implementations and autograd (`_ops.register_fake_and_autograd`).
-
-What the kernels do: each pass over the weights splits every group's rows into chunks fixed by the
-shapes, processes the chunks in parallel (at::parallel_for) and, per row, computes the squared
-distances to all k centroids, the softmax (a vectorised exp) and the row's contribution to k x d
-accumulators; the chunks' partial sums are added in chunk order. Nothing of size M x k exists, and
-results are bit-identical run to run and for any number of threads. Math runs in float32 for
-float16/bfloat16/float32 weights and in float64 for float64 weights. The kernels are compiled for
-generic x86-64/ARM vectors, AVX2 and AVX-512 and chosen at run time (`isa()`; the environment
-variable DKM_KERNELS_ISA=generic|avx2|avx512 forces one).
+The three passes are ops defined and implemented in C++ (csrc/dkm_cpu.cpp) and registered when
+the extension `dkm_kernels._C` is imported: `dkm_kernels::cpu_attention_sums`, `cpu_output` and
+`cpu_gradient_pass`. Each splits every group's rows into chunks fixed by the shapes, runs the
+chunks in parallel (at::parallel_for) and, per row, computes the squared distances to all k
+centroids, the softmax (a vectorised exp) and the row's contribution to k x d accumulators; the
+chunks' partial sums are added in chunk order. Nothing of size M x k exists, and results are
+bit-identical run to run and for any number of threads (so `deterministic` changes nothing here).
+The kernels are compiled for generic vectors (SSE2 / NEON), AVX2 and AVX-512 and chosen at run
+time (`isa()`; the environment variable DKM_KERNELS_ISA=generic|avx2|avx512 forces one).
 
 Without the compiled extension the package still imports and `auto` uses the `torch` backend;
 importing warns once and says how to build it.
@@ -21,8 +18,7 @@ from __future__ import annotations
 import warnings
 
 import torch
-
-from .. import _ops
+from torch import Tensor
 
 BUILD_HINT = (
     "build it from the repository root with `pip install --no-build-isolation -e .` "
@@ -30,11 +26,10 @@ BUILD_HINT = (
 )
 
 try:
-    from .. import _C  # loading the library registers dkm_kernels::cpu_forward / cpu_backward
+    from .. import _C  # loading the library registers the dkm_kernels::cpu_* ops
 except ImportError as error:  # not built, or built against another torch
     _C = None
     _IMPORT_ERROR = str(error)
-    forward_op = None
     warnings.warn(
         f"dkm_kernels: the C++ extension dkm_kernels._C is not available ({_IMPORT_ERROR}), so "
         f"the 'cpu' backend is off and backend='auto' uses the 'torch' backend on CPU; "
@@ -44,7 +39,6 @@ except ImportError as error:  # not built, or built against another torch
     )
 else:
     _IMPORT_ERROR = None
-    forward_op = _ops.register_fake_and_autograd("cpu")
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -67,3 +61,25 @@ def isa() -> str | None:
 def available_isas() -> tuple[str, ...]:
     """Instruction sets compiled in and supported by this CPU, best first."""
     return () if _C is None else tuple(_C.available_isas())
+
+
+class Passes:
+    """recurrence.Passes on the C++ ops; inactive groups are skipped."""
+
+    def __init__(self, weights: Tensor, k: int, tau: float, deterministic: bool):
+        self.weights = weights
+        self.tau = tau
+
+    def attention_sums(self, values, centroids, active):
+        return torch.ops.dkm_kernels.cpu_attention_sums(self.weights, values, centroids, active,
+                                                        self.tau)
+
+    def output(self, attention_centroids, final_centroids):
+        return torch.ops.dkm_kernels.cpu_output(self.weights, attention_centroids,
+                                                final_centroids, self.tau)
+
+    def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
+                 active, grad_weights):
+        return torch.ops.dkm_kernels.cpu_gradient_pass(
+            self.weights, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
+            active, grad_weights, self.tau)

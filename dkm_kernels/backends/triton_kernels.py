@@ -23,8 +23,9 @@ Distances are sums of squared differences in fp32 (nothing cancels, no TF32); th
 of attention tiles use tl.dot with input_precision="ieee" (full fp32). Exponentials are exp2 of
 scores pre-scaled by log2(e) / tau.
 
-The iteration loop, the epsilon test and the k x d centroid updates run in torch on the host: they
-are O(k*d) per group. A group that has stopped is skipped by the kernels and keeps its centroids.
+The recurrence that runs these passes (recurrence.py: the iterations, the epsilon test, the k x d
+centroid updates, the backward's order) is shared with every backend. A group that has stopped is
+skipped by the kernels.
 
 Memory: nothing is saved for backward beyond the op's outputs (history, masses, iterations) and W.
 Transient: the slots, k x (d + 1) floats per program, whose count the deterministic mode bounds by
@@ -42,8 +43,6 @@ from torch import Tensor
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 import triton.language as tl
 
-from .._ops import define_ops
-from .iterations import final_centroids, iterate, safe_inverse
 
 # k up to this many centroids is handled as one block per tile (softmax in registers).
 MAX_SINGLE_BLOCK_K = 256
@@ -103,21 +102,24 @@ def _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask, neg_log2e_over_ta
 
 
 @triton.jit
-def _grad_attention(w_ptr, grad_out_ptr, grad_over_mass_ptr, next_ptr, final_ptr,
-                    rows, row_mask, cols, col_mask, is_last,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """dA_ij = (G_{t+1,j} / s_j) . (w_i - C_{t+1,j})  (+ G~_i . C_{L,j} on the last iteration).
+def _grad_attention(w_ptr, grad_out_ptr, grad_over_mass_ptr, grad_dot_next_ptr, final_ptr,
+                    rows, row_mask, cols, col_mask,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    HAS_GRAD_OUT: tl.constexpr):
+    """dA_ij = (G_{t+1,j} / s_j) . w_i - (G_{t+1,j} / s_j) . C_{t+1,j}
+    (+ G~_i . C_{L,j} in the first backward pass, HAS_GRAD_OUT).
 
-    w_ptr, grad_out_ptr: (M, D) one group's rows; grad_over_mass_ptr, next_ptr, final_ptr: (k, D)
-    fp32, one group's G_{t+1}/s_t (zero where s_t == 0), C_{t+1} and C_L.
+    w_ptr, grad_out_ptr: (M, D) one group's rows; grad_over_mass_ptr, final_ptr: (k, D) fp32, one
+    group's G_{t+1}/s_t (zero where the centroid has no mass) and C_L; grad_dot_next_ptr: (k,)
+    fp32, (G_{t+1,j} / s_j) . C_{t+1,j}.
     """
-    grad = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    dot_next = tl.load(grad_dot_next_ptr + cols, mask=col_mask, other=0.0)
+    grad = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32) - dot_next[None, :]
     for dim in tl.static_range(D):
         w_col = tl.load(w_ptr + rows * D + dim, mask=row_mask, other=0.0).to(tl.float32)
         g_col = tl.load(grad_over_mass_ptr + cols * D + dim, mask=col_mask, other=0.0)
-        n_col = tl.load(next_ptr + cols * D + dim, mask=col_mask, other=0.0)
-        grad += g_col[None, :] * (w_col[:, None] - n_col[None, :])
-    if is_last:
+        grad += g_col[None, :] * w_col[:, None]
+    if HAS_GRAD_OUT:
         for dim in tl.static_range(D):
             go_col = tl.load(grad_out_ptr + rows * D + dim, mask=row_mask, other=0.0).to(tl.float32)
             f_col = tl.load(final_ptr + cols * D + dim, mask=col_mask, other=0.0)
@@ -291,27 +293,25 @@ def _backward_kernel(
     weights_ptr,         # (G, M, D) weights' dtype
     grad_out_ptr,        # (G, M, D) grad_out's dtype: G~
     centroids_ptr,       # (G, k, D) fp32: C_t
-    next_ptr,            # (G, k, D) fp32: C_{t+1}
-    grad_over_mass_ptr,  # (G, k, D) fp32: G_{t+1,j} / s_{t,j}, zero where s_{t,j} == 0
+    grad_over_mass_ptr,  # (G, k, D) fp32: G_{t+1,j} / s_{t,j}, zero without mass
+    grad_dot_next_ptr,   # (G, k) fp32: (G_{t+1,j} / s_{t,j}) . C_{t+1,j}
     final_ptr,           # (G, k, D) fp32: C_L
-    active_ptr,          # (G,) int32: 1 where t < L (the group ran iteration t)
-    last_ptr,            # (G,) int32: 1 where t == L - 1
+    active_ptr,          # (G,) int32: 1 where the group takes part in this pass
     grad_w_ptr,          # (G, M, D) fp32: dW, this pass's rows added in place
     ds_w_ptr,            # (G, SLOTS, k, D) fp32, zeroed: sum_i dS_ij w_i per slot
     ds_ptr,              # (G, SLOTS, k) fp32, zeroed: sum_i dS_ij per slot
     m, k, slots, rows_per_chunk, neg_log2e_over_tau, two_over_tau,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr, ATOMIC: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, ATOMIC: tl.constexpr, HAS_GRAD_OUT: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     group = tl.program_id(1).to(tl.int64)
     if tl.load(active_ptr + group) != 0:
-        is_last = tl.load(last_ptr + group) != 0
         w_ptr = weights_ptr + group * m * D
         go_ptr = grad_out_ptr + group * m * D
         gw_ptr = grad_w_ptr + group * m * D
         c_ptr = centroids_ptr + group * k * D
-        n_ptr = next_ptr + group * k * D
+        n_ptr = grad_dot_next_ptr + group * k
         g_ptr = grad_over_mass_ptr + group * k * D
         f_ptr = final_ptr + group * k * D
         slot = 0 if ATOMIC else chunk
@@ -335,7 +335,7 @@ def _backward_kernel(
                                       neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
                 attention = _softmax_rows(scores, row_mask)
                 grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask, cols,
-                                         col_mask, is_last, D, BLOCK_M, BLOCK_K)
+                                         col_mask, D, BLOCK_M, BLOCK_K, HAS_GRAD_OUT)
                 weighted = tl.sum(attention * grad_a, axis=1)
                 grad_s = attention * (grad_a - weighted[:, None])
                 w = _load_block(w_ptr, rows, row_end, dims, D)
@@ -362,7 +362,7 @@ def _backward_kernel(
                     scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
                                           neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
                     grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask,
-                                             cols, col_mask, is_last, D, BLOCK_M, BLOCK_K)
+                                             cols, col_mask, D, BLOCK_M, BLOCK_K, HAS_GRAD_OUT)
                     row_max, rescale, p = _online_max(row_max, scores)
                     row_sum = row_sum * rescale + tl.sum(p, axis=1)
                     row_weighted = row_weighted * rescale + tl.sum(p * grad_a, axis=1)
@@ -380,7 +380,7 @@ def _backward_kernel(
                     attention = tl.exp2(scores - log_normaliser[:, None])
                     attention = tl.where(row_mask[:, None], attention, 0.0)
                     grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask,
-                                             cols, col_mask, is_last, D, BLOCK_M, BLOCK_K)
+                                             cols, col_mask, D, BLOCK_M, BLOCK_K, HAS_GRAD_OUT)
                     grad_s = attention * (grad_a - weighted[:, None])
                     grad_over_mass = _load_block(g_ptr, cols, k, dims, D)
                     centroids = _load_block(c_ptr, cols, k, dims, D)
@@ -429,10 +429,10 @@ class _Plan:
         # Chosen so that ptxas (sm_90, d = 8) reports no register spills for these tiles.
         self.num_warps = 8 if self.block_m * self.block_k >= 2048 else 4
         self.row_tiles = triton.cdiv(m, self.block_m)
-        chunks = min(self.row_tiles, max(1, triton.cdiv(_program_target(device), groups)))
+        chunks = min(self.row_tiles, max(1, triton.cdiv(_program_target(device), max(1, groups))))
         self.atomic = not deterministic
         if not self.atomic:  # one slot of k x (d + 1) floats per program
-            chunks = min(chunks, max(1, WORKSPACE_BYTES // (groups * k * (d + 1) * 4)))
+            chunks = min(chunks, max(1, WORKSPACE_BYTES // (max(1, groups) * k * (d + 1) * 4)))
         tiles_per_chunk = triton.cdiv(self.row_tiles, chunks)
         self.chunks = triton.cdiv(self.row_tiles, tiles_per_chunk)
         self.rows_per_chunk = tiles_per_chunk * self.block_m
@@ -451,90 +451,68 @@ def _device_context(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _attention_sums(weights: Tensor, values: Tensor, centroids: Tensor, active: Tensor,
-                    tau: float, plan: _Plan) -> tuple[Tensor, Tensor]:
-    """sum_i A_ij v_i (G, k, d) and sum_i A_ij (G, k) for the attention of `weights` to
-    `centroids`; zero for inactive groups."""
-    groups, m, d = weights.shape
-    k = centroids.shape[1]
-    sums = torch.zeros((groups, plan.slots, k, d), dtype=torch.float32, device=weights.device)
-    mass = torch.zeros((groups, plan.slots, k), dtype=torch.float32, device=weights.device)
-    _attention_sums_kernel[(plan.chunks, groups)](
-        weights, values, centroids, active, sums, mass,
-        m, k, plan.slots, plan.rows_per_chunk, -_LOG2E / tau,
-        D=d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
-        SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
-        num_warps=plan.num_warps, num_stages=1,
-    )
-    return sums.sum(dim=1), mass.sum(dim=1)
+class Passes:
+    """recurrence.Passes as Triton launches; groups whose `active` entry is False are skipped."""
 
+    def __init__(self, weights: Tensor, k: int, tau: float, deterministic: bool):
+        reason = unavailable_reason(weights.device, weights.dtype)
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run here: {reason}")
+        self.weights = weights
+        self.groups, self.m, self.d = weights.shape
+        self.k = k
+        self.tau = tau
+        self.plan = _Plan(self.groups, self.m, k, self.d, deterministic, weights.device)
+        self.backward_plan = _Plan(self.groups, self.m, k, self.d, deterministic, weights.device,
+                                   tile=BACKWARD_SINGLE_BLOCK_TILE)
 
-def _check_dtype(weights: Tensor) -> None:
-    reason = unavailable_reason(weights.device, weights.dtype)
-    if reason is not None:
-        raise ValueError(f"backend='triton' cannot run here: {reason}")
+    def _zeros(self, *shape) -> Tensor:
+        return torch.zeros(shape, dtype=torch.float32, device=self.weights.device)
 
+    def attention_sums(self, values, centroids, active):
+        plan = self.plan
+        sums = self._zeros(self.groups, plan.slots, self.k, self.d)
+        mass = self._zeros(self.groups, plan.slots, self.k)
+        if self.groups:
+            with _device_context(self.weights.device):
+                _attention_sums_kernel[(plan.chunks, self.groups)](
+                    self.weights, values, centroids, active.to(torch.int32), sums, mass,
+                    self.m, self.k, plan.slots, plan.rows_per_chunk, -_LOG2E / self.tau,
+                    D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
+                    SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
+                    num_warps=plan.num_warps, num_stages=1,
+                )
+        return sums.sum(dim=1), mass.sum(dim=1)
 
-def forward(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsilon: float,
-            deterministic: bool):
-    _check_dtype(weights)
-    groups, m, d = weights.shape
-    k = centroids.shape[1]
-    device = weights.device
-    plan = _Plan(groups, m, k, d, deterministic, device)
-    with _device_context(device):
-        history, masses, iterations = iterate(
-            centroids.float(), max_iter, epsilon,
-            lambda c, active: _attention_sums(weights, weights, c, active.to(torch.int32), tau, plan),
-        )
-        c_last_attention, c_final = final_centroids(history, iterations)
-        out = torch.empty_like(weights)
-        _output_kernel[(triton.cdiv(m, plan.output_block_m), groups)](
-            weights, c_last_attention, c_final, out, m, k, -_LOG2E / tau,
-            D=d, BLOCK_D=plan.block_d, BLOCK_M=plan.output_block_m, BLOCK_K=plan.output_block_k,
-            num_warps=plan.output_warps, num_stages=1,
-        )
-    return out, history, masses, iterations
+    def output(self, attention_centroids, final_centroids):
+        plan = self.plan
+        out = torch.empty_like(self.weights, memory_format=torch.contiguous_format)
+        if self.groups:
+            with _device_context(self.weights.device):
+                _output_kernel[(triton.cdiv(self.m, plan.output_block_m), self.groups)](
+                    self.weights, attention_centroids, final_centroids, out, self.m, self.k,
+                    -_LOG2E / self.tau,
+                    D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.output_block_m,
+                    BLOCK_K=plan.output_block_k, num_warps=plan.output_warps, num_stages=1,
+                )
+        return out
 
-
-def backward(grad_out: Tensor, weights: Tensor, history: Tensor, masses: Tensor,
-             iterations: Tensor, tau: float, deterministic: bool) -> Tensor:
-    _check_dtype(weights)
-    groups, m, d = weights.shape
-    k = history.shape[2]
-    device = weights.device
-    plan = _Plan(groups, m, k, d, deterministic, device, tile=BACKWARD_SINGLE_BLOCK_TILE)
-    grad_out = grad_out.contiguous()
-    last = iterations - 1
-    c_last_attention, c_final = final_centroids(history, iterations)
-    grad_weights = torch.zeros(weights.shape, dtype=torch.float32, device=device)
-    everyone = torch.ones(groups, dtype=torch.int32, device=device)
-    zeros_like_slots = (groups, plan.slots, k)
-
-    with _device_context(device):
-        # G_L = A_{L-1}^T G~: the gradient reaching the final centroids through the output.
-        grad_c, _ = _attention_sums(weights, grad_out, c_last_attention, everyone, tau, plan)
-        for t in reversed(range(int(iterations.max()))):
-            active = t < iterations
-            c, c_next, mass = history[t], history[t + 1], masses[t]
-            grad_over_mass = (grad_c * safe_inverse(mass).unsqueeze(-1)).contiguous()
-            ds_w = torch.zeros((*zeros_like_slots, d), dtype=torch.float32, device=device)
-            ds = torch.zeros(zeros_like_slots, dtype=torch.float32, device=device)
-            _backward_kernel[(plan.chunks, groups)](
-                weights, grad_out, c, c_next, grad_over_mass, c_final,
-                active.to(torch.int32), (t == last).to(torch.int32),
-                grad_weights, ds_w, ds,
-                m, k, plan.slots, plan.rows_per_chunk, -_LOG2E / tau, 2.0 / tau,
-                D=d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
-                SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
-                num_warps=plan.num_warps, num_stages=1,
-            )
-            ds_w, ds = ds_w.sum(dim=1), ds.sum(dim=1)
-            grad_c_t = (2.0 / tau) * (ds_w - c * ds.unsqueeze(-1))
-            # A centroid without mass is carried over unchanged: its gradient passes through.
-            grad_c_t += torch.where((mass > 0).unsqueeze(-1), 0.0, grad_c)
-            grad_c = torch.where(active[:, None, None], grad_c_t, grad_c)
-    return grad_weights.to(weights.dtype)
-
-
-forward_op = define_ops("triton", forward, backward)
+    def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
+                 active, grad_weights):
+        plan = self.backward_plan
+        ds_w = self._zeros(self.groups, plan.slots, self.k, self.d)
+        ds = self._zeros(self.groups, plan.slots, self.k)
+        if self.groups:
+            with _device_context(self.weights.device):
+                _backward_kernel[(plan.chunks, self.groups)](
+                    self.weights, self.weights if grad_out is None else grad_out, centroids,
+                    grad_over_mass.contiguous(), grad_dot_next.contiguous(), final_centroids,
+                    active.to(torch.int32), grad_weights, ds_w, ds,
+                    self.m, self.k, plan.slots, plan.rows_per_chunk, -_LOG2E / self.tau,
+                    2.0 / self.tau,
+                    D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
+                    SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
+                    HAS_GRAD_OUT=grad_out is not None,
+                    num_warps=plan.num_warps, num_stages=1,
+                )
+        return ds_w.sum(dim=1), ds.sum(dim=1)

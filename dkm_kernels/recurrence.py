@@ -1,0 +1,143 @@
+"""The DKM recurrence, written once for every fused backend (docs/design.md §3, §4).
+
+A backend supplies only its pass kernels (`Passes`): one sweep over the rows of W that recomputes
+the attention tile by tile and reduces what crosses rows into k x d sums. This module runs the
+passes in order and does the O(L k d) work between them on the host side of the op:
+
+    forward    L passes of `attention_sums` (the centroid updates and each group's epsilon stop),
+               then one `output` pass: W~ = A_{L-1} C_L.
+    backward   one `attention_sums` pass over the upstream gradient (G_L = A_{L-1}^T G~), then one
+               `gradient` pass per iteration, groups aligned at their last iteration.
+
+Shapes are grouped, as in `backends/__init__.py`: W (G, M, d), centroids (G, k, d).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+# A centroid whose attention mass is below this counts as having none: it keeps its position, its
+# 1/s terms vanish and its gradient passes through unchanged. The float32 backends flush or lose
+# attention values below float32's smallest normal number (2^-126) in every row; even summed over
+# 2^24 rows that is 2^-102, far below this threshold, so a mass at or above it is accurate to
+# float32 rounding, and every backend and the float64 reference classify each centroid alike.
+# A centroid this light contributes under 2^-64 of one row's attention to any output.
+MIN_MASS = 2.0 ** -64
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Math runs in float64 for float64 inputs and in float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def has_mass(mass: Tensor) -> Tensor:
+    return mass >= MIN_MASS
+
+
+def inverse_mass(mass: Tensor) -> Tensor:
+    """1 / s_j, and 0 for a centroid without mass (its terms vanish)."""
+    return torch.where(has_mass(mass), 1.0 / mass.clamp_min(MIN_MASS), 0.0)
+
+
+class Passes(Protocol):
+    """The pass kernels of one backend, bound to the weights W (G, M, d), k, tau and the
+    reduction mode. Every pass skips (or discards) the groups whose `active` entry is False."""
+
+    weights: Tensor
+
+    def attention_sums(self, values: Tensor, centroids: Tensor,
+                       active: Tensor) -> tuple[Tensor, Tensor]:
+        """A = softmax(-|w_i - c_j|^2 / tau); returns sum_i A_ij v_i (G, k, d) and sum_i A_ij
+        (G, k) in the compute dtype, for v = W (an iteration) or v = G~ (the backward's G_L)."""
+
+    def output(self, attention_centroids: Tensor, final_centroids: Tensor) -> Tensor:
+        """W~ = A C_L with A the attention to `attention_centroids`; (G, M, d) in W's dtype."""
+
+    def gradient(self, grad_out: Tensor | None, centroids: Tensor, grad_over_mass: Tensor,
+                 grad_dot_next: Tensor, final_centroids: Tensor, active: Tensor,
+                 grad_weights: Tensor) -> tuple[Tensor, Tensor]:
+        """One backward pass for iteration t (§3): with A = A_t (attention to `centroids` = C_t),
+            dA_ij = grad_over_mass_j . w_i - grad_dot_next_j  (+ G~_i . C_L,j when grad_out given)
+            dS_ij = A_ij (dA_ij - sum_l A_il dA_il)
+        adds dW_i = sum_j A_ij grad_over_mass_j - (2/tau)(w_i sum_j dS_ij - sum_j dS_ij c_j) into
+        `grad_weights` (G, M, d, compute dtype) for active groups, and returns sum_i dS_ij w_i
+        (G, k, d) and sum_i dS_ij (G, k)."""
+
+
+def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float):
+    """Iterate from the warm start `centroids` (G, k, d, compute dtype), then the output pass.
+
+    Returns (W~, history (max_iter + 1, G, k, d), masses (max_iter, G, k), iterations (G,)):
+    history[t] = C_t, and a group that stopped after L iterations repeats C_L in history[t > L]
+    and has zero masses for t >= L.
+    """
+    groups, k, d = centroids.shape
+    history = centroids.new_empty((max_iter + 1, groups, k, d))
+    masses = centroids.new_zeros((max_iter, groups, k))
+    iterations = torch.full((groups,), max_iter, dtype=torch.int64, device=centroids.device)
+    active = torch.ones(groups, dtype=torch.bool, device=centroids.device)
+    history[0] = centroids
+    for t in range(max_iter):
+        c = history[t]
+        weighted_sum, mass = passes.attention_sums(passes.weights, c, active)
+        c_next = torch.where(has_mass(mass).unsqueeze(-1),
+                             weighted_sum * inverse_mass(mass).unsqueeze(-1), c)
+        c_next = torch.where(active[:, None, None], c_next, c)  # a stopped group stays put
+        history[t + 1] = c_next
+        masses[t] = torch.where(active[:, None], mass, 0.0)
+        converged = active & ((c_next - c).abs().amax(dim=(1, 2)) <= epsilon)
+        iterations[converged] = t + 1
+        active &= ~converged
+        if t == 0:
+            # A NaN or Inf weight (or centroid) turns its row's attention, and so these sums, into
+            # NaN; so does a squared distance beyond the compute dtype's range. Checked here, on
+            # k x d values, with the same host sync as the stop test.
+            finite = torch.isfinite(c_next).all() & torch.isfinite(mass).all()
+            any_active, finite = torch.stack([active.any(), finite]).tolist()
+            if not finite:
+                raise ValueError(
+                    "weights or centroids contain NaN or Inf, or weights so large that their "
+                    "squared distances overflow float32 (|w| above about 1e18); DKM needs finite "
+                    "weights: check the layer's values or the training step that produced them")
+        else:
+            any_active = bool(active.any())
+        if not any_active:
+            history[t + 2:] = c_next
+            break
+    group = torch.arange(groups, device=centroids.device)
+    out = passes.output(history[iterations - 1, group], history[iterations, group])
+    return out, history, masses, iterations
+
+
+def backward(passes: Passes, grad_out: Tensor, history: Tensor, masses: Tensor,
+             iterations: Tensor, tau: float) -> Tensor:
+    """dLoss/dW (G, M, d, compute dtype) through every iteration, from G~ = grad_out.
+
+    Groups are aligned at their last iteration: backward step p (1, 2, ...) handles iteration
+    t = L_g - p of every group that ran at least p iterations, so the output's term (which needs
+    G~) enters every group in the first step.
+    """
+    weights = passes.weights
+    groups = weights.shape[0]
+    group = torch.arange(groups, device=weights.device)
+    steps = int(iterations.max()) if groups else 0
+    c_final = history[iterations, group]
+    grad_weights = torch.zeros(weights.shape, dtype=history.dtype, device=weights.device)
+    everyone = torch.ones(groups, dtype=torch.bool, device=weights.device)
+    # G_L = A_{L-1}^T G~: the gradient reaching the final centroids through the output.
+    grad_c, _ = passes.attention_sums(grad_out, history[iterations - 1, group], everyone)
+    for p in range(1, steps + 1):
+        active = iterations >= p
+        t = (iterations - p).clamp_min(0)
+        c, c_next, mass = history[t, group], history[t + 1, group], masses[t, group]
+        grad_over_mass = grad_c * inverse_mass(mass).unsqueeze(-1)  # G_{t+1,j} / s_j
+        grad_dot_next = (grad_over_mass * c_next).sum(dim=-1)
+        sum_ds_w, sum_ds = passes.gradient(grad_out if p == 1 else None, c, grad_over_mass,
+                                           grad_dot_next, c_final, active, grad_weights)
+        grad_c_t = (2.0 / tau) * (sum_ds_w - c * sum_ds.unsqueeze(-1))
+        # A centroid without mass is carried over unchanged: its gradient passes through.
+        grad_c_t = grad_c_t + torch.where(has_mass(mass).unsqueeze(-1), 0.0, grad_c)
+        grad_c = torch.where(active[:, None, None], grad_c_t, grad_c)
+    return grad_weights
