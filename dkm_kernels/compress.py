@@ -314,8 +314,9 @@ class DKMCompressor(nn.Module):
             module = modules[name]
             record = export.snap_layer(layer, raw_weight(module).detach(), self.configs[name])
             for member in (name, *self.tied.get(name, ())):
-                parametrize.remove_parametrizations(modules[member], "weight",
-                                                    leave_parametrized=False)
+                if parametrize.is_parametrized(modules[member], "weight"):
+                    parametrize.remove_parametrizations(modules[member], "weight",
+                                                        leave_parametrized=False)
             module.weight.copy_(record.decode())
             self.snapped[name] = record
 
@@ -421,6 +422,10 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
     for index, (name, module) in enumerate(candidates):
         owner = owners.setdefault(id(raw_weight(module)), name)
         if owner != name:  # a tied weight follows the first module that holds it
+            if name in overrides and overrides[name] is None:
+                skipped[name] = (f"layer_configs: None (it shares its weight with {owner!r}, and "
+                                 f"reads it unclustered until snap_weights)")
+                continue
             if name in overrides:
                 raise ValueError(f"layer_configs[{name!r}]: {name!r} shares its weight with "
                                  f"{owner!r}, which decides how it is clustered; configure "

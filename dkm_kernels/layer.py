@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
+from ._ops import MAX_ITER_LIMIT
 from .functional import check_count, dkm
 from .init import INIT_METHODS, SEED_BOUND, init_centroids
 from .kmeans import nearest_centroids, nearest_centroids_checked, lloyd_kmeans
@@ -90,6 +91,10 @@ def check_layer_options(shape: tuple, n_clusters, tau, dim, max_iter, epsilon, i
     check_count("n_clusters", n_clusters)
     check_count("dim", dim)
     check_count("max_iter", max_iter)
+    if max_iter > MAX_ITER_LIMIT:
+        raise ValueError(f"max_iter={max_iter} is above the op's limit MAX_ITER_LIMIT = "
+                         f"{MAX_ITER_LIMIT} (DKM converges in a few iterations; the paper runs "
+                         f"5): use max_iter <= {MAX_ITER_LIMIT}")
     if (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
             or not math.isfinite(epsilon) or epsilon < 0):
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")

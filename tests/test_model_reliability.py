@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 import dkm_kernels
 from dkm_kernels import DKMLayer, compress_model, layer as layer_module
-from dkm_kernels.export import load_compressed
+from dkm_kernels.export import export_bytes, load_compressed
 
 CLUSTER_ALL = dict(skip_first_last=False, small_layer_threshold=0, seed=0)
 
@@ -216,9 +216,16 @@ def test_a_tied_weight_has_one_layer_one_palette_and_one_clustering(monkeypatch)
     assert len(calls) == 2  # emb (and head) once, mid once
     compressor.eval()
     assert torch.equal(model.head.weight, model.emb.weight)
+    info = compressor.get_compression_info()  # before snapping: the follower is parametrized
     compressor.snap_weights()
     assert model.head.weight is model.emb.weight
     assert len(torch.unique(model.emb.weight)) <= 4
+    export = compressor.export_compressed()
+    assert info["compressed_bytes"] == export_bytes(export)
+    assert "head.weight" not in export["uncompressed"]
+    plain = load_compressed(export, TiedLM())
+    assert plain.head.weight is plain.emb.weight
+    assert torch.equal(plain(tokens), compressor(tokens))
 
 
 def test_a_tied_weight_follows_its_first_module():
@@ -226,6 +233,8 @@ def test_a_tied_weight_follows_its_first_module():
     assert compressor.skipped["head"].startswith("shares its weight with 'emb'")
     with pytest.raises(ValueError, match=r"layer_configs\['head'\].*configure 'emb'"):
         compress_model(TiedLM(), bits=2, layer_configs={"head": {"bits": 3}})
+    apart = compress_model(TiedLM(), bits=2, layer_configs={"head": None}, **CLUSTER_ALL)
+    assert apart.tied == {} and "shares its weight with 'emb'" in apart.skipped["head"]
 
 
 class CheckpointedLM(TiedLM):
@@ -331,7 +340,7 @@ def test_a_meta_weight_cannot_be_clustered_before_it_has_values():
     (dict(backend="cuda"), ["backend", "'cuda'"]),
     (dict(epsilon=float("inf")), ["epsilon"]),
     (dict(epsilon=float("nan")), ["epsilon"]),
-    (dict(max_iter=10**9), ["max_iter=1000000000", "MAX_CENTROID_HISTORY_BYTES", "max_iter <="]),
+    (dict(max_iter=10**9), ["max_iter=1000000000", "MAX_ITER_LIMIT", "max_iter <="]),
     (dict(seed=1.5), ["seed", "1.5"]),
     (dict(seed=True), ["seed"]),
     (dict(lut_dtype=torch.int8), ["lut_dtype"]),
@@ -346,6 +355,13 @@ def test_options_are_checked_when_the_layer_is_built(kwargs, words):
         compress_model(MLP(), **{"skip_first_last": False, **kwargs})
     for word in words:
         assert word in str(error.value)
+
+
+def test_max_iter_is_bounded_by_the_memory_of_its_centroid_history():
+    # 65536 centroids of 4 floats: 1 MiB per iteration kept for backward.
+    with pytest.raises(ValueError, match=r"layer 'fc1': max_iter=5000 .*"
+                                         r"MAX_CENTROID_HISTORY_BYTES.*use max_iter <= 1023"):
+        compress_model(MLP(), bits=16, dim=4, max_iter=5000, **CLUSTER_ALL)
 
 
 def test_a_named_layer_names_itself_in_its_errors():
