@@ -4,7 +4,9 @@ Each clustered weight gets a `DKMLayer` registered with `torch.nn.utils.parametr
 `weight` becomes the clustered weight, the trainable float weight lives on as
 `<module>.parametrizations.weight.original`, and the layer's centroids are buffers next to it. So
 `model.parameters()`, optimizers and `state_dict()` work as usual, and a state dict saved during
-training resumes it exactly (warm-start centroids, auto taus and the step counter included).
+training resumes it exactly (warm-start and pending centroids, auto taus and the step counter
+included). A Parameter shared by several modules (a tied embedding and output head) gets one
+DKMLayer, registered on each of them (`DKMCompressor.tied`).
 
 Per-layer configuration, most specific first:
   1. `layer_configs[module_name]`: a config, or None to leave that module uncompressed;
@@ -27,10 +29,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import export
-from .layer import DKMLayer, check_layer_options
-from .modules import CONV_TYPES, clusterable_modules, raw_weight
+from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _in_backward,
+                    check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed)
+from .init import SEED_BOUND
+from .modules import CONV_TRANSPOSE_TYPES, CONV_TYPES, clusterable_modules, raw_weight
 
 MAX_BITS = 16  # indices are packed in at most 16 bits (65536 centroids)
+# The paper's protocol for small layers: weights with fewer elements than the threshold are cheap
+# to keep precise, so they get 8-bit scalar palettes whatever the model's config.
+SMALL_LAYER_THRESHOLD = 10_000
+SMALL_LAYER_CONFIG = {"bits": 8, "dim": 1, "group_size": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,11 +47,11 @@ class LayerConfig:
 
     bits: int = 4
     dim: int = 1
-    tau: float | str = 2e-5
+    tau: float | str = DEFAULT_TAU
     group_size: int | None = None
     enable_per_channel_scale: bool = False
-    max_iter: int = 5
-    epsilon: float = 1e-4
+    max_iter: int = DEFAULT_MAX_ITER
+    epsilon: float = DEFAULT_EPSILON
     init_method: str = "kmeans++"
 
     @property
@@ -115,52 +123,86 @@ def _validated(name: str, config: dict, module: nn.Module) -> LayerConfig:
     try:
         check_layer_options(tuple(weight.shape), 2**bits, config["tau"], config["dim"],
                             config["max_iter"], config["epsilon"], config["init_method"],
-                            config["group_size"])
+                            config["group_size"], config["enable_per_channel_scale"])
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     return LayerConfig(**config)
+
+
+def _dkm_parametrized(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module, "weight") and any(
+        isinstance(p, DKMLayer) for p in module.parametrizations.weight)
 
 
 def _weight_key(name: str, suffix: str = "weight") -> str:
     return f"{name}.{suffix}" if name else suffix
 
 
+def _unsupported(module: nn.Module, config: dict) -> str | None:
+    """Why `module` cannot be clustered with `config`, or None when it can."""
+    if isinstance(module, nn.Embedding) and module.sparse:
+        return ("sparse=True gradients: a parametrized weight gets dense gradients, so build the "
+                "Embedding with sparse=False to cluster it")
+    if isinstance(module, CONV_TRANSPOSE_TYPES) and (config["group_size"] is not None
+                                                      or config["enable_per_channel_scale"]):
+        return ("ConvTranspose keeps its output channels on axis 1 of its weight, and group_size "
+                "and per-channel scales follow axis 0: give it group_size=None and "
+                "enable_per_channel_scale=False to cluster it")
+    return None
+
+
 class DKMCompressor(nn.Module):
     """A model whose clustered weights are DKM parametrizations (build it with `compress_model`).
 
-    Call it like the model. Each call in training mode counts one step; before `milestone` steps
-    the weights train unclustered (in both modes), afterwards every clustered weight is soft-DKM
-    in training and hard-assigned to its centroids in evaluation.
+    Call it like the model (or call the model itself). Each forward of the model in training mode
+    is one step: it starts by committing every layer's pending centroids (`DKMLayer.advance`),
+    so every read of a weight within the step, and every recomputation of it by gradient
+    checkpointing, clusters from the same warm start, and a weight read twice is clustered once.
+    Before `milestone` steps the weights train unclustered (in both modes), afterwards every
+    clustered weight is soft-DKM in training and hard-assigned to its centroids in evaluation.
+    `tied` maps a clustered layer to the other modules that share its Parameter (one DKMLayer).
     """
 
     def __init__(self, model: nn.Module, configs: dict[str, LayerConfig],
                  skipped: dict[str, str], milestone: int = 0, backend: str = "auto",
-                 lut_dtype: torch.dtype = torch.float16, seed: int | None = None):
+                 lut_dtype: torch.dtype = torch.float16, seed: int | None = None,
+                 tied: Mapping[str, list[str]] | None = None):
         super().__init__()
         if not _is_int(milestone) or milestone < 0:
             raise ValueError(f"milestone must be an integer >= 0, got {milestone!r}")
+        check_backend(backend)
+        check_lut_dtype(lut_dtype)
+        check_seed(seed)
         self.model = model
         self.configs = dict(configs)
         self.skipped = dict(skipped)
+        # clustered layer name -> the other modules holding the same Parameter (same DKMLayer)
+        self.tied = {name: list(others) for name, others in (tied or {}).items() if others}
         self.milestone = milestone
         self.lut_dtype = lut_dtype
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
+        self._step = 0  # host mirror of `step`: a forward never reads the device
+        self._depth = 0  # nested calls of the model's forward (only the outermost is a step)
         modules = dict(model.named_modules())
+        already = [name for name in self.configs
+                   for member in (name, *self.tied.get(name, ()))
+                   if parametrize.is_parametrized(modules[member], "weight")]
+        if already:  # checked before registering anything, so that the model is left untouched
+            raise ValueError(f"layer(s) {already}: their weights are already parametrized (was "
+                             f"the model compressed twice?); compress the original model once")
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         # Plain dicts: the layers and snapped records are reached through the model, not
         # registered a second time here.
         self.dkm_layers: dict[str, DKMLayer] = {}
         self.snapped: dict[str, Any] = {}
         for name, config in self.configs.items():
-            module = modules[name]
-            if parametrize.is_parametrized(module, "weight"):
-                raise ValueError(f"layer {name!r}: its weight is already parametrized "
-                                 f"(was the model compressed twice?)")
-            weight = module.weight
+            weight = raw_weight(modules[name])
             layer_generator = generator
-            if generator is not None and weight.device.type != "cpu":
+            # A meta weight initialises later, on the CPU, from the shared generator.
+            if generator is not None and weight.device.type not in ("cpu", "meta"):
                 layer_generator = torch.Generator(device=weight.device).manual_seed(
-                    int(torch.randint(2**62, (), generator=generator)))
+                    int(torch.randint(SEED_BOUND, (), generator=generator)))
+            groups = 1 if config.group_size is None else weight.shape[0] // config.group_size
             layer = DKMLayer(
                 weight, n_clusters=config.n_clusters, tau=config.tau, dim=config.dim,
                 max_iter=config.max_iter, epsilon=config.epsilon,
@@ -168,25 +210,77 @@ class DKMCompressor(nn.Module):
                 group_size=config.group_size,
                 enable_per_channel_scale=config.enable_per_channel_scale,
                 lut_dtype=lut_dtype, generator=layer_generator, keep_weight=False,
-                lazy_init=milestone > 0)
-            # unsafe: registration would otherwise run the layer once (a DKM step) to check it.
-            parametrize.register_parametrization(module, "weight", layer, unsafe=True)
+                lazy_init=milestone > 0, auto_advance=False, name=name, _groups=groups)
+            # One layer for every module holding this Parameter: one palette, one DKM per forward.
+            for member in (name, *self.tied.get(name, ())):
+                # unsafe: registration would otherwise run the layer once (a DKM step) to check it.
+                parametrize.register_parametrization(modules[member], "weight", layer,
+                                                     unsafe=True)
             self.dkm_layers[name] = layer
         self._set_active()
+        # The step boundary is the model's forward, however it is called (the compressor, or
+        # `model(x)` directly as training frameworks do).
+        self._hooks = [model.register_forward_pre_hook(self._before_forward),
+                       model.register_forward_hook(self._after_forward, always_call=True),
+                       model.register_load_state_dict_pre_hook(self._plain_weight_keys)]
 
     # -- training ---------------------------------------------------------------------------------
 
     def _set_active(self) -> None:
-        active = int(self.step) >= self.milestone
+        active = self._step >= self.milestone
         for layer in self.dkm_layers.values():
             layer.active = active
 
-    def forward(self, *args, **kwargs):
+    def _before_forward(self, module, args) -> None:
+        """Starts a step: commits every layer's pending centroids, counts training calls."""
+        if _in_backward():  # checkpointing recomputes a forward: the same step, the same start
+            return
+        self._depth += 1
+        if self._depth > 1:
+            return
         self._set_active()
-        output = self.model(*args, **kwargs)
-        if self.training:
+        if module.training:
             self.step += 1
-        return output
+            self._step += 1
+        for layer in self.dkm_layers.values():
+            layer.advance()
+            layer.caching = True
+
+    def _after_forward(self, module, args, output) -> None:
+        if _in_backward():
+            return
+        self._depth = max(0, self._depth - 1)
+        if self._depth:
+            return
+        for layer in self.dkm_layers.values():
+            layer.caching = False
+            layer._cache = None
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def _plain_weight_keys(self, module, state_dict, prefix, *args) -> None:
+        """A plain model's state dict loads too: `<name>.weight` is the parametrization's
+        `original` (the layers' missing DKM state then initialises from the loaded weights)."""
+        modules = dict(self.model.named_modules())
+        for name in self.dkm_layers:
+            for member in (name, *self.tied.get(name, ())):
+                plain = prefix + _weight_key(member)
+                if plain in state_dict and parametrize.is_parametrized(modules[member], "weight"):
+                    original = prefix + _weight_key(member, "parametrizations.weight.original")
+                    state_dict.setdefault(original, state_dict.pop(plain))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self.step.is_meta:
+            self._step = int(self.step)  # loading is rare: reading the device here is fine
+        self._set_active()
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        with torch.no_grad():  # to_empty() leaves uninitialised memory: restore the mirror
+            self.step.fill_(self._step)
+        return result
 
     def get_layer(self, name: str) -> DKMLayer:
         if name not in self.dkm_layers:
@@ -198,7 +292,7 @@ class DKMCompressor(nn.Module):
         """Post-training palettization: hard k-means on the current weights (no training)."""
         modules = dict(self.model.named_modules())
         for name, layer in self.dkm_layers.items():
-            layer.fit_kmeans(modules[name].parametrizations.weight.original, iterations)
+            layer.fit_kmeans(raw_weight(modules[name]), iterations)
 
     # -- snapping and export ----------------------------------------------------------------------
 
@@ -209,16 +303,20 @@ class DKMCompressor(nn.Module):
         Palettes are rounded to `lut_dtype` first (the dtype they are exported in), so the snapped
         weights are exactly what `export_compressed` encodes. Afterwards the model holds plain
         weights (the parametrizations are removed; the Parameter objects stay the same ones, so an
-        optimizer still refers to them). Calling it again does nothing.
+        optimizer still refers to them, and tied modules still share theirs). Calling it again
+        does nothing.
         """
         modules = dict(self.model.named_modules())
         for name, layer in self.dkm_layers.items():
             if name in self.snapped:
                 continue
+            layer.advance()  # the centroids of the last training step
             module = modules[name]
-            original = module.parametrizations.weight.original
-            record = export.snap_layer(layer, original.detach(), self.configs[name])
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            record = export.snap_layer(layer, raw_weight(module).detach(), self.configs[name])
+            for member in (name, *self.tied.get(name, ())):
+                if parametrize.is_parametrized(modules[member], "weight"):
+                    parametrize.remove_parametrizations(modules[member], "weight",
+                                                        leave_parametrized=False)
             module.weight.copy_(record.decode())
             self.snapped[name] = record
 
@@ -243,13 +341,15 @@ class DKMCompressor(nn.Module):
                 f"lut_dtype={self.lut_dtype}")
 
 
-def compress_model(model: nn.Module, bits: int = 4, dim: int = 1, tau: float | str = 2e-5,
+def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
+                   tau: float | str = DEFAULT_TAU,
                    conv_config=None, fc_config=None, skip_first_last: bool = True, *,
                    config: str | None = None, embedding_config=None,
                    layer_configs: Mapping[str, Any] | None = None,
                    group_size: int | None = None, enable_per_channel_scale: bool = False,
-                   small_layer_threshold: int = 10_000, small_layer_config=None,
-                   milestone: int = 0, max_iter: int = 5, epsilon: float = 1e-4,
+                   small_layer_threshold: int = SMALL_LAYER_THRESHOLD, small_layer_config=None,
+                   milestone: int = 0, max_iter: int = DEFAULT_MAX_ITER,
+                   epsilon: float = DEFAULT_EPSILON,
                    init_method: str = "kmeans++", backend: str = "auto",
                    lut_dtype: torch.dtype = torch.float16,
                    seed: int | None = None) -> DKMCompressor:
@@ -287,15 +387,26 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1, tau: float | s
         "embedding": _as_dict(fc_config if embedding_config is None else embedding_config,
                               "embedding_config"),
     }
-    small = _as_dict({"bits": 8, "dim": 1, "group_size": None} if small_layer_config is None
+    small = _as_dict(SMALL_LAYER_CONFIG if small_layer_config is None
                      else small_layer_config, "small_layer_config")
     if not _is_int(small_layer_threshold) or small_layer_threshold < 0:
         raise ValueError(f"small_layer_threshold must be an integer >= 0, "
                          f"got {small_layer_threshold!r}")
-    if lut_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"lut_dtype must be float16, bfloat16 or float32, got {lut_dtype}")
+    check_lut_dtype(lut_dtype)
+    check_backend(backend)
+    check_seed(seed)
+    check_bool("skip_first_last", skip_first_last)
 
     candidates = clusterable_modules(model)
+    lazy = [name for name, module in candidates
+             if torch.nn.parameter.is_lazy(raw_weight(module))]
+    if lazy:
+        raise ValueError(f"model: module(s) {lazy} are lazy modules whose weights have no shape "
+                         f"yet; run one forward pass with a sample batch before compress_model")
+    compressed = [name for name, module in candidates if _dkm_parametrized(module)]
+    if compressed:
+        raise ValueError(f"model: module(s) {compressed} already carry DKM (was the model "
+                         f"compressed twice?); compress the original model once")
     names = [name for name, _ in candidates]
     overrides = dict(layer_configs or {})
     unknown = [name for name in overrides if name not in names]
@@ -306,7 +417,24 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1, tau: float | s
 
     configs: dict[str, LayerConfig] = {}
     skipped: dict[str, str] = {}
+    tied: dict[str, list[str]] = {}
+    owners: dict[int, str] = {}  # id of a weight Parameter -> the first module holding it
     for index, (name, module) in enumerate(candidates):
+        owner = owners.setdefault(id(raw_weight(module)), name)
+        if owner != name:  # a tied weight follows the first module that holds it
+            if name in overrides and overrides[name] is None:
+                skipped[name] = (f"layer_configs: None (it shares its weight with {owner!r}, and "
+                                 f"reads it unclustered until snap_weights)")
+                continue
+            if name in overrides:
+                raise ValueError(f"layer_configs[{name!r}]: {name!r} shares its weight with "
+                                 f"{owner!r}, which decides how it is clustered; configure "
+                                 f"{owner!r} instead")
+            if owner in configs:
+                tied.setdefault(owner, []).append(name)
+            else:
+                skipped[name] = f"shares its weight with {owner!r} ({skipped[owner]})"
+            continue
         kind = ("conv" if isinstance(module, CONV_TYPES)
                 else "embedding" if isinstance(module, nn.Embedding) else "fc")
         resolved = {**defaults, **by_kind[kind]}
@@ -315,12 +443,19 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1, tau: float | s
                 skipped[name] = "layer_configs: None"
                 continue
             resolved.update(_as_dict(overrides[name], f"layer_configs[{name!r}]"))
+            reason = _unsupported(module, resolved)
+            if reason is not None:  # named explicitly: a skip would go unnoticed
+                raise ValueError(f"layer_configs[{name!r}]: {reason}")
         else:
             if skip_first_last and index in (0, len(candidates) - 1):
                 skipped[name] = "first layer" if index == 0 else "last layer"
                 continue
             if raw_weight(module).numel() < small_layer_threshold:
                 resolved.update(small)
+            reason = _unsupported(module, resolved)
+            if reason is not None:
+                skipped[name] = reason
+                continue
         configs[name] = _validated(name, resolved, module)
     return DKMCompressor(model, configs, skipped, milestone=milestone, backend=backend,
-                         lut_dtype=lut_dtype, seed=seed)
+                         lut_dtype=lut_dtype, seed=seed, tied=tied)

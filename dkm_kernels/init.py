@@ -15,6 +15,9 @@ from ._ops import compute_dtype
 from .functional import check_count
 
 INIT_METHODS = ("kmeans++", "random")
+# Seeds drawn from one generator to start another (on a new device, or per layer): any int64 is a
+# valid seed; this bound keeps them positive with room to spare.
+SEED_BOUND = 2**62
 
 
 def _check(weights: Tensor, k: int, generator: torch.Generator | None) -> None:

@@ -17,9 +17,13 @@ Per-channel scale (`enable_per_channel_scale=True`): every output channel is div
 function of the current weights, recomputed on every call, and is not differentiated (it is a
 constant of each step); the export stores it next to the palette.
 
-Modes. Training: soft DKM (gradients reach the weight through every iteration), and the final
-centroids become the next call's warm start. Evaluation: every weight vector takes its nearest
-stored centroid (a hard assignment) and the centroids do not move.
+Modes. Training: soft DKM (gradients reach the weight through every iteration) from the committed
+centroids; the final centroids are recorded as pending and become the warm start when `advance()`
+commits them (a standalone layer commits at its next call; compress_model once per model forward,
+so that a forward recomputed by gradient checkpointing clusters from the same start). Evaluation:
+every weight vector takes its nearest stored centroid (a hard assignment) and the centroids do not
+move; a NaN or Inf weight raises a ValueError (on the CPU) or comes out NaN (on other devices,
+where checking would wait for the device).
 """
 from __future__ import annotations
 
@@ -28,17 +32,58 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import backends
+from ._ops import MAX_ITER_LIMIT
 from .functional import check_count, dkm
-from .init import INIT_METHODS, init_centroids
-from .kmeans import lloyd_kmeans, nearest_centroids
+from .init import INIT_METHODS, SEED_BOUND, init_centroids
+from .kmeans import nearest_centroids, nearest_centroids_checked, lloyd_kmeans
 
 # tau="auto": tau = AUTO_TAU_FRACTION * (mean squared distance of the weight vectors to their
 # nearest k-means++ centroid). At that temperature a vector midway between two centroids splits its
 # attention, while a vector on a centroid is essentially assigned: soft, but far from uniform.
 AUTO_TAU_FRACTION = 0.25
+# tau="auto" when every vector already sits on a centroid (mean distance 0): any tau gives one-hot
+# attention, and the op needs tau > 0.
+MIN_AUTO_TAU = 1e-12
+# The op keeps max_iter + 1 centroid sets of G x k x d float32 for backward; a max_iter that would
+# make that history larger than this is a mistake, not a setting (the paper runs 5 iterations).
+MAX_CENTROID_HISTORY_BYTES = 2**30
+LUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Defaults of the public implementation and the paper: tau for 2-bit ResNet-18 on ImageNet, five
+# DKM iterations per step, stopping early once no centroid moves more than epsilon.
+DEFAULT_TAU = 2e-5
+DEFAULT_MAX_ITER = 5
+DEFAULT_EPSILON = 1e-4
+
+
+def check_bool(name: str, value) -> bool:
+    """True or False only: a number where a flag is expected is a mistake (1 is not a flag)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_lut_dtype(lut_dtype) -> torch.dtype:
+    if lut_dtype not in LUT_DTYPES:
+        raise ValueError(f"lut_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
+                         f"got {lut_dtype!r}")
+    return lut_dtype
+
+
+def check_seed(seed) -> int | None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
+    return seed
+
+
+def check_backend(backend) -> str:
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
+    return backend
+
 
 def check_layer_options(shape: tuple, n_clusters, tau, dim, max_iter, epsilon, init_method,
-                        group_size) -> int:
+                        group_size, enable_per_channel_scale=False) -> int:
     """Validate the clustering options of a weight of `shape`; returns the number of palettes.
 
     Raises a ValueError naming the option (compress_model adds the layer's name).
@@ -46,13 +91,19 @@ def check_layer_options(shape: tuple, n_clusters, tau, dim, max_iter, epsilon, i
     check_count("n_clusters", n_clusters)
     check_count("dim", dim)
     check_count("max_iter", max_iter)
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon >= 0:
-        raise ValueError(f"epsilon must be a number >= 0, got {epsilon!r}")
+    if max_iter > MAX_ITER_LIMIT:
+        raise ValueError(f"max_iter={max_iter} is above the op's limit MAX_ITER_LIMIT = "
+                         f"{MAX_ITER_LIMIT} (DKM converges in a few iterations; the paper runs "
+                         f"5): use max_iter <= {MAX_ITER_LIMIT}")
+    if (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
+            or not math.isfinite(epsilon) or epsilon < 0):
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
     if init_method not in INIT_METHODS:
         raise ValueError(f"init_method must be one of {INIT_METHODS}, got {init_method!r}")
     if tau != "auto" and (isinstance(tau, bool) or not isinstance(tau, (int, float))
                           or not math.isfinite(tau) or tau <= 0):
         raise ValueError(f"tau must be a number > 0 or 'auto', got {tau!r}")
+    check_bool("enable_per_channel_scale", enable_per_channel_scale)
     numel = math.prod(shape)
     if len(shape) < 1 or numel == 0:
         raise ValueError("weight_tensor must have at least one element")
@@ -68,7 +119,29 @@ def check_layer_options(shape: tuple, n_clusters, tau, dim, max_iter, epsilon, i
         where = "the weight's" if groups == 1 else f"each group's (group_size={group_size})"
         raise ValueError(f"dim={dim} does not divide {where} {per_group} elements "
                          f"(weight shape {tuple(shape)})")
+    history = (max_iter + 1) * groups * n_clusters * dim * torch.float32.itemsize
+    if history > MAX_CENTROID_HISTORY_BYTES:
+        most = MAX_CENTROID_HISTORY_BYTES // (groups * n_clusters * dim * torch.float32.itemsize)
+        raise ValueError(
+            f"max_iter={max_iter} would keep {history / 2**30:.1f} GiB of centroids for backward "
+            f"(max_iter + 1 sets of {groups} x {n_clusters} x {dim} floats; the limit is "
+            f"MAX_CENTROID_HISTORY_BYTES = {MAX_CENTROID_HISTORY_BYTES / 2**30:g} GiB): use "
+            f"max_iter <= {most - 1}")
     return groups
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (where checkpointing recomputes forwards)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _reads_are_free(device: torch.device) -> bool:
+    """Whether reading a value of `device` on the host costs no wait (the CPU's own memory)."""
+    return device.type == "cpu"
+
+
+def _keep(tensor: Tensor) -> Tensor:
+    return tensor
 
 
 class DKMLayer(nn.Module):
@@ -93,22 +166,43 @@ class DKMLayer(nn.Module):
             public implementation's behaviour); `compress_model` passes False, since
             parametrize owns the weight there.
         lazy_init: leave the centroids unset until the first clustered call (they are then
-            computed from the weight of that moment).
+            computed from the weight of that moment). A weight on the meta device always waits.
+        auto_advance: every training call first commits the previous call's centroids as its
+            warm start (the public implementation's behaviour). `compress_model` passes False and
+            calls `advance()` once per model forward, so that a forward recomputed by gradient
+            checkpointing starts from the same centroids as the original.
+        name: the layer's name in error messages (compress_model passes the module's name).
+
+    State: `centroids` is the committed warm start; a training call records its final centroids
+    in `pending_centroids`, and `advance()` commits them. Both are buffers, so a state dict taken
+    between steps resumes exactly.
     """
 
-    def __init__(self, weight_tensor: Tensor, n_clusters: int = 16, tau: float | str = 2e-5,
-                 dim: int = 1, max_iter: int = 5, epsilon: float = 1e-4,
+    def __init__(self, weight_tensor: Tensor, n_clusters: int = 16,
+                 tau: float | str = DEFAULT_TAU, dim: int = 1, max_iter: int = DEFAULT_MAX_ITER,
+                 epsilon: float = DEFAULT_EPSILON,
                  init_method: str = "kmeans++", backend: str = "auto",
                  group_size: int | None = None, enable_per_channel_scale: bool = False,
                  lut_dtype: torch.dtype = torch.float16,
                  generator: torch.Generator | None = None, seed: int | None = None,
-                 keep_weight: bool = True, lazy_init: bool = False):
+                 keep_weight: bool = True, lazy_init: bool = False, auto_advance: bool = True,
+                 name: str | None = None, _groups: int | None = None):
         super().__init__()
-        groups = check_layer_options(tuple(weight_tensor.shape), n_clusters, tau, dim, max_iter,
-                                     epsilon, init_method, group_size)
-        if lut_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"lut_dtype must be float16, bfloat16 or float32, got {lut_dtype}")
-
+        if not isinstance(weight_tensor, Tensor):
+            raise TypeError(f"weight_tensor must be a torch.Tensor, "
+                            f"got {type(weight_tensor).__name__}")
+        self.name = name
+        if _groups is None:  # compress_model passes the count after validating the options itself
+            with self._naming_errors():
+                _groups = check_layer_options(
+                    tuple(weight_tensor.shape), n_clusters, tau, dim, max_iter, epsilon,
+                    init_method, group_size, enable_per_channel_scale)
+                check_backend(backend)
+                check_lut_dtype(lut_dtype)
+                check_seed(seed)
+                for flag, value in (("keep_weight", keep_weight), ("lazy_init", lazy_init),
+                                    ("auto_advance", auto_advance)):
+                    check_bool(flag, value)
         self.n_clusters = n_clusters
         self.dim = dim
         self.max_iter = max_iter
@@ -116,42 +210,63 @@ class DKMLayer(nn.Module):
         self.init_method = init_method
         self.backend = backend
         self.group_size = group_size
-        self.groups = groups
-        self.enable_per_channel_scale = bool(enable_per_channel_scale)
+        self.groups = _groups
+        self.enable_per_channel_scale = enable_per_channel_scale
         self.lut_dtype = lut_dtype
         self.original_shape = tuple(weight_tensor.shape)
         self.n_vectors = weight_tensor.numel() // dim
         self.auto_tau = tau == "auto"
+        self.auto_advance = auto_advance
         # Compress_model switches this off before its milestone step: the weight passes unchanged.
         self.active = True
+        # A meta weight has no values to draw from: its generator lives on the CPU until the
+        # weights are real (initialize() moves the stream to their device).
+        device = torch.device("cpu") if weight_tensor.is_meta else weight_tensor.device
         if generator is None and seed is not None:
-            generator = torch.Generator(device=weight_tensor.device).manual_seed(seed)
+            generator = torch.Generator(device=device).manual_seed(seed)
         self.generator = generator
         if keep_weight:
             self.weight = weight_tensor
 
-        shape = (n_clusters, dim) if groups == 1 else (groups, n_clusters, dim)
-        self.register_buffer("centroids", torch.zeros(shape, dtype=torch.float32,
-                                                      device=weight_tensor.device))
-        # A fixed tau stays an exact Python float; an auto tau is a buffer, saved with the
-        # checkpoint (float32: buffers must move to any device, MPS included).
-        self._fixed_tau = None if self.auto_tau else float(tau)
+        shape = (n_clusters, dim) if _groups == 1 else (_groups, n_clusters, dim)
+        buffers = dict(dtype=torch.float32, device=weight_tensor.device)
+        self.register_buffer("centroids", torch.zeros(shape, **buffers))
+        self.register_buffer("pending_centroids", torch.zeros(shape, **buffers))
+        # tau (an auto tau is only known after initialisation) is saved with the checkpoint;
+        # float32: buffers must move to any device, MPS included.
         self.register_buffer("tau_value", torch.tensor(float("nan") if self.auto_tau else tau,
-                                                       dtype=torch.float32))
-        self.register_buffer("initialized", torch.tensor(False))
-        if not lazy_init:
+                                                       **buffers))
+        self.register_buffer("initialized", torch.tensor(False, device=weight_tensor.device))
+        # Host-side mirrors of the buffers above, so that a forward never reads a device value
+        # (a fixed tau stays an exact Python float); refreshed whenever the buffers are loaded.
+        self._initialized = False
+        self._tau = float("nan") if self.auto_tau else float(tau)
+        self._has_pending = False
+        # The clustered weight of the current model forward (see cache_key); compress_model's
+        # hooks switch it on for the duration of each forward.
+        self.caching = False
+        self._cache: tuple | None = None
+        if not lazy_init and not weight_tensor.is_meta:
             self.initialize(weight_tensor)
 
     # -- layout -----------------------------------------------------------------------------------
 
     @property
     def tau(self) -> float:
-        return float(self.tau_value) if self._fixed_tau is None else self._fixed_tau
+        return self._tau
 
     @property
     def bits(self) -> int:
         """Bits of one palette index."""
         return max(1, math.ceil(math.log2(self.n_clusters)))
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the centroids hold values (host-side: no device read)."""
+        return self._initialized
+
+    def _naming_errors(self):
+        return _NamedErrors(self.name)
 
     def channel_scale(self, weight: Tensor) -> Tensor:
         """Per-output-channel scale, shaped to broadcast against the weight (fp32, no gradient)."""
@@ -181,30 +296,109 @@ class DKMLayer(nn.Module):
     def initialize(self, weight: Tensor | None = None) -> None:
         """Seed the centroids (and tau, when "auto") from `weight` (default: self.weight)."""
         weight = self._weight_or(weight).detach()
+        if weight.is_meta:
+            raise ValueError(self._where() + "the weight is on the meta device and has no values "
+                             "to initialise the centroids from; move the model to a real device "
+                             "(model.to_empty(device=...)) and load its weights first")
+        if not bool(torch.isfinite(weight).all()):  # once per layer: a sync is fine here
+            raise ValueError(self._where() + "the weight contains NaN or Inf; the centroids "
+                             "cannot be initialised from it (check the loaded or trained values)")
         rows = self.rows(self.normalized(weight)[0]).float()
         generator = self.generator
         if generator is not None and generator.device.type != rows.device.type:
             # The model moved since the generator was made: continue its stream on the new device.
-            seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+            seed = int(torch.randint(SEED_BOUND, (), generator=generator,
+                                     device=generator.device))
             generator = self.generator = torch.Generator(device=rows.device).manual_seed(seed)
         centroids = init_centroids(rows, self.n_clusters, self.init_method, generator)
         if self.auto_tau:
             nearest = nearest_centroids(rows, centroids)
             chosen = torch.gather(centroids, 1, nearest.unsqueeze(-1).expand(-1, -1, self.dim))
             mean_sq = (rows - chosen).square().sum(-1).mean().item()
-            # All vectors on a centroid: any tau gives one-hot attention; avoid tau == 0.
-            self.tau_value.fill_(max(AUTO_TAU_FRACTION * mean_sq, 1e-12))
+            self._tau = max(AUTO_TAU_FRACTION * mean_sq, MIN_AUTO_TAU)
+        self.tau_value.fill_(self._tau)
         self.centroids.copy_(centroids.reshape(self.centroids.shape))
+        self.pending_centroids.copy_(self.centroids)
         self.initialized.fill_(True)
+        self._initialized = True
+        self._has_pending = False
+        self._cache = None
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """Commit the centroids of the last training call as the warm start of the next one."""
+        if self._has_pending:
+            self.centroids.copy_(self.pending_centroids)
+            self._has_pending = False
+        self._cache = None
+
+    def _settled(self) -> None:
+        """A standalone layer's readers see its last call's centroids (commits them)."""
+        if self.auto_advance:
+            self.advance()
 
     def _weight_or(self, weight: Tensor | None) -> Tensor:
         if weight is not None:
             return weight
         if "weight" not in self.__dict__ and "weight" not in self._parameters:
-            raise ValueError("this DKMLayer holds no weight (keep_weight=False): pass one")
+            raise ValueError(self._where() + "this DKMLayer holds no weight (keep_weight=False): "
+                             "pass one")
         return self.weight
 
+    def _where(self) -> str:
+        return "" if self.name is None else f"layer {self.name!r}: "
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        pending = prefix + "pending_centroids"
+        if prefix + "centroids" not in state_dict:
+            # A plain model's state dict (no DKM state): the centroids will be initialised from
+            # the weights it loads, at the first use.
+            self._initialized = False
+            self._tau = float("nan") if self.auto_tau else self._tau
+            with torch.no_grad():
+                self.initialized.fill_(False)
+            self._cache = None
+            return
+        if pending not in state_dict:
+            # A checkpoint written before pending centroids were kept: nothing is pending.
+            state_dict[pending] = state_dict[prefix + "centroids"]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if not self.initialized.is_meta:  # loading is rare: reading the device here is fine
+            self._initialized = bool(self.initialized)
+            if self.auto_tau:
+                self._tau = float(self.tau_value)
+            self._has_pending = True  # committing pending == centroids changes nothing
+        self._cache = None
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(torch.bfloat16) would round the centroids each step and stall their
+        # small moves: they stay float32 wherever the model goes (only their device follows).
+        kept = {id(self._buffers[key]) for key in ("centroids", "pending_centroids", "tau_value")}
+
+        def keep_float32(tensor):
+            moved = fn(tensor)
+            if id(tensor) in kept and moved.dtype != tensor.dtype:
+                return tensor.to(device=moved.device)
+            return moved
+
+        result = super()._apply(keep_float32, recurse)
+        # to_empty() leaves the buffers uninitialised memory: restore them from the mirrors.
+        with torch.no_grad():
+            self.initialized.fill_(self._initialized)
+            self.tau_value.fill_(self._tau)
+        self._cache = None
+        return result
+
     # -- clustering -------------------------------------------------------------------------------
+
+    def cache_key(self, weight: Tensor) -> tuple:
+        """What the clustered weight depends on: the weight's storage and version, the centroids',
+        the mode and whether autograd records (a no-grad result cannot serve a graph)."""
+        return (weight.data_ptr(), weight._version, weight.dtype, weight.device,
+                self.centroids.data_ptr(), self.centroids._version, self.training,
+                torch.is_grad_enabled())
 
     def forward(self, weight: Tensor | None = None,
                 weight_override: Tensor | None = None) -> Tensor:
@@ -213,46 +407,93 @@ class DKMLayer(nn.Module):
         `weight_override` is the public implementation's name for the same argument.
         """
         weight = self._weight_or(weight if weight is not None else weight_override)
-        if not self.active:
+        if not self.active or weight.is_meta:
             return weight
         if tuple(weight.shape) != self.original_shape:
-            raise ValueError(f"weight has shape {tuple(weight.shape)}, this layer clusters "
-                             f"{self.original_shape}")
-        if not bool(self.initialized):
+            raise ValueError(f"{self._where()}weight has shape {tuple(weight.shape)}, this layer "
+                             f"clusters {self.original_shape}")
+        if self.auto_advance:
+            self.advance()
+        # Only within a model forward, never while backward recomputes one: a recomputed read must
+        # build its own graph (reentrant checkpointing backpropagates through it separately).
+        use_cache = (self.caching and not torch.compiler.is_compiling()
+                     and not _in_backward())
+        if use_cache:
+            key = self.cache_key(weight)
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1]
+        if not self._initialized:
             self.initialize(weight)
-        if not self.training:
-            return self.hard_weight(weight)
+        if self.training:
+            # Checkpointing must not count this clustering's saved tensors: a read served from the
+            # cache in the forward runs the clustering again when backward recomputes it.
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                clustered = self._soft_weight(weight)
+        else:
+            clustered = self.hard_weight(weight)
+        if use_cache:
+            self._cache = (self.cache_key(weight), clustered)
+        return clustered
+
+    def _soft_weight(self, weight: Tensor) -> Tensor:
         normalized, scale = self.normalized(weight)
         centroids = self._grouped_centroids()
         if normalized.dtype == torch.float64:
             centroids = centroids.double()
-        result = dkm(self.rows(normalized), centroids, self.tau, self.max_iter, self.epsilon,
-                     backend=self.backend)
-        with torch.no_grad():  # the warm start of the next call
-            self.centroids.copy_(result.centroids.reshape(self.centroids.shape))
+        with self._naming_errors():
+            result = dkm(self.rows(normalized), centroids, self._tau, self.max_iter,
+                         self.epsilon, backend=self.backend)
+        with torch.no_grad():  # committed by advance(): the warm start of the next step
+            self.pending_centroids.copy_(result.centroids.reshape(self.centroids.shape))
+        self._has_pending = True
         clustered = result.weights.reshape(weight.shape)
         return clustered if scale is None else clustered * scale.to(clustered.dtype)
+
+    @torch.no_grad()
+    def _nearest(self, weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Nearest stored centroid of every (normalised) weight vector, the channel scale, and
+        which vectors are finite.
+
+        A NaN or Inf weight has no nearest centroid: on the CPU (where reading the flag costs
+        nothing) that raises; elsewhere the affected vectors come out NaN instead of a palette
+        entry, without waiting for the device.
+        """
+        if not self._initialized:
+            self.initialize(weight)
+        normalized, scale = self.normalized(weight)
+        indices, finite = nearest_centroids_checked(self.rows(normalized),
+                                                    self._grouped_centroids())
+        if _reads_are_free(weight.device) and not bool(finite.all()):
+            raise ValueError(self._where() + "the weight contains NaN or Inf, which has no nearest "
+                             "palette entry (check the loaded or trained values)")
+        return indices, scale, finite
 
     @torch.no_grad()
     def get_assignments(self, weight: Tensor | None = None) -> Tensor:
         """Index of the nearest stored centroid of every weight vector: (M,) or (G, M) int64."""
         weight = self._weight_or(weight)
-        indices = nearest_centroids(self.rows(self.normalized(weight)[0]),
-                                    self._grouped_centroids())
+        self._settled()
+        indices, _, finite = self._nearest(weight)
+        if not bool(finite.all()):  # indices leave the device anyway: this read is free
+            raise ValueError(self._where() + "the weight contains NaN or Inf, which has no "
+                             "nearest palette entry")
         return indices[0] if self.groups == 1 else indices
 
     def get_codebook(self) -> Tensor:
         """The centroids, (k, d) or (G, k, d), fp32 (a copy)."""
+        self._settled()
         return self.centroids.clone()
 
     @torch.no_grad()
     def hard_weight(self, weight: Tensor | None = None) -> Tensor:
         """Every weight vector replaced by its nearest stored centroid (and rescaled)."""
         weight = self._weight_or(weight)
-        normalized, scale = self.normalized(weight)
+        self._settled()
+        indices, scale, finite = self._nearest(weight)
         centroids = self._grouped_centroids()
-        indices = nearest_centroids(self.rows(normalized), centroids)
         values = torch.gather(centroids, 1, indices.unsqueeze(-1).expand(-1, -1, self.dim))
+        if not _reads_are_free(weight.device):
+            values = torch.where(finite.unsqueeze(-1), values, float("nan"))
         values = values.reshape(weight.shape)
         if scale is not None:
             values = values * scale
@@ -262,11 +503,15 @@ class DKMLayer(nn.Module):
     def fit_kmeans(self, weight: Tensor | None = None, iterations: int = 50) -> None:
         """Post-training palettization: hard k-means (Lloyd) from the stored centroids."""
         weight = self._weight_or(weight)
-        if not bool(self.initialized):
+        self._settled()
+        if not self._initialized:
             self.initialize(weight)
         rows = self.rows(self.normalized(weight)[0])
         fitted = lloyd_kmeans(rows, self._grouped_centroids(), iterations)
         self.centroids.copy_(fitted.reshape(self.centroids.shape))
+        self.pending_centroids.copy_(self.centroids)
+        self._has_pending = False
+        self._cache = None
 
     def extra_repr(self) -> str:
         tau = "auto (unset)" if math.isnan(self.tau) else f"{self.tau:.3g}"
@@ -279,3 +524,19 @@ class DKMLayer(nn.Module):
         if self.enable_per_channel_scale:
             text += ", per_channel_scale=True"
         return text
+
+
+class _NamedErrors:
+    """Re-raises a ValueError / TypeError with the layer's name in front (no cost otherwise)."""
+
+    def __init__(self, name: str | None):
+        self.name = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if self.name is None or kind is None or not issubclass(kind, (ValueError, TypeError)):
+            return False
+        raise (ValueError if issubclass(kind, ValueError) else TypeError)(
+            f"layer {self.name!r}: {error}") from error

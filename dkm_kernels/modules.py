@@ -8,7 +8,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# A transposed convolution keeps its output channels on axis 1 of its weight (in, out / groups, ...).
+CONV_TRANSPOSE_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, *CONV_TRANSPOSE_TYPES)
 CLUSTERABLE_TYPES = (*CONV_TYPES, nn.Linear, nn.Embedding)
 
 
@@ -20,7 +22,8 @@ def raw_weight(module: nn.Module) -> Tensor | None:
 
 
 def clusterable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every Conv1d/2d/3d, Linear and Embedding, in registration order."""
+    """(name, module) of every Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear and Embedding, in
+    registration order."""
     return [(name, module) for name, module in model.named_modules()
             if isinstance(module, CLUSTERABLE_TYPES) and raw_weight(module) is not None]
 

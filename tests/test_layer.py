@@ -162,3 +162,19 @@ def test_lloyd_kmeans_reaches_a_fixed_point():
 def test_bad_arguments_name_the_option(kwargs, option):
     with pytest.raises(ValueError, match=option):
         DKMLayer(_weight((12, 4)), **{"n_clusters": 4, **kwargs})
+
+
+def test_explicit_advance_commits_the_pending_centroids():
+    weight = _weight((32, 8), seed=9)
+    layer = DKMLayer(weight, n_clusters=4, tau=1e-3, max_iter=1, seed=0, auto_advance=False)
+    start = layer.get_codebook()
+    first, again = layer(), layer()
+    # Without advance() every call (a recomputation, say) starts from the same centroids.
+    assert torch.equal(first, again) and torch.equal(layer.get_codebook(), start)
+    expected = dkm_kernels.dkm(weight.detach().reshape(-1, 1), start, 1e-3, max_iter=1)
+    assert torch.equal(layer.pending_centroids, expected.centroids)
+    layer.advance()
+    assert torch.equal(layer.get_codebook(), expected.centroids)
+    assert not torch.equal(layer(), first)
+    state = layer.state_dict()
+    assert torch.equal(state["pending_centroids"], layer.pending_centroids)
