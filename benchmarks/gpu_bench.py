@@ -13,34 +13,41 @@ benchmarks/results/gpu_<device>_<date>.json with the device, versions, commit an
 `--compile-check` needs no GPU either: it compiles the Triton kernels of each case for sm_90 and
 prints ptxas's registers and spills per kernel.
 
-The floor of a case is counted, not measured. Each pass over W (DESIGN §3) costs M*k exponentials
-and about 3*M*k*d fused multiply-adds; a forward runs L+1 passes, a backward L+1. On an H100 SXM:
-- fp32 FMA without tensor cores: 67 TFLOP/s = 33.5e12 FMA/s (132 SMs x 128 lanes x 1.98 GHz);
-- exp2 on the MUFU units: 16 per clock per SM x 132 SMs x 1.98 GHz = 4.2e12 exp/s;
-- HBM3: 3.35 TB/s, W read once per pass.
-The floor is the largest of the three times (the units work in parallel).
+The floor of a case is counted, not measured: exponentials, multiply-adds and bytes of W per pass
+and the number of passes (harness.counted_work, harness.passes_per_direction), at an H100 SXM's
+peak rates (harness.H100_SXM); the floor is the largest of the three times (harness.time_floor).
+The reference's predicted memory, and the cap that skips it, is harness.naive_peak_bytes.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
-import json
 import math
 import os
-import platform
 import subprocess
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-H100_FMA_PER_S = 33.5e12
-H100_EXP_PER_S = 16 * 132 * 1.98e9
-H100_BYTES_PER_S = 3.35e12
-
-ITERATIONS = 5
-TAU = 2e-5  # the paper's temperature; weights are drawn with std 0.02 like a trained layer
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+from harness import (  # noqa: E402
+    GPU_REFERENCE_CAP_GIB,
+    H100_SXM,
+    ITERATIONS,
+    PAPER_TAU,
+    CudaPeak,
+    counted_work,
+    gpu_machine,
+    naive_peak_bytes,
+    passes_per_direction,
+    results_path,
+    time_floor,
+    trained_like_weights,
+    write_json,
+)
 
 # name, M rows, d, k. ResNet-50's 512x512x3x3 convolutions have 2,359,296 weights: M = 294,912
 # rows at d = 8 (8 bits per centroid index, 1 bit per weight) or 2,359,296 at d = 1; the small
@@ -56,50 +63,32 @@ CASES = [
 
 BACKENDS = ("reference", "torch", "triton", "triton-deterministic")
 
-
-def counted_floor(m: int, d: int, k: int, passes: int, itemsize: int = 4) -> dict:
-    exps = passes * m * k
-    fmas = passes * 3 * m * k * d
-    bytes_read = passes * m * d * itemsize
-    times = {
-        "exp_s": exps / H100_EXP_PER_S,
-        "fma_s": fmas / H100_FMA_PER_S,
-        "memory_s": bytes_read / H100_BYTES_PER_S,
-    }
-    return {"exps": exps, "fmas": fmas, "bytes": bytes_read, **times, "floor_s": max(times.values())}
+# The target of --compile-check: an H100 (compute capability 9.0), 32 threads a warp.
+SM90 = (90, 32)
 
 
-def reference_predicted_bytes(m: int, d: int, k: int, iterations: int) -> int:
-    """The reference keeps, per iteration, the M x k attention and about three same-size tensors
-    (distances, scores, softmax grad) for autograd, plus the backward's transients."""
-    return 4 * (iterations + 1) * m * k * 4 + 4 * m * d * 4
+def counted_floor(m: int, d: int, k: int, passes: int) -> dict:
+    work = counted_work(m, d, k, passes)
+    return {**work, **time_floor(work, H100_SXM)}
 
 
 def floors(m: int, d: int, k: int, iterations: int) -> dict:
+    passes = passes_per_direction(iterations)
     return {
-        "forward": counted_floor(m, d, k, iterations + 1),
-        "backward": counted_floor(m, d, k, iterations + 1),
-        "forward+backward": counted_floor(m, d, k, 2 * iterations + 2),
+        "forward": counted_floor(m, d, k, passes),
+        "backward": counted_floor(m, d, k, passes),
+        "forward+backward": counted_floor(m, d, k, 2 * passes),
     }
 
 
-def git_commit() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=root, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def dry_run(cases, iterations: int, cap_bytes: int) -> None:
-    print(f"{len(cases)} cases, L = {iterations} iterations, tau = {TAU}; floors on an H100 "
-          f"({H100_FMA_PER_S / 1e12:.1f}e12 FMA/s, {H100_EXP_PER_S / 1e12:.2f}e12 exp/s, "
-          f"{H100_BYTES_PER_S / 1e12:.2f} TB/s)\n")
+    print(f"{len(cases)} cases, L = {iterations} iterations, tau = {PAPER_TAU}; floors on an H100 "
+          f"({H100_SXM.fma_per_s / 1e12:.1f}e12 FMA/s, {H100_SXM.exp_per_s / 1e12:.2f}e12 exp/s, "
+          f"{H100_SXM.bytes_per_s / 1e12:.2f} TB/s)\n")
     print("| case | M | d | k | reference memory (predicted) | fwd floor | bwd floor | fwd+bwd floor |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, m, d, k in cases:
-        predicted = reference_predicted_bytes(m, d, k, iterations)
+        predicted = naive_peak_bytes(m, k, iterations)
         note = "" if predicted <= cap_bytes else " (skipped: over cap)"
         f = floors(m, d, k, iterations)
         print(f"| {name} | {m} | {d} | {k} | {predicted / 2**30:.1f} GiB{note} | "
@@ -131,7 +120,7 @@ def compile_check(cases) -> None:
                      ("*i32" if name in int_pointers else "*fp32") if name.endswith("_ptr") else
                      scalar_types.get(name, "i32") for name in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", 90, 32),
+                                  target=GPUTarget("cuda", *SM90),
                                   options={"num_warps": num_warps, "num_stages": 1})
         with tempfile.TemporaryDirectory() as tmp:
             ptx = os.path.join(tmp, "kernel.ptx")
@@ -172,7 +161,7 @@ def measure(backend: str, weights, centroids, iterations: int, do_bench) -> dict
     grad = torch.randn_like(w)
 
     def forward():
-        return dkm_kernels.dkm(w, centroids, TAU, iterations, 0.0, backend=name,
+        return dkm_kernels.dkm(w, centroids, PAPER_TAU, iterations, 0.0, backend=name,
                                deterministic=deterministic).weights
 
     def forward_backward():
@@ -189,15 +178,11 @@ def measure(backend: str, weights, centroids, iterations: int, do_bench) -> dict
     both_ms = do_bench(forward_backward, grad_to_none=[w], return_mode="median")
 
     w.grad = None
-    torch.cuda.synchronize()
-    baseline = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    forward_backward()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - baseline
+    with CudaPeak() as peak:
+        forward_backward()
     w.grad = None
     return {"forward_ms": forward_ms, "backward_ms": backward_ms,
-            "forward+backward_ms": both_ms, "peak_bytes": peak}
+            "forward+backward_ms": both_ms, "peak_bytes": peak.bytes}
 
 
 def main(argv=None) -> int:
@@ -207,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-check", action="store_true",
                         help="compile the kernels for sm_90 and print registers/spills; no GPU")
     parser.add_argument("--iterations", type=int, default=ITERATIONS)
-    parser.add_argument("--reference-cap-gb", type=float, default=40.0,
+    parser.add_argument("--reference-cap-gb", type=float, default=GPU_REFERENCE_CAP_GIB,
                         help="skip the reference where its predicted memory is above this")
     parser.add_argument("--cases", default="", help="only cases whose name contains this")
     parser.add_argument("--backends", default=",".join(BACKENDS))
@@ -226,7 +211,6 @@ def main(argv=None) -> int:
         print("no CUDA device: run with --dry-run to list the cases", file=sys.stderr)
         return 1
 
-    import triton
     from triton.testing import do_bench
 
     import dkm_kernels
@@ -236,13 +220,13 @@ def main(argv=None) -> int:
     rows = []
     for name, m, d, k in cases:
         gen = torch.Generator(device=device).manual_seed(0)
-        weights = torch.randn(m, d, device=device, generator=gen) * 0.02
+        weights = trained_like_weights((m, d), gen, device)
         centroids = dkm_kernels.kmeans_plus_plus(weights, k, generator=gen)
         case_floors = floors(m, d, k, args.iterations)
         for backend in backends:
             row = {"case": name, "M": m, "d": d, "k": k, "backend": backend,
                    "iterations": args.iterations, "floors": case_floors}
-            predicted = reference_predicted_bytes(m, d, k, args.iterations)
+            predicted = naive_peak_bytes(m, k, args.iterations)
             if backend == "reference" and predicted > cap_bytes:
                 row["skipped"] = (f"predicted memory {predicted / 2**30:.1f} GiB is above the "
                                   f"cap of {args.reference_cap_gb} GiB")
@@ -257,31 +241,17 @@ def main(argv=None) -> int:
         del weights, centroids
         torch.cuda.empty_cache()
 
-    now = datetime.datetime.now(datetime.timezone.utc)
-    properties = torch.cuda.get_device_properties(device)
     record = {
-        "device": torch.cuda.get_device_name(device),
-        "sm_count": properties.multi_processor_count,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "commit": git_commit(),
-        "date": now.isoformat(timespec="seconds"),
-        "tau": TAU,
-        "assumed_h100": {"fma_per_s": H100_FMA_PER_S, "exp_per_s": H100_EXP_PER_S,
-                         "bytes_per_s": H100_BYTES_PER_S},
+        **gpu_machine(device),
+        "tau": PAPER_TAU,
+        "assumed_h100": dataclasses.asdict(H100_SXM),
         "results": rows,
     }
-    out = args.out or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "results",
-        f"gpu_{_slug(record['device'])}_{now.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=1)
     print()
     print(markdown_table(rows))
-    print(f"\nwritten to {out}")
+    print()
+    stamp = datetime.datetime.fromisoformat(record["date"]).strftime("%Y%m%d-%H%M%S")
+    write_json(args.out or results_path(f"gpu_{_slug(record['device'])}_{stamp}.json"), record)
     return 0
 
 

@@ -20,7 +20,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-BACKEND_ORDER = ("reference", "torch", "cpu", "triton")
+from harness import BACKENDS  # noqa: E402
+
+# One panel's size in inches and the PNGs' resolution: the recorded plots were drawn at these.
+PANEL_WIDTH, PANEL_HEIGHT = 3.6, 3.0
+DPI = 100
 
 
 def load(json_path: str):
@@ -66,7 +70,7 @@ def markdown(data, rows) -> str:
     cases = sorted({key[:3] for key in rows}, key=lambda c: (-c[0], c[1], c[2]))
     for m, d, k in cases:
         ref = rows.get((m, d, k, "reference"))
-        for backend in BACKEND_ORDER:
+        for backend in BACKENDS:
             row = rows.get((m, d, k, backend))
             if row is None:
                 if backend == "reference":
@@ -91,11 +95,12 @@ def plot(rows, png_path: str, quantity: str) -> None:
     """One panel per (M, d): M down the rows, d across; one line per backend, k on the x axis."""
     ms = sorted({m for m, _, _, _ in rows}, reverse=True)
     ds = sorted({d for _, d, _, _ in rows})
-    fig, axes = plt.subplots(len(ms), len(ds), figsize=(3.6 * len(ds), 3.0 * len(ms)), squeeze=False)
+    fig, axes = plt.subplots(len(ms), len(ds), figsize=(PANEL_WIDTH * len(ds), PANEL_HEIGHT * len(ms)),
+                             squeeze=False)
     scale = 1.0 if quantity == "time" else 2**-20
     for axes_row, m in zip(axes, ms):
         for ax, d in zip(axes_row, ds):
-            for backend in BACKEND_ORDER:
+            for backend in BACKENDS:
                 points = sorted((k, row.get("forward+backward" if quantity == "time" else "peak"))
                                 for (mm, dd, k, b), row in rows.items() if (mm, dd, b) == (m, d, backend))
                 points = [(k, v) for k, v in points if v]
@@ -111,7 +116,7 @@ def plot(rows, png_path: str, quantity: str) -> None:
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend()
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    fig.savefig(png_path, dpi=DPI)
     plt.close(fig)
 
 

@@ -8,13 +8,14 @@ fewer than 10,000 weights with 256 scalar centroids, the paper's rule), then a f
 synthetic 224x224 batches. The naive DKM's memory for the same model is given as a lower bound,
 the attention matrices it keeps for backward: sum over layers of L * M * k * 4 bytes (L = 5
 iterations; the reference keeps more than that in practice, see tests/test_memory.py).
+Peak memory: on a GPU torch.cuda.max_memory_allocated over the steps, on the CPU the process's
+resident high-water mark (ru_maxrss), model and data included.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
-import resource
 import sys
 import time
 
@@ -23,26 +24,34 @@ from torch import nn
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine  # noqa: E402
+from harness import (  # noqa: E402
+    ITERATIONS,
+    CudaPeak,
+    machine,
+    naive_attention_bytes,
+    resident_high_water_bytes,
+    results_path,
+    write_json,
+)
 from resnet50_model import resnet50  # noqa: E402
 
 import dkm_kernels  # noqa: E402
 from dkm_kernels import compress_model  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# ImageNet's input: 224 x 224 RGB crops, 1000 classes (synthetic here: time and memory only).
+IMAGE_SIZE = 224
+CLASSES = 1000
+# The recorded run's temperature and SGD settings; they change the arithmetic's values, not its
+# amount, so neither the step time nor the memory depends on them.
+TAU = 8e-5
+LEARNING_RATE = 0.008
+MOMENTUM = 0.9
 
 
-def naive_attention_bytes(compressor, max_iter: int) -> int:
-    """Bytes of the M x k attention matrices the naive DKM keeps for backward, all layers."""
-    total = 0
-    for layer in compressor.get_compression_info()["layers"]:
-        rows = layer["params"] // layer["dim"]
-        total += max_iter * rows * layer["n_clusters"] * 4
-    return total
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def naive_model_attention_bytes(compressor) -> int:
+    """naive_attention_bytes summed over every clustered layer of the model."""
+    return sum(naive_attention_bytes(layer["params"] // layer["dim"], layer["n_clusters"], ITERATIONS)
+               for layer in compressor.get_compression_info()["layers"])
 
 
 def main(argv=None) -> dict:
@@ -51,7 +60,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--tau", type=float, default=8e-5)
+    parser.add_argument("--tau", type=float, default=TAU)
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/resnet50_<device>.json)")
     args = parser.parse_args(argv)
 
@@ -62,26 +71,27 @@ def main(argv=None) -> dict:
         model, bits=8, dim=8, tau=args.tau, skip_first_last=False, backend=args.backend,
         conv_config={"bits": 8, "dim": 8}, fc_config={"bits": 8, "dim": 8},
     )
-    optimizer = torch.optim.SGD(compressor.parameters(), lr=0.008, momentum=0.9)
+    optimizer = torch.optim.SGD(compressor.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM)
     criterion = nn.CrossEntropyLoss()
     compressor.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     step_times = []
-    for _ in tqdm(range(args.steps), desc=f"ResNet-50 8/8 steps (batch {args.batch})"):
-        images = torch.randn(args.batch, 3, 224, 224, device=device)
-        labels = torch.randint(0, 1000, (args.batch,), device=device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = criterion(compressor(images), labels)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        step_times.append(time.perf_counter() - start)
+    # On a GPU the peak of every step, the model included; on the CPU the whole process's.
+    peak = CudaPeak(device) if device.type == "cuda" else contextlib.nullcontext()
+    with peak:
+        for _ in tqdm(range(args.steps), desc=f"ResNet-50 8/8 steps (batch {args.batch})"):
+            images = torch.randn(args.batch, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
+            labels = torch.randint(0, CLASSES, (args.batch,), device=device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(compressor(images), labels)
+            loss.backward()
+            optimizer.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - start)
 
     info = compressor.get_compression_info()
     result = {
@@ -94,9 +104,9 @@ def main(argv=None) -> dict:
         "clustered_layers": len(info["layers"]),
         "step_seconds": step_times,
         "step_seconds_after_first": min(step_times[1:]) if len(step_times) > 1 else step_times[0],
-        "peak_bytes": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()),
+        "peak_bytes": peak.total if device.type == "cuda" else resident_high_water_bytes(),
         "peak_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS (ru_maxrss)",
-        "naive_dkm_attention_bytes_lower_bound": naive_attention_bytes(compressor, 5),
+        "naive_dkm_attention_bytes_lower_bound": naive_model_attention_bytes(compressor),
         "dkm_kernels": dkm_kernels.__version__,
     }
     gib = 2**30
@@ -105,11 +115,7 @@ def main(argv=None) -> dict:
     print(f"  peak memory ({result['peak_kind']}): {result['peak_bytes'] / gib:.2f} GiB")
     print(f"  naive DKM, attention kept for backward alone: >= "
           f"{result['naive_dkm_attention_bytes_lower_bound'] / gib:.1f} GiB")
-    out = args.out or os.path.join(RESULTS, f"resnet50_{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"  written to {out}")
+    write_json(args.out or results_path(f"resnet50_{device.type}.json"), result)
     return result
 
 

@@ -3,6 +3,7 @@
     python benchmarks/suite.py                 # CPU, every case (tens of minutes on 2 cores)
     python benchmarks/suite.py --quick         # a few small cases
     python benchmarks/suite.py --device cuda   # on a GPU
+    python benchmarks/suite.py --quick --select "M12800-d1-k4 and cpu"   # a quick check of the script
 
 Writes benchmarks/results/suite_<device>.json (pytest-benchmark's JSON: machine, versions, commit,
 date), suite_<device>.md and the PNG plots beside them (report.py).
@@ -18,13 +19,15 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import report  # noqa: E402
+from harness import SUITE_MEMORY_CAP_GIB  # noqa: E402
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--memory-cap-gib", type=float, default=12.0)
+    parser.add_argument("--memory-cap-gib", type=float, default=SUITE_MEMORY_CAP_GIB)
+    parser.add_argument("--select", default=None, help="only the cases pytest -k selects")
     args = parser.parse_args(argv)
     name = f"suite_{args.device}" + ("_quick" if args.quick else "")
     json_path = os.path.join(HERE, "results", f"{name}.json")
@@ -33,7 +36,7 @@ def main(argv=None) -> int:
         f"--device={args.device}", f"--memory-cap-gib={args.memory_cap_gib}",
         f"--benchmark-json={json_path}", "--benchmark-columns=median,min,max,rounds",
         "--benchmark-sort=name",
-    ] + (["--quick"] if args.quick else [])
+    ] + (["--quick"] if args.quick else []) + (["-k", args.select] if args.select else [])
     status = pytest.main(pytest_args)
     if status not in (0, 5) or not os.path.exists(json_path):
         return int(status)
