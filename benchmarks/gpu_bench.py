@@ -113,7 +113,7 @@ def compile_check(cases) -> None:
     ptxas_builds = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends",
                                                  "nvidia", "bin", "ptxas*"))) or ["ptxas"]
     scalar_types = {"neg_log2e_over_tau": "fp32", "two_over_tau": "fp32"}
-    int_pointers = {"active_ptr", "last_ptr"}
+    int_pointers = {"active_ptr"}
 
     def report(kernel, constexprs, num_warps):
         signature = {name: "constexpr" if name in constexprs else
@@ -143,6 +143,8 @@ def compile_check(cases) -> None:
             plan = tk._Plan(1, m, k, d, True, torch.device("cpu"), **tile)
             blocks = dict(D=d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k)
             flags = dict(SINGLE_BLOCK=plan.single_block, ATOMIC=False)
+            if backward:  # the first backward pass, with G~: the most registers
+                flags["HAS_GRAD_OUT"] = True
             kernel = tk._backward_kernel if backward else tk._attention_sums_kernel
             report(kernel, {**blocks, **flags}, plan.num_warps)
             if not backward:

@@ -115,7 +115,7 @@ def naive_peak_bytes(m: int, k: int, iterations: int = ITERATIONS, groups: int =
 
 # --- the counted floor ------------------------------------------------------------------------
 
-# Each pass over W (DESIGN §3) costs M * k exponentials (one softmax score per row and centroid)
+# Each pass over W (docs/design.md §3) costs M * k exponentials (one softmax score per row and centroid)
 # and about 3 * M * k * d fused multiply-adds.
 MULTIPLY_ADDS_PER_PAIR_AND_DIM = 3
 

@@ -9,12 +9,13 @@
 # of its memory).
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-scratch="$(mktemp -d)"
-trap 'rm -rf "$scratch"' EXIT
+# The instrumented build is kept in DKM_ASAN_DIR (a fresh temporary folder by default).
+scratch="${DKM_ASAN_DIR:-$(mktemp -d)}"
+[ -n "${DKM_ASAN_DIR:-}" ] || trap 'rm -rf "$scratch"' EXIT
+mkdir -p "$scratch"
 cp -r "$repo/setup.py" "$repo/README.md" "$repo/csrc" "$repo/dkm_kernels" "$repo/tests" "$scratch/"
-rm -f "$scratch"/dkm_kernels/_C*.so
 cd "$scratch"
-DKM_KERNELS_SANITIZE=address python setup.py -q build_ext --inplace >build.log 2>&1 || {
+DKM_KERNELS_SANITIZE=address python setup.py -q build_ext --inplace --force >build.log 2>&1 || {
     cat build.log; exit 1; }
 libasan="$(${CXX:-c++} -print-file-name=libasan.so)"
 export LD_PRELOAD="$libasan" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1"

@@ -1,6 +1,6 @@
 """Backend `triton`: fused DKM kernels that never hold more than a tile of the M x k attention.
 
-Kernels (each reads W once per pass; DESIGN §2-§3):
+Kernels (each reads W once per pass; docs/design.md §2, §3):
 
 - `_attention_sums_kernel`: one DKM iteration. For the rows of a tile: scores to every centroid,
   softmax, and the tile's share of `sum_i A_ij v_i` (v = W, or G~ for the backward's G_L pass) and
@@ -10,7 +10,7 @@ Kernels (each reads W once per pass; DESIGN §2-§3):
   bit-reproducible).
 - `_output_kernel`: W~ = A_{L-1} C_L, one sweep over the centroids with a running max
   (online softmax), one program per row tile.
-- `_backward_kernel`: one backward pass t (DESIGN §3): recomputes A_t, dA, dS for a tile, adds the
+- `_backward_kernel`: one backward pass t (docs/design.md §3): recomputes A_t, dA, dS for a tile, adds the
   tile's rows of dW and reduces sum_i dS_ij w_i and sum_i dS_ij into slots, as above.
 
 When k fits in one block of centroids (k <= MAX_SINGLE_BLOCK_K) the softmax of a tile is computed in
