@@ -85,7 +85,8 @@ setup(
     # user's torch (a CPU build, say) with another one.
     install_requires=["numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "tqdm", "matplotlib", "triton; platform_system == 'Linux'"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "tqdm", "matplotlib",
+                 "triton; platform_system == 'Linux'"],
         "triton": ["triton"],
     },
     ext_modules=cpu_extension(),

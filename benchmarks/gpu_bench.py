@@ -112,7 +112,7 @@ def compile_check(cases) -> None:
     # Triton ships ptxas builds for several PTX versions: use the first that takes its PTX.
     ptxas_builds = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends",
                                                  "nvidia", "bin", "ptxas*"))) or ["ptxas"]
-    scalar_types = {"neg_log2e_over_tau": "fp32", "two_over_tau": "fp32"}
+    scalar_types = {"log2e_over_tau": "fp32", "two_over_tau": "fp32"}
     int_pointers = {"active_ptr"}
 
     def report(kernel, constexprs, num_warps):

@@ -259,44 +259,73 @@ struct Rows {
   const T* at(int64_t g, int64_t row, int64_t n) { return rows_as(base + (g * m + row) * d, n * d, buf.data()); }
 };
 
+// One pass's plan and every group's centroid matrices, laid out for the kernels (Pass).
+template <typename T>
+struct PassData {
+  Plan plan;
+  Pass<T> base;
+  std::vector<T> cT, cLT, gmT, gdc;
+  PassData(const Tensor& weights, const Tensor& attention_centroids, double tau)
+      : plan(make_plan<T>(weights.size(0), weights.size(1), weights.size(2), attention_centroids.size(1))),
+        base(base_pass<T>(plan, tau)),
+        cT(transposed<T>(attention_centroids, plan, FarAway<T>::value)) {}
+  Pass<T> group(int64_t g) const {
+    const int64_t mat = plan.d * plan.kp;
+    Pass<T> p = base;
+    p.cT = cT.data() + g * mat;
+    if (!cLT.empty()) p.cLT = cLT.data() + g * mat;
+    if (!gmT.empty()) p.gmT = gmT.data() + g * mat;
+    if (!gdc.empty()) p.gdc = gdc.data() + g * plan.kp;
+    return p;
+  }
+};
+
+// Runs body(pass, rows, first_row, n, slot) on blocks of rows of every active group's chunks and
+// returns the chunk partials reduced per group: (G, k, d) sums and (G, k) totals.
+template <typename S, typename T, typename Body>
+std::tuple<Tensor, Tensor> reducing_pass(const PassData<T>& data, const Tensor& weights, const Tensor& active,
+                                         const at::TensorOptions& opt, const Body& body) {
+  const Plan& plan = data.plan;
+  std::vector<T> partial(plan.groups * plan.chunks * plan.slot());
+  const std::vector<int64_t> groups = active_groups(active);
+  for_each_chunk(plan, groups, partial.data(), [&](int64_t g, int64_t r0, int64_t r1, T* slot) {
+    const Pass<T> p = data.group(g);
+    std::vector<T> scratch(scratch_size(plan));
+    Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d);
+    for (int64_t b = r0; b < r1; b += kBlockRows) {
+      const int64_t n = std::min(kBlockRows, r1 - b);
+      body(p, w.at(g, b, n), g, b, n, slot, scratch.data());
+    }
+  });
+  return reduced(plan, partial, groups, opt);
+}
+
 template <typename S, typename T>
 std::tuple<Tensor, Tensor> attention_sums_typed(const Tensor& weights, const Tensor& values,
                                                 const Tensor& centroids, const Tensor& active, double tau) {
   const Kernels<T>& K = kernels<T>();
-  const Plan plan = make_plan<T>(weights.size(0), weights.size(1), weights.size(2), centroids.size(1));
-  const int64_t mat = plan.d * plan.kp;
-  std::vector<T> cT = transposed<T>(centroids, plan, FarAway<T>::value);
-  std::vector<T> partial(plan.groups * plan.chunks * plan.slot());
-  const std::vector<int64_t> groups = active_groups(active);
-  Pass<T> pass = base_pass<T>(plan, tau);
-  for_each_chunk(plan, groups, partial.data(), [&](int64_t g, int64_t r0, int64_t r1, T* slot) {
-    Pass<T> p = pass;
-    p.cT = cT.data() + g * mat;
-    std::vector<T> scratch(scratch_size(plan));
-    Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d), x(values.data_ptr<S>(), plan.m, plan.d);
-    for (int64_t b = r0; b < r1; b += kBlockRows) {
-      const int64_t n = std::min(kBlockRows, r1 - b);
-      K.accumulate(p, w.at(g, b, n), x.at(g, b, n), n, slot, slot + mat, scratch.data());
-    }
+  const PassData<T> data(weights, centroids, tau);
+  const int64_t mat = data.plan.d * data.plan.kp;
+  return reducing_pass<S, T>(data, weights, active, centroids.options(),
+                             [&](const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n, T* slot, T* scratch) {
+    thread_local std::vector<T> xbuf;
+    xbuf.resize(kBlockRows * p.d);
+    const T* x = rows_as(values.data_ptr<S>() + (g * data.plan.m + b) * p.d, n * p.d, xbuf.data());
+    K.accumulate(p, w, x, n, slot, slot + mat, scratch);
   });
-  return reduced(plan, partial, groups, centroids.options());
 }
 
 template <typename S, typename T>
 Tensor output_typed(const Tensor& weights, const Tensor& attention_centroids, const Tensor& final_centroids,
                     double tau) {
   const Kernels<T>& K = kernels<T>();
-  const Plan plan = make_plan<T>(weights.size(0), weights.size(1), weights.size(2), final_centroids.size(1));
-  const int64_t mat = plan.d * plan.kp;
-  std::vector<T> cT = transposed<T>(attention_centroids, plan, FarAway<T>::value);
-  std::vector<T> cLT = transposed<T>(final_centroids, plan, T(0));
+  PassData<T> data(weights, attention_centroids, tau);
+  const Plan& plan = data.plan;
+  data.cLT = transposed<T>(final_centroids, plan, T(0));
   Tensor out = at::empty(weights.sizes(), weights.options());
   S* o = out.data_ptr<S>();
-  Pass<T> pass = base_pass<T>(plan, tau);
   for_each_chunk<T>(plan, all_groups(plan.groups), nullptr, [&](int64_t g, int64_t r0, int64_t r1, T*) {
-    Pass<T> p = pass;
-    p.cT = cT.data() + g * mat;
-    p.cLT = cLT.data() + g * mat;
+    const Pass<T> p = data.group(g);
     std::vector<T> scratch(scratch_size(plan)), obuf(kBlockRows * plan.d);
     Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d);
     for (int64_t b = r0; b < r1; b += kBlockRows) {
@@ -319,34 +348,24 @@ std::tuple<Tensor, Tensor> gradient_typed(const Tensor& weights, const std::opti
                                           const Tensor& grad_dot_next, const Tensor& final_centroids,
                                           const Tensor& active, Tensor& grad_weights, double tau) {
   const Kernels<T>& K = kernels<T>();
-  const Plan plan = make_plan<T>(weights.size(0), weights.size(1), weights.size(2), centroids.size(1));
-  const int64_t mat = plan.d * plan.kp;
-  std::vector<T> cT = transposed<T>(centroids, plan, FarAway<T>::value);
-  std::vector<T> cLT = transposed<T>(final_centroids, plan, T(0));
-  std::vector<T> gmT = transposed<T>(grad_over_mass, plan, T(0));
-  std::vector<T> gdc(plan.groups * plan.kp, T(0));
+  PassData<T> data(weights, centroids, tau);
+  const Plan& plan = data.plan;
+  data.cLT = transposed<T>(final_centroids, plan, T(0));
+  data.gmT = transposed<T>(grad_over_mass, plan, T(0));
+  data.gdc.assign(plan.groups * plan.kp, T(0));
   const T* dot = grad_dot_next.data_ptr<T>();
-  for (int64_t g = 0; g < plan.groups; ++g) std::copy(dot + g * plan.k, dot + (g + 1) * plan.k, gdc.data() + g * plan.kp);
-  std::vector<T> partial(plan.groups * plan.chunks * plan.slot());
-  const std::vector<int64_t> groups = active_groups(active);
+  for (int64_t g = 0; g < plan.groups; ++g)
+    std::copy(dot + g * plan.k, dot + (g + 1) * plan.k, data.gdc.data() + g * plan.kp);
+  const int64_t mat = plan.d * plan.kp;
   T* dw = grad_weights.data_ptr<T>();
   const S* go = grad_out ? grad_out->data_ptr<S>() : nullptr;
-  Pass<T> pass = base_pass<T>(plan, tau);
-  for_each_chunk(plan, groups, partial.data(), [&](int64_t g, int64_t r0, int64_t r1, T* slot) {
-    Pass<T> p = pass;
-    p.cT = cT.data() + g * mat;
-    p.cLT = cLT.data() + g * mat;
-    p.gmT = gmT.data() + g * mat;
-    p.gdc = gdc.data() + g * plan.kp;
-    std::vector<T> scratch(scratch_size(plan));
-    Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d), upstream(go, plan.m, plan.d);
-    for (int64_t b = r0; b < r1; b += kBlockRows) {
-      const int64_t n = std::min(kBlockRows, r1 - b);
-      const T* gb = go ? upstream.at(g, b, n) : nullptr;
-      K.grad_step(p, w.at(g, b, n), gb, n, dw + (g * plan.m + b) * plan.d, slot, slot + mat, scratch.data());
-    }
+  return reducing_pass<S, T>(data, weights, active, centroids.options(),
+                             [&](const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n, T* slot, T* scratch) {
+    thread_local std::vector<T> gbuf;
+    gbuf.resize(kBlockRows * p.d);
+    const T* gb = go ? rows_as(go + (g * plan.m + b) * p.d, n * p.d, gbuf.data()) : nullptr;
+    K.grad_step(p, w, gb, n, dw + (g * plan.m + b) * p.d, slot, slot + mat, scratch);
   });
-  return reduced(plan, partial, groups, centroids.options());
 }
 
 // ------------------------------------------------------------------------------ the ops --

@@ -30,6 +30,11 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_ITER_LIMIT = 10_000
 
 
+def _check_tau(tau: float) -> None:
+    if not (tau > 0 and tau < float("inf")):
+        raise ValueError(f"tau must be finite and > 0, got {tau}")
+
+
 def check_inputs(weights: Tensor, centroids: Tensor, tau: float, max_iter: int,
                  epsilon: float) -> None:
     """The forward's arguments, against each other; errors name the argument and the fix."""
@@ -53,8 +58,7 @@ def check_inputs(weights: Tensor, centroids: Tensor, tau: float, max_iter: int,
     if centroids.dtype != compute_dtype(weights.dtype):
         raise TypeError(f"centroids are {centroids.dtype}; for {weights.dtype} weights they must "
                         f"be {compute_dtype(weights.dtype)} (the compute dtype)")
-    if not (tau > 0 and tau < float("inf")):
-        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    _check_tau(tau)
     if not 1 <= max_iter <= MAX_ITER_LIMIT:
         raise ValueError(f"max_iter must be an integer from 1 to {MAX_ITER_LIMIT}, got {max_iter}")
     if not (epsilon >= 0 and epsilon < float("inf")):
@@ -85,8 +89,7 @@ def check_backward_inputs(grad_out: Tensor, weights: Tensor, history: Tensor, ma
     if history.dtype != cdtype or masses.dtype != cdtype or iterations.dtype != torch.int64:
         raise TypeError(f"centroid_history and masses must be {cdtype} and iterations int64, got "
                         f"{history.dtype}, {masses.dtype} and {iterations.dtype}")
-    if not (tau > 0 and tau < float("inf")):
-        raise ValueError(f"tau must be finite and > 0, got {tau}")
+    _check_tau(tau)
 
 
 def _check_iteration_counts(iterations: Tensor, max_iter: int) -> None:

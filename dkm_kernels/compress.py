@@ -33,8 +33,9 @@ from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _i
                     check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed)
 from .init import SEED_BOUND
 from .modules import CONV_TRANSPOSE_TYPES, CONV_TYPES, clusterable_modules, raw_weight
+from .packing import MAX_BITS
 
-MAX_BITS = 16  # indices are packed in at most 16 bits (65536 centroids)
+
 # The paper's protocol for small layers: weights with fewer elements than the threshold are cheap
 # to keep precise, so they get 8-bit scalar palettes whatever the model's config.
 SMALL_LAYER_THRESHOLD = 10_000
@@ -312,7 +313,8 @@ class DKMCompressor(nn.Module):
                 continue
             layer.advance()  # the centroids of the last training step
             module = modules[name]
-            record = export.snap_layer(layer, raw_weight(module).detach(), self.configs[name])
+            record = export.snap_layer(layer, raw_weight(module).detach(), self.configs[name],
+                                        name=name)
             for member in (name, *self.tied.get(name, ())):
                 if parametrize.is_parametrized(modules[member], "weight"):
                     parametrize.remove_parametrizations(modules[member], "weight",

@@ -81,7 +81,7 @@ def check_snappable(layer: DKMLayer, weight: Tensor, name: str | None = None) ->
     _check_representable(weight, layer.lut_dtype, where,
                          "per-channel scales (the largest |weight| of a channel)"
                          if layer.enable_per_channel_scale else "weights")
-    if bool(layer.initialized):
+    if layer.is_initialized:
         _check_finite(layer.centroids, where, "palette entries",
                       "the export would store them as they are")
         _check_representable(layer.centroids, layer.lut_dtype, where, "palette entries")
@@ -94,7 +94,7 @@ def snap_layer(layer: DKMLayer, weight: Tensor, config, name: str | None = None)
     Raises ValueError naming the layer (`name`) when check_snappable fails.
     """
     check_snappable(layer, weight, name)
-    if not bool(layer.initialized):
+    if not layer.is_initialized:
         # Centroids drawn from a checked weight are finite and within its range.
         layer.initialize(weight)
     codebook = layer.centroids.reshape(layer.groups, layer.n_clusters, layer.dim)

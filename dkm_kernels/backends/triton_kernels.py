@@ -21,7 +21,8 @@ slot (read-modify-write of a slot only this program touches, behind a barrier).
 
 Distances are sums of squared differences in fp32 (nothing cancels, no TF32); the matrix products
 of attention tiles use tl.dot with input_precision="ieee" (full fp32). Exponentials are exp2 of
-scores pre-scaled by log2(e) / tau.
+(nearest distance - distance) * log2(e) / tau, exactly 0 for a row's nearest centroid whatever
+the compiler fuses (docs/design.md §8).
 
 The recurrence that runs these passes (recurrence.py: the iterations, the epsilon test, the k x d
 centroid updates, the backward's order) is shared with every backend. A group that has stopped is
@@ -86,9 +87,9 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask, neg_log2e_over_tau,
-                 D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """-||w_i - c_j||^2 * log2(e) / tau for a tile, -inf for columns past k.
+def _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """||w_i - c_j||^2 for a tile, +inf for columns past k.
 
     w_ptr: (M, D) one group's rows; c_ptr: (k, D) one group's centroids (fp32).
     """
@@ -98,7 +99,7 @@ def _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask, neg_log2e_over_ta
         c_col = tl.load(c_ptr + cols * D + dim, mask=col_mask, other=0.0)
         diff = w_col[:, None] - c_col[None, :]
         squared += diff * diff
-    return tl.where(col_mask[None, :], squared * neg_log2e_over_tau, -float("inf"))
+    return tl.where(col_mask[None, :], squared, float("inf"))
 
 
 @triton.jit
@@ -127,20 +128,34 @@ def _grad_attention(w_ptr, grad_out_ptr, grad_over_mass_ptr, grad_dot_next_ptr, 
     return grad
 
 
+# Exponents are (nearest distance - distance) * log2(e) / tau: exactly 0 for the row's nearest
+# centroid however large the scores, since nothing follows the multiply that a compiler could fuse
+# with it. Scaling first and subtracting the maximum after (the textbook softmax) lets the
+# compiler contract the two into one fused multiply-add, whose unrounded product leaves the
+# largest exponent off zero by up to an ulp of |score|: with tiny taus, an overflow.
+
 @triton.jit
-def _softmax_rows(scores, row_mask):
-    """Attention of a tile whose scores (log2 units) cover all k centroids; zero on masked rows."""
-    p = tl.exp2(scores - tl.max(scores, axis=1)[:, None])
+def _softmax_rows(squared, row_mask, log2e_over_tau):
+    """Attention of a tile whose squared distances cover all k centroids; zero on masked rows."""
+    nearest = tl.min(squared, axis=1)
+    p = tl.exp2((nearest[:, None] - squared) * log2e_over_tau)
     attention = p / tl.sum(p, axis=1)[:, None]
     return tl.where(row_mask[:, None], attention, 0.0)
 
 
 @triton.jit
-def _online_max(row_max, scores):
-    """One block of an online softmax: the new running max, the factor that rescales sums taken
-    under the old max, and the block's exp2(scores - new max)."""
-    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-    return new_max, tl.exp2(row_max - new_max), tl.exp2(scores - new_max[:, None])
+def _online_min(row_min, squared, log2e_over_tau):
+    """One block of an online softmax: the new running nearest distance, the factor that rescales
+    sums taken under the old one, and the block's exp2((new nearest - distance) log2(e) / tau)."""
+    new_min = tl.minimum(row_min, tl.min(squared, axis=1))
+    return (new_min, tl.exp2((new_min - row_min) * log2e_over_tau),
+            tl.exp2((new_min[:, None] - squared) * log2e_over_tau))
+
+
+@triton.jit
+def _normalised(squared, row_min, log2_sum, log2e_over_tau):
+    """exp2 of the scores minus the row's log2-sum-exp2: the exact attention of a block."""
+    return tl.exp2((row_min[:, None] - squared) * log2e_over_tau - log2_sum[:, None])
 
 
 @triton.jit
@@ -191,7 +206,7 @@ def _attention_sums_kernel(
     active_ptr,     # (G,) int32: 0 for a group that has stopped (the program does nothing)
     sums_ptr,       # (G, SLOTS, k, D) fp32, zeroed: sum_i A_ij v_i per slot
     mass_ptr,       # (G, SLOTS, k) fp32, zeroed: sum_i A_ij per slot
-    m, k, slots, rows_per_chunk, neg_log2e_over_tau,
+    m, k, slots, rows_per_chunk, log2e_over_tau,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr, ATOMIC: tl.constexpr,
 ):
@@ -216,9 +231,9 @@ def _attention_sums_kernel(
             for row_start in range(row_begin, row_end, BLOCK_M):
                 rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
                 row_mask = rows < row_end
-                scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                      neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
-                attention = _softmax_rows(scores, row_mask)
+                squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                             D, BLOCK_M, BLOCK_K)
+                attention = _softmax_rows(squared, row_mask, log2e_over_tau)
                 values = _load_block(v_ptr, rows, row_end, dims, D)
                 chunk_sums += tl.dot(tl.trans(attention), values, input_precision="ieee")
                 chunk_mass += tl.sum(attention, axis=0)
@@ -229,24 +244,24 @@ def _attention_sums_kernel(
                 rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
                 row_mask = rows < row_end
                 # Sweep 1: the row's log2-sum-exp2 over all centroids, with a running max.
-                row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+                row_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
                 row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
                 for col_start in range(0, k, BLOCK_K):
                     cols = col_start + tl.arange(0, BLOCK_K)
                     col_mask = cols < k
-                    scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                          neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
-                    row_max, rescale, p = _online_max(row_max, scores)
+                    squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                                 D, BLOCK_M, BLOCK_K)
+                    row_min, rescale, p = _online_min(row_min, squared, log2e_over_tau)
                     row_sum = row_sum * rescale + tl.sum(p, axis=1)
-                log_normaliser = row_max + tl.log2(row_sum)
+                log2_sum = tl.log2(row_sum)
                 values = _load_block(v_ptr, rows, row_end, dims, D)
                 # Sweep 2: exact attention, block by block, into the slot.
                 for col_start in range(0, k, BLOCK_K):
                     cols = col_start + tl.arange(0, BLOCK_K)
                     col_mask = cols < k
-                    scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                          neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
-                    attention = tl.exp2(scores - log_normaliser[:, None])
+                    squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                                 D, BLOCK_M, BLOCK_K)
+                    attention = _normalised(squared, row_min, log2_sum, log2e_over_tau)
                     attention = tl.where(row_mask[:, None], attention, 0.0)
                     block_sums = tl.dot(tl.trans(attention), values, input_precision="ieee")
                     _add_to_slot(slot_sums_ptr, slot_mass_ptr, cols, col_mask, dims, block_sums,
@@ -259,7 +274,7 @@ def _output_kernel(
     attend_ptr,     # (G, k, D) fp32: C_{L-1}, the centroids of the last attention
     final_ptr,      # (G, k, D) fp32: C_L
     out_ptr,        # (G, M, D) weights' dtype: W~ = A_{L-1} C_L
-    m, k, neg_log2e_over_tau,
+    m, k, log2e_over_tau,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -270,15 +285,15 @@ def _output_kernel(
     dims = tl.arange(0, BLOCK_D)
     rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row_mask = rows < m
-    row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+    row_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for col_start in range(0, k, BLOCK_K):
         cols = col_start + tl.arange(0, BLOCK_K)
         col_mask = cols < k
-        scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask, neg_log2e_over_tau,
-                              D, BLOCK_M, BLOCK_K)
-        row_max, rescale, p = _online_max(row_max, scores)
+        squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                     D, BLOCK_M, BLOCK_K)
+        row_min, rescale, p = _online_min(row_min, squared, log2e_over_tau)
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         final = _load_block(f_ptr, cols, k, dims, D)
         acc = acc * rescale[:, None] + tl.dot(p, final, input_precision="ieee")
@@ -300,7 +315,7 @@ def _backward_kernel(
     grad_w_ptr,          # (G, M, D) fp32: dW, this pass's rows added in place
     ds_w_ptr,            # (G, SLOTS, k, D) fp32, zeroed: sum_i dS_ij w_i per slot
     ds_ptr,              # (G, SLOTS, k) fp32, zeroed: sum_i dS_ij per slot
-    m, k, slots, rows_per_chunk, neg_log2e_over_tau, two_over_tau,
+    m, k, slots, rows_per_chunk, log2e_over_tau, two_over_tau,
     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr, ATOMIC: tl.constexpr, HAS_GRAD_OUT: tl.constexpr,
 ):
@@ -331,9 +346,9 @@ def _backward_kernel(
             for row_start in range(row_begin, row_end, BLOCK_M):
                 rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
                 row_mask = rows < row_end
-                scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                      neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
-                attention = _softmax_rows(scores, row_mask)
+                squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                             D, BLOCK_M, BLOCK_K)
+                attention = _softmax_rows(squared, row_mask, log2e_over_tau)
                 grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask, cols,
                                          col_mask, D, BLOCK_M, BLOCK_K, HAS_GRAD_OUT)
                 weighted = tl.sum(attention * grad_a, axis=1)
@@ -353,20 +368,20 @@ def _backward_kernel(
                 rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
                 row_mask = rows < row_end
                 # Sweep 1: log-sum-exp and sum_l A_il dA_il over all centroids, running max.
-                row_max = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+                row_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
                 row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
                 row_weighted = tl.zeros((BLOCK_M,), dtype=tl.float32)
                 for col_start in range(0, k, BLOCK_K):
                     cols = col_start + tl.arange(0, BLOCK_K)
                     col_mask = cols < k
-                    scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                          neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
+                    squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                                 D, BLOCK_M, BLOCK_K)
                     grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask,
                                              cols, col_mask, D, BLOCK_M, BLOCK_K, HAS_GRAD_OUT)
-                    row_max, rescale, p = _online_max(row_max, scores)
+                    row_min, rescale, p = _online_min(row_min, squared, log2e_over_tau)
                     row_sum = row_sum * rescale + tl.sum(p, axis=1)
                     row_weighted = row_weighted * rescale + tl.sum(p * grad_a, axis=1)
-                log_normaliser = row_max + tl.log2(row_sum)
+                log2_sum = tl.log2(row_sum)
                 weighted = row_weighted / row_sum
                 w = _load_block(w_ptr, rows, row_end, dims, D)
                 grad_w = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -375,9 +390,9 @@ def _backward_kernel(
                 for col_start in range(0, k, BLOCK_K):
                     cols = col_start + tl.arange(0, BLOCK_K)
                     col_mask = cols < k
-                    scores = _log2_scores(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                          neg_log2e_over_tau, D, BLOCK_M, BLOCK_K)
-                    attention = tl.exp2(scores - log_normaliser[:, None])
+                    squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
+                                                 D, BLOCK_M, BLOCK_K)
+                    attention = _normalised(squared, row_min, log2_sum, log2e_over_tau)
                     attention = tl.where(row_mask[:, None], attention, 0.0)
                     grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask,
                                              cols, col_mask, D, BLOCK_M, BLOCK_K, HAS_GRAD_OUT)
@@ -477,7 +492,7 @@ class Passes:
             with _device_context(self.weights.device):
                 _attention_sums_kernel[(plan.chunks, self.groups)](
                     self.weights, values, centroids, active.to(torch.int32), sums, mass,
-                    self.m, self.k, plan.slots, plan.rows_per_chunk, -_LOG2E / self.tau,
+                    self.m, self.k, plan.slots, plan.rows_per_chunk, _LOG2E / self.tau,
                     D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
                     SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
                     num_warps=plan.num_warps, num_stages=1,
@@ -491,7 +506,7 @@ class Passes:
             with _device_context(self.weights.device):
                 _output_kernel[(triton.cdiv(self.m, plan.output_block_m), self.groups)](
                     self.weights, attention_centroids, final_centroids, out, self.m, self.k,
-                    -_LOG2E / self.tau,
+                    _LOG2E / self.tau,
                     D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.output_block_m,
                     BLOCK_K=plan.output_block_k, num_warps=plan.output_warps, num_stages=1,
                 )
@@ -508,7 +523,7 @@ class Passes:
                     self.weights, self.weights if grad_out is None else grad_out, centroids,
                     grad_over_mass.contiguous(), grad_dot_next.contiguous(), final_centroids,
                     active.to(torch.int32), grad_weights, ds_w, ds,
-                    self.m, self.k, plan.slots, plan.rows_per_chunk, -_LOG2E / self.tau,
+                    self.m, self.k, plan.slots, plan.rows_per_chunk, _LOG2E / self.tau,
                     2.0 / self.tau,
                     D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
                     SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
