@@ -107,8 +107,9 @@ inline vec<T> vmax(vec<T> a, vec<T> b) {
   return a > b ? a : b;
 }
 
-// 2^y for y <= a few ulps above 0 (y = -inf included), to within about an ulp. Results below
-// the smallest normal number (2^-126 in float, 2^-1022 in double) are flushed to exactly 0:
+// 2^y for y <= 0 (y = -inf included), to within about an ulp, and exactly 1 for y = 0: the row's
+// largest attention weight. Results below the smallest normal number (2^-126 in float, 2^-1022 in
+// double) are flushed to exactly 0:
 // denormal results cost microcode assists on many CPUs and, with a small tau, most of a row's
 // entries fall there; an attention weight that small changes no sum it enters. A centroid whose
 // attention is that small for every row has exactly zero mass and keeps its position.
