@@ -107,8 +107,9 @@ inline vec<T> vmax(vec<T> a, vec<T> b) {
   return a > b ? a : b;
 }
 
-// 2^y for y <= a few ulps above 0 (y = -inf included), to within about an ulp. Results below
-// the smallest normal number (2^-126 in float, 2^-1022 in double) are flushed to exactly 0:
+// 2^y for y <= 0 (y = -inf included), to within about an ulp, and exactly 1 for y = 0: the row's
+// largest attention weight. Results below the smallest normal number (2^-126 in float, 2^-1022 in
+// double) are flushed to exactly 0:
 // denormal results cost microcode assists on many CPUs and, with a small tau, most of a row's
 // entries fall there; an attention weight that small changes no sum it enters. A centroid whose
 // attention is that small for every row has exactly zero mass and keeps its position.
@@ -194,16 +195,21 @@ inline void distances(const Pass<T>& p, const T* w, T* scores, T* dmin) {
 }
 
 // Turns one row of squared distances into exp(S_ij - max_j S_ij) in place, S = -dist / tau, and
-// returns 1 / sum_j of them: A_ij = row[j] * (returned value). The exponent is computed base 2 by
-// one fused multiply-add, (dmin - dist) log2(e) / tau: the rounding of the two constants changes
-// every score of the row by the same factor and offset, as a relative change of tau of an ulp.
+// returns 1 / sum_j of them: A_ij = row[j] * (returned value). The exponent is computed base 2 as
+// (dmin - dist) log2(e) / tau, subtraction first: for the row's nearest centroid it is exactly 0,
+// so that entry is exactly 1 (and A exactly 1 in a one-hot row). Folding the subtraction into one
+// fused multiply-add, dist * (-scale) + dmin * scale, leaves the rounding error of dmin * scale
+// as that entry's exponent instead: about dmin / tau ulps, which overflows 2^y when tau is small
+// against the distances, and otherwise makes A_ij = e_ij / sum differ from 1 by an ulp, which the
+// backward pass amplifies by 2 / tau. The rounding of the constant log2(e) / tau changes every
+// score of the row by the same factor, as a relative change of tau of an ulp.
 template <typename T>
 inline T exponentiate(const Pass<T>& p, T* row, T dmin) {
   constexpr int N = Vec<T>::lanes;
-  const T slope = -p.exp2_scale, offset = dmin * p.exp2_scale;
+  const T scale = p.exp2_scale;
   vec<T> sum{};
   for (int64_t j = 0; j < p.kp; j += N) {
-    const vec<T> e = vexp2(load(row + j) * slope + offset);
+    const vec<T> e = vexp2((dmin - load(row + j)) * scale);
     store(row + j, e);
     sum += e;
   }
