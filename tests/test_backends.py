@@ -18,6 +18,7 @@ from oracle import (
     make_problem,
     relative_error,
     run,
+    same_precision_reference_runs,
     skip_reason,
     staggered_groups,
     takes_float64,
@@ -96,7 +97,8 @@ def test_paper_regime(backend):
     In float32, five iterations here amplify roundoff by up to 1e4 (the plain float32 reference's
     gradient is 2e-5 .. 2e-3 off, depending on the seed, and a backend's error lands on either
     side of it from seed to seed), so one seed says little: summed over seeds, the backend's error
-    must be within 2x the plain float32 reference's."""
+    must be within 2x the plain float32 reference's (the largest over its row orders, as in
+    oracle.assert_low_precision_close)."""
     tau = 2e-5
     if takes_float64(backend):
         weights, centroids, _ = make_problem(512, 8, k=16, seed=7, scale=0.02)
@@ -107,10 +109,11 @@ def test_paper_regime(backend):
         w32, c32 = weights.float(), centroids.float()
         exact = run("reference", w32.double(), c32.double(), tau, 5, 0.0)
         ours = run(backend, w32.to(device_of(backend)), c32.to(device_of(backend)), tau, 5, 0.0)
-        naive = run("reference", w32, c32, tau, 5, 0.0)
+        naive_runs = list(same_precision_reference_runs(w32, c32, tau, 5, 0.0))
         for slot, index in enumerate((0, 1, 3)):
             ours_total[slot] += relative_error(ours[index], exact[index])
-            naive_total[slot] += relative_error(naive[index], exact[index])
+            naive_total[slot] += max(relative_error(naive[index], exact[index])
+                                     for naive in naive_runs)
     for name, err, err_naive in zip(("values", "centroids", "gradients"), ours_total, naive_total):
         assert err <= 2 * err_naive, f"{name}: summed relative error {err:.3g} > 2 x {err_naive:.3g}"
 
