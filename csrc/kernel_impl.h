@@ -291,20 +291,23 @@ void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch)
   }
 }
 
-// One backward step for one row i (DESIGN §3), given e_ij (A_ij = e_ij * inv) in `row`:
+// One backward step for one row i (docs/design.md §3), given e_ij (A_ij = e_ij * inv) in `row`:
 //   dA_ij = gm_j . w_i - gdc_j (+ G~_i . C_L,j on the last step)
 //   dS_ij = A_ij (dA_ij - sum_l A_il dA_il)
-//   dW_i += sum_j A_ij gm_j - (2/tau) (w_i sum_j dS_ij - sum_j dS_ij c_t,j)
-//   accT[l][j] += dS_ij w_il, accS[j] += dS_ij
+//   dW_i += sum_j A_ij gm_j + (2/tau) sum_j dS_ij (c_t,j - w_i)
+//   accT[l][j] += dS_ij (w_il - c_t,jl), accS[j] += dS_ij
+// The differences c_t,j - w_i are formed before the sums: written as w_i sum_j dS_ij minus
+// sum_j dS_ij c_t,j, the two terms cancel (sum_j dS_ij is 0 in exact arithmetic) and leave the
+// rounding of |w_i| amplified by 2/tau.
 template <typename T, int D>
 inline void grad_row(const Pass<T>& p, const T* wi, const T* gi, T inv, T* row, T* grad_a, T* dwi,
                      T* accT, T* accS) {
   constexpr int N = Vec<T>::lanes;
   constexpr int S = RowSlots<D>::value;
   const int64_t d = D ? D : p.d, kp = p.kp;
-  vec<T> row_dot{}, sum_ds{};
+  vec<T> row_dot{};
   if (D) {
-    vec<T> u[S], v[S];  // sum_j e_ij gm_jl and sum_j dS_ij c_jl
+    vec<T> u[S], v[S];  // sum_j e_ij gm_jl and sum_j dS_ij (c_jl - w_il)
     for (int l = 0; l < S; ++l) u[l] = v[l] = vec<T>{};
     for (int64_t j = 0; j < kp; j += N) {
       const vec<T> e = load(row + j);
@@ -324,17 +327,15 @@ inline void grad_row(const Pass<T>& p, const T* wi, const T* gi, T inv, T* row, 
     const T dot = hsum<T>(row_dot);
     for (int64_t j = 0; j < kp; j += N) {
       const vec<T> ds = load(row + j) * (load(grad_a + j) - dot);
-      sum_ds += ds;
       store(accS + j, load(accS + j) + ds);
       for (int l = 0; l < S; ++l) {
-        v[l] += ds * load(p.cT + l * kp + j);
-        store(accT + l * kp + j, load(accT + l * kp + j) + ds * wi[l]);
+        const vec<T> diff = load(p.cT + l * kp + j) - wi[l];
+        v[l] += ds * diff;
+        store(accT + l * kp + j, load(accT + l * kp + j) - ds * diff);
       }
     }
-    const T sds = hsum<T>(sum_ds);
     // One horizontal sum per coordinate: inv * u + (2/tau) v.
-    for (int l = 0; l < S; ++l)
-      dwi[l] += hsum<T>(u[l] * inv + v[l] * p.two_over_tau) - p.two_over_tau * wi[l] * sds;
+    for (int l = 0; l < S; ++l) dwi[l] += hsum<T>(u[l] * inv + v[l] * p.two_over_tau);
   } else {
     // Any d: rows of A and dS go to scratch, then one sweep over centroids per coordinate.
     for (int64_t j = 0; j < kp; j += N) {
@@ -350,20 +351,19 @@ inline void grad_row(const Pass<T>& p, const T* wi, const T* gi, T inv, T* row, 
     const T dot = hsum<T>(row_dot);
     for (int64_t j = 0; j < kp; j += N) {
       const vec<T> ds = load(row + j) * (load(grad_a + j) - dot);
-      sum_ds += ds;
       store(grad_a + j, ds);
       store(accS + j, load(accS + j) + ds);
     }
-    const T sds = hsum<T>(sum_ds);
     for (int64_t l = 0; l < d; ++l) {
       vec<T> u{}, v{};
       for (int64_t j = 0; j < kp; j += N) {
         const vec<T> ds = load(grad_a + j);
+        const vec<T> diff = load(p.cT + l * kp + j) - wi[l];
         u += load(row + j) * load(p.gmT + l * kp + j);
-        v += ds * load(p.cT + l * kp + j);
-        store(accT + l * kp + j, load(accT + l * kp + j) + ds * wi[l]);
+        v += ds * diff;
+        store(accT + l * kp + j, load(accT + l * kp + j) - ds * diff);
       }
-      dwi[l] += hsum<T>(u) - p.two_over_tau * (wi[l] * sds - hsum<T>(v));
+      dwi[l] += hsum<T>(u) + p.two_over_tau * hsum<T>(v);
     }
   }
 }

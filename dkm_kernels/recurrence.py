@@ -57,13 +57,15 @@ class Passes(Protocol):
 
     def gradient(self, grad_out: Tensor | None, centroids: Tensor, grad_over_mass: Tensor,
                  grad_dot_next: Tensor, final_centroids: Tensor, active: Tensor,
-                 grad_weights: Tensor) -> tuple[Tensor, Tensor]:
+                 grad_weights: Tensor) -> Tensor:
         """One backward pass for iteration t (§3): with A = A_t (attention to `centroids` = C_t),
             dA_ij = grad_over_mass_j . w_i - grad_dot_next_j  (+ G~_i . C_L,j when grad_out given)
             dS_ij = A_ij (dA_ij - sum_l A_il dA_il)
-        adds dW_i = sum_j A_ij grad_over_mass_j - (2/tau)(w_i sum_j dS_ij - sum_j dS_ij c_j) into
-        `grad_weights` (G, M, d, compute dtype) for active groups, and returns sum_i dS_ij w_i
-        (G, k, d) and sum_i dS_ij (G, k)."""
+        adds dW_i = sum_j A_ij grad_over_mass_j + (2/tau) sum_j dS_ij (c_j - w_i) into
+        `grad_weights` (G, M, d, compute dtype) for active groups, and returns
+        sum_i dS_ij (w_i - c_j) (G, k, d). Differences are best formed before the sums: expanded
+        into w_i sum_j dS_ij - sum_j dS_ij c_j, two terms cancel and leave the rounding of |w|
+        amplified by 2/tau (docs/design.md §8)."""
 
 
 def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float):
@@ -134,9 +136,9 @@ def backward(passes: Passes, grad_out: Tensor, history: Tensor, masses: Tensor,
         c, c_next, mass = history[t, group], history[t + 1, group], masses[t, group]
         grad_over_mass = grad_c * inverse_mass(mass).unsqueeze(-1)  # G_{t+1,j} / s_j
         grad_dot_next = (grad_over_mass * c_next).sum(dim=-1)
-        sum_ds_w, sum_ds = passes.gradient(grad_out if p == 1 else None, c, grad_over_mass,
-                                           grad_dot_next, c_final, active, grad_weights)
-        grad_c_t = (2.0 / tau) * (sum_ds_w - c * sum_ds.unsqueeze(-1))
+        sum_ds_diff = passes.gradient(grad_out if p == 1 else None, c, grad_over_mass,
+                                      grad_dot_next, c_final, active, grad_weights)
+        grad_c_t = (2.0 / tau) * sum_ds_diff
         # A centroid without mass is carried over unchanged: its gradient passes through.
         grad_c_t = grad_c_t + torch.where(has_mass(mass).unsqueeze(-1), 0.0, grad_c)
         grad_c = torch.where(active[:, None, None], grad_c_t, grad_c)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the test extras")
-from hypothesis import given, strategies as st  # noqa: E402
+from hypothesis import given, note, strategies as st  # noqa: E402
 
 import dkm_kernels  # noqa: E402
 from oracle import (  # noqa: E402
@@ -46,6 +46,7 @@ def problems(draw, max_m=300):
     scale = 10.0 ** draw(st.floats(-4, 4))
     ratio = 10.0 ** draw(st.floats(-12, 2))
     seed = draw(st.integers(0, 2**31 - 1))
+    note(f"groups={groups} m={m} d={d} k={k} scale={scale:.3g} ratio={ratio:.3g} seed={seed}")
     gen = torch.Generator().manual_seed(seed)
     shape = (m, d) if groups is None else (groups, m, d)
     weights = torch.randn(shape, generator=gen, dtype=torch.float64) * scale

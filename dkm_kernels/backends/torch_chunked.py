@@ -19,16 +19,19 @@ WORKSPACE_BYTES = 64 * 2**20
 
 # Tensors of k values each that a row of a chunk keeps alive at the busiest point (backward).
 _LIVE_ROW_VECTORS = 6
+# The gradient pass also keeps two (k, d) tensors per row: the differences w_i - c_j, weighted.
+_DIFFERENCE_ROW_VECTORS = 2
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def rows_per_chunk(groups: int, k: int, d: int, dtype: torch.dtype) -> int:
-    """How many rows of every group one chunk takes so that it stays within WORKSPACE_BYTES."""
+def rows_per_chunk(groups: int, k: int, d: int, dtype: torch.dtype, kd_vectors: int = 0) -> int:
+    """How many rows of every group one chunk takes so that it stays within WORKSPACE_BYTES, with
+    `kd_vectors` tensors of k x d values per row besides the k-wide ones."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_row = max(1, groups) * (_LIVE_ROW_VECTORS * k + 4 * d) * itemsize
+    per_row = max(1, groups) * ((_LIVE_ROW_VECTORS + kd_vectors * d) * k + 4 * d) * itemsize
     return max(1, WORKSPACE_BYTES // per_row)
 
 
@@ -60,12 +63,13 @@ class Passes:
         self.weights = weights
         self.tau = tau
         self.cdtype = compute_dtype(weights.dtype)
-        groups, self.m, d = weights.shape
-        self.rows = rows_per_chunk(groups, k, d, self.cdtype)
+        self.groups, self.m, self.d = weights.shape
+        self.k = k
 
-    def _chunks(self):
-        for start in range(0, self.m, self.rows):
-            rows = slice(start, min(start + self.rows, self.m))
+    def _chunks(self, kd_vectors: int = 0):
+        size = rows_per_chunk(self.groups, self.k, self.d, self.cdtype, kd_vectors)
+        for start in range(0, self.m, size):
+            rows = slice(start, min(start + size, self.m))
             yield rows, self.weights[:, rows].to(self.cdtype)
 
     def attention_sums(self, values, centroids, active):
@@ -88,21 +92,21 @@ class Passes:
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
                  active, grad_weights):
-        sum_ds_w = torch.zeros_like(centroids)
-        sum_ds = centroids.new_zeros(centroids.shape[:2])
+        sum_ds_diff = torch.zeros_like(centroids)
         active = active[:, None, None]
         with _full_precision_matmul():
-            for rows, w in self._chunks():
+            for rows, w in self._chunks(_DIFFERENCE_ROW_VECTORS):
                 attention = _attention(w, centroids, self.tau)
                 grad_a = torch.bmm(w, grad_over_mass.transpose(1, 2)) - grad_dot_next.unsqueeze(1)
                 if grad_out is not None:
                     go = grad_out[:, rows].to(self.cdtype)
                     grad_a += torch.bmm(go, final_centroids.transpose(1, 2))
                 grad_s = attention * (grad_a - (attention * grad_a).sum(dim=-1, keepdim=True))
+                # (G, R, k, d): w_i - c_j, formed before any sum (recurrence.Passes.gradient)
+                diff = w.unsqueeze(2) - centroids.unsqueeze(1)
+                weighted_diff = grad_s.unsqueeze(-1) * diff
                 grad_w = torch.bmm(attention, grad_over_mass)
-                grad_w -= (2.0 / self.tau) * (w * grad_s.sum(dim=-1, keepdim=True)
-                                              - torch.bmm(grad_s, centroids))
+                grad_w -= (2.0 / self.tau) * weighted_diff.sum(dim=2)
                 grad_weights[:, rows] += torch.where(active, grad_w, 0.0)
-                sum_ds_w.baddbmm_(grad_s.transpose(1, 2), w)
-                sum_ds += grad_s.sum(dim=1)
-        return sum_ds_w, sum_ds
+                sum_ds_diff += weighted_diff.sum(dim=1)
+        return sum_ds_diff

@@ -530,4 +530,6 @@ class Passes:
                     HAS_GRAD_OUT=grad_out is not None,
                     num_warps=plan.num_warps, num_stages=1,
                 )
-        return ds_w.sum(dim=1), ds.sum(dim=1)
+        # The kernels sum dS w and dS separately (one matrix product each): the difference form
+        # of recurrence.Passes.gradient is taken here, on k x d values.
+        return ds_w.sum(dim=1) - centroids * ds.sum(dim=1).unsqueeze(-1)
