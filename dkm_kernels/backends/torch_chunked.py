@@ -19,19 +19,16 @@ WORKSPACE_BYTES = 64 * 2**20
 
 # Tensors of k values each that a row of a chunk keeps alive at the busiest point (backward).
 _LIVE_ROW_VECTORS = 6
-# The gradient pass also keeps two (k, d) tensors per row: the differences w_i - c_j, weighted.
-_DIFFERENCE_ROW_VECTORS = 2
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
-def rows_per_chunk(groups: int, k: int, d: int, dtype: torch.dtype, kd_vectors: int = 0) -> int:
-    """How many rows of every group one chunk takes so that it stays within WORKSPACE_BYTES, with
-    `kd_vectors` tensors of k x d values per row besides the k-wide ones."""
+def rows_per_chunk(groups: int, k: int, d: int, dtype: torch.dtype) -> int:
+    """How many rows of every group one chunk takes so that it stays within WORKSPACE_BYTES."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_row = max(1, groups) * ((_LIVE_ROW_VECTORS + kd_vectors * d) * k + 4 * d) * itemsize
+    per_row = max(1, groups) * (_LIVE_ROW_VECTORS * k + 4 * d) * itemsize
     return max(1, WORKSPACE_BYTES // per_row)
 
 
@@ -66,8 +63,8 @@ class Passes:
         self.groups, self.m, self.d = weights.shape
         self.k = k
 
-    def _chunks(self, kd_vectors: int = 0):
-        size = rows_per_chunk(self.groups, self.k, self.d, self.cdtype, kd_vectors)
+    def _chunks(self):
+        size = rows_per_chunk(self.groups, self.k, self.d, self.cdtype)
         for start in range(0, self.m, size):
             rows = slice(start, min(start + size, self.m))
             yield rows, self.weights[:, rows].to(self.cdtype)
@@ -92,21 +89,28 @@ class Passes:
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
                  active, grad_weights):
+        # sum_j dS_ij (c_j - w_i) and sum_i dS_ij (w_i - c_j) as matrix products, about the
+        # group's mean centroid: expanded about the origin, w_i sum_j dS_ij and sum_j dS_ij c_j
+        # cancel (sum_j dS_ij is 0 in exact arithmetic) and leave the rounding of |w| amplified by
+        # 2/tau (recurrence.Passes.gradient). About the mean, what is left scales with the
+        # centroids' spread instead.
+        origin = centroids.mean(dim=1, keepdim=True)
+        centred = centroids - origin
         sum_ds_diff = torch.zeros_like(centroids)
         active = active[:, None, None]
         with _full_precision_matmul():
-            for rows, w in self._chunks(_DIFFERENCE_ROW_VECTORS):
+            for rows, w in self._chunks():
                 attention = _attention(w, centroids, self.tau)
                 grad_a = torch.bmm(w, grad_over_mass.transpose(1, 2)) - grad_dot_next.unsqueeze(1)
                 if grad_out is not None:
                     go = grad_out[:, rows].to(self.cdtype)
                     grad_a += torch.bmm(go, final_centroids.transpose(1, 2))
                 grad_s = attention * (grad_a - (attention * grad_a).sum(dim=-1, keepdim=True))
-                # (G, R, k, d): w_i - c_j, formed before any sum (recurrence.Passes.gradient)
-                diff = w.unsqueeze(2) - centroids.unsqueeze(1)
-                weighted_diff = grad_s.unsqueeze(-1) * diff
+                w = w - origin
                 grad_w = torch.bmm(attention, grad_over_mass)
-                grad_w -= (2.0 / self.tau) * weighted_diff.sum(dim=2)
+                grad_w -= (2.0 / self.tau) * (w * grad_s.sum(dim=-1, keepdim=True)
+                                              - torch.bmm(grad_s, centred))
                 grad_weights[:, rows] += torch.where(active, grad_w, 0.0)
-                sum_ds_diff += weighted_diff.sum(dim=1)
+                sum_ds_diff.baddbmm_(grad_s.transpose(1, 2), w)
+                sum_ds_diff -= centred * grad_s.sum(dim=1).unsqueeze(-1)
         return sum_ds_diff
