@@ -2,7 +2,7 @@
 gradients; determinism; op registration; bytes saved for backward.
 
 Every available instruction set (dkm_kernels.backends.cpu.available_isas(): avx512, avx2, generic)
-is checked on the main float64 cases by forcing it with DKM_KERNELS_ISA.
+is checked on the main float64 cases by forcing it with DKM_KERNELS_ISA (conftest.py's `isa`).
 """
 import os
 import subprocess
@@ -15,6 +15,7 @@ import torch
 import dkm_kernels
 from dkm_kernels.backends import cpu
 from oracle import (
+    CPU_EXTENSION_TESTS,
     assert_low_precision_close,
     assert_matches_reference_float64,
     make_problem,
@@ -22,41 +23,7 @@ from oracle import (
     staggered_groups,
 )
 
-pytestmark = pytest.mark.skipif(
-    cpu.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
-    reason=str(cpu.unavailable_reason(torch.device("cpu"), torch.float32)),
-)
-
-ISAS = cpu.available_isas()
-
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Small problems run on one thread: on a loaded machine, waking OpenMP threads for
-    millisecond ops makes the reference take seconds. The kernels' results do not depend on the
-    thread count (test_deterministic_and_independent_of_thread_count), and tests that want
-    threads ask for the `threads` fixture."""
-    if "threads" in request.fixturenames:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def threads():
-    return torch.get_num_threads()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("DKM_KERNELS_ISA", request.param)
-    assert cpu.isa() == request.param
-    return request.param
+pytestmark = CPU_EXTENSION_TESTS
 
 
 # (M, d, k): every d with every k, M alternating prime and power of two. k = 1000 is not a multiple
