@@ -20,7 +20,6 @@ from oracle import (
     assert_matches_reference_float64,
     make_problem,
     run,
-    staggered_groups,
 )
 
 pytestmark = CPU_EXTENSION_TESTS
@@ -47,14 +46,6 @@ def test_float64_every_instruction_set(isa, m, d, k):
     assert_matches_reference_float64("cpu", weights, centroids, tau)
 
 
-
-
-
-
-
-
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,d,k", [(1031, 1, 16), (512, 8, 256), (97, 4, 3), (1031, 16, 300)])
 def test_low_precision(dtype, m, d, k):
@@ -68,15 +59,9 @@ def test_low_precision_paper_regime(dtype):
     assert_low_precision_close("cpu", weights, centroids, 2e-5)
 
 
-
-
-
-
 def test_auto_prefers_cpu_on_cpu():
     assert dkm_kernels.backends.choose(torch.device("cpu"), torch.float32) == "cpu"
     assert "CPU tensors" in cpu.unavailable_reason(torch.device("meta"), torch.float32)
-
-
 
 
 def _results(weights, centroids, tau):
@@ -98,8 +83,6 @@ def test_deterministic_and_independent_of_thread_count(threads):
     for other in [again, *others]:
         for a, b in zip(first, other):
             assert torch.equal(a, b)
-
-
 
 
 def test_missing_extension_falls_back_with_one_warning():
