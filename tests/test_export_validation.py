@@ -14,6 +14,7 @@ import torch.nn as nn
 from dkm_kernels import compress_model, load_compressed
 from dkm_kernels.export import decoded_state_dict, read_export
 from export_files import NOT_EXPORTS
+from shared_models import assert_same_state
 
 
 def net():
@@ -144,9 +145,7 @@ def assert_refused_and_unchanged(source, model, pattern):
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError, match=pattern):
         load_compressed(source, model)
-    after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], v)
-                                                 for k, v in before.items())
+    assert_same_state(model.state_dict(), before)
 
 
 @pytest.mark.parametrize("corrupt,layer,field", [case[1:] for case in FIELD_CASES],

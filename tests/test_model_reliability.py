@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 import dkm_kernels
 from dkm_kernels import DKMLayer, compress_model, layer as layer_module
 from dkm_kernels.export import export_bytes, load_compressed
-from tied_model import TiedLM
+from shared_models import TiedLM
 
 CLUSTER_ALL = dict(skip_first_last=False, small_layer_threshold=0, seed=0)
 

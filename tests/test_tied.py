@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from dkm_kernels import compress_model, load_compressed
 from dkm_kernels.export import export_bytes
-from tied_model import TiedLM
+from shared_models import TiedLM
 
 
 def tied_compressor():

@@ -1,4 +1,4 @@
-"""The tied-weight model shared by the reliability and the export tests."""
+"""Models, and a check of their state, shared by several test modules."""
 import torch
 import torch.nn as nn
 
@@ -17,3 +17,17 @@ class TiedLM(nn.Module):
 
     def forward(self, tokens):
         return self.head(torch.tanh(self.mid(self.emb(tokens))))
+
+
+def seeded(model_cls, seed=0):
+    """model_cls() built right after seeding torch's global generator: the same initial weights
+    every time."""
+    torch.manual_seed(seed)
+    return model_cls()
+
+
+def assert_same_state(state, expected):
+    """Two state dicts hold the same keys and bit-identical tensors (the failing key is named)."""
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
