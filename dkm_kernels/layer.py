@@ -483,8 +483,7 @@ class DKMLayer(nn.Module):
     @torch.no_grad()
     def get_assignments(self, weight: Tensor | None = None) -> Tensor:
         """Index of the nearest stored centroid of every weight vector: (M,) or (G, M) int64."""
-        weight = self._settled_weight(weight)
-        indices, _, finite = self._nearest(weight)
+        indices, _, finite = self._nearest(self._settled_weight(weight))
         if not bool(finite.all()):  # indices leave the device anyway: this read is free
             raise ValueError(self._where() + "the weight contains NaN or Inf, which has no "
                              "nearest palette entry")
