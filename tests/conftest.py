@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import their shared checks from oracle.py
+sys.path.insert(0, os.path.dirname(__file__))  # tests import oracle.py, shared_models.py, export_files.py
 
 from dkm_kernels.backends import cpu  # noqa: E402  (after TRITON_INTERPRET is set)
 
