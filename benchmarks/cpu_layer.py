@@ -12,18 +12,17 @@ Ratios are against the reference measured in the same run. Targets for `cpu`: >=
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
-    DEFAULT_CAP_BYTES,
     ITERATIONS,
     machine,
     measure_case,
     mib,
     results_path,
+    script_parser,
     write_json,
 )
 
@@ -32,16 +31,12 @@ LAYER = dict(groups=1, m=512 * 512 * 3 * 3 // 8, d=8, k=256, max_iter=ITERATIONS
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser(__doc__, repeats=3, reference_cap=True, out="cpu_layer.json")
     # The reference runs last: the OS reclaiming its 3.6 GB afterwards slows whatever runs next.
     parser.add_argument("--backends", default="cpu,torch,reference")
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_BYTES / 2**30,
-                        help="skip the reference if its predicted memory exceeds this")
     parser.add_argument("--rows", type=int, default=LAYER["m"],
                         help="M, for a quick check of the script at a smaller size")
-    parser.add_argument("--out", default="cpu_layer.json", help="file name under benchmarks/results/")
     args = parser.parse_args(argv)
     layer = dict(LAYER, m=args.rows)
 

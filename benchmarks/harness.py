@@ -14,7 +14,8 @@ It holds, once each:
   torch.cuda.max_memory_allocated); fresh processes for the CPU one: run_worker, serve_worker;
 - timing: time_forward_backward, median_times;
 - metadata: machine (CPU), gpu_machine, git_commit, utc_now_iso, triton_version;
-- JSON: results_path, write_json.
+- JSON: results_path, write_json;
+- the scripts' command line: script_parser (the options they share).
 
 Method of measure_case
 ----------------------
@@ -38,6 +39,7 @@ never leak into another's.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import json
@@ -440,6 +442,28 @@ def write_json(path: str, payload: dict) -> str:
         f.write("\n")
     print(f"wrote {path}")
     return path
+
+
+def script_parser(doc: str, *, device: bool = False, backend: str | None = None,
+                  repeats: int | None = None, reference_cap: bool = False,
+                  out: str | None = None) -> argparse.ArgumentParser:
+    """A script's parser: its docstring as the help text, and those of the options the scripts
+    share that it asks for, each meaning the same in every script: --device (cpu by default),
+    --backend and --repeats (with the script's default), --cap-gib (the cap on the reference's
+    predicted memory, DEFAULT_CAP_BYTES by default), --out (a file name under results/)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if device:
+        parser.add_argument("--device", default="cpu")
+    if backend is not None:
+        parser.add_argument("--backend", default=backend)
+    if repeats is not None:
+        parser.add_argument("--repeats", type=int, default=repeats)
+    if reference_cap:
+        parser.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_BYTES / 2**30,
+                            help="skip the reference if its predicted memory exceeds this")
+    if out is not None:
+        parser.add_argument("--out", default=out, help="file name under benchmarks/results/")
+    return parser
 
 
 def mib(n: float) -> str:

@@ -13,7 +13,6 @@ resident high-water mark (ru_maxrss), model and data included.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
@@ -31,6 +30,7 @@ from harness import (  # noqa: E402
     naive_attention_bytes,
     resident_high_water_bytes,
     results_path,
+    script_parser,
     write_json,
 )
 from resnet50_model import resnet50  # noqa: E402
@@ -55,11 +55,9 @@ def naive_model_attention_bytes(compressor) -> int:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser = script_parser(__doc__, device=True, backend="auto")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--backend", default="auto")
     parser.add_argument("--tau", type=float, default=TAU)
     parser.add_argument("--out", default=None, help="JSON file (default: benchmarks/results/resnet50_<device>.json)")
     args = parser.parse_args(argv)

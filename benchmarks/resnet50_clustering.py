@@ -21,14 +21,12 @@ process (skipped above the cap), and the per-layer times are summed over the mod
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
-    DEFAULT_CAP_BYTES,
     ITERATIONS,
     PAPER_TAU,
     ResidentPeak,
@@ -41,6 +39,7 @@ from harness import (  # noqa: E402
     passes_per_direction,
     results_path,
     run_worker,
+    script_parser,
     serve_worker,
     time_forward_backward,
     write_json,
@@ -120,16 +119,12 @@ def reference_per_shape(plan: list[dict], cap_bytes: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", default="cpu")
-    parser.add_argument("--repeats", type=int, default=1)
+    parser = script_parser(__doc__, backend="cpu", repeats=1, reference_cap=True,
+                           out="cpu_resnet50_clustering.json")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--measure-reference", action="store_true")
-    parser.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_BYTES / 2**30)
     parser.add_argument("--layers", type=int, default=len(clustering_plan()),
                         help="only the first N weights, for a quick check of the script")
-    parser.add_argument("--out", default="cpu_resnet50_clustering.json",
-                        help="file name under benchmarks/results/")
     args = parser.parse_args(argv)
 
     plan = clustering_plan()[:args.layers]

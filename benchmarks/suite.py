@@ -10,7 +10,6 @@ date), suite_<device>.md and the PNG plots beside them (report.py).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -19,12 +18,11 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import report  # noqa: E402
-from harness import SUITE_MEMORY_CAP_GIB  # noqa: E402
+from harness import SUITE_MEMORY_CAP_GIB, script_parser  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
+    parser = script_parser(__doc__, device=True)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-cap-gib", type=float, default=SUITE_MEMORY_CAP_GIB)
     parser.add_argument("--select", default=None, help="only the cases pytest -k selects")

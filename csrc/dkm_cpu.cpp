@@ -259,6 +259,16 @@ struct Rows {
   const T* at(int64_t g, int64_t row, int64_t n) { return rows_as(base + (g * m + row) * d, n * d, buf.data()); }
 };
 
+// Rows b .. b + n of group g of a (G, M, d) input other than the weights, in the compute type:
+// the input itself when the types agree, else a copy in the calling thread's buffer (the block
+// bodies of reducing_pass convert one such block at a time).
+template <typename S, typename T>
+const T* block_rows(const S* rows, const Plan& plan, int64_t g, int64_t b, int64_t n) {
+  thread_local std::vector<T> buf;
+  buf.resize(kBlockRows * plan.d);
+  return rows_as(rows + (g * plan.m + b) * plan.d, n * plan.d, buf.data());
+}
+
 // One pass's plan and every group's centroid matrices, laid out for the kernels (Pass).
 template <typename T>
 struct PassData {
@@ -269,6 +279,11 @@ struct PassData {
       : plan(make_plan<T>(weights.size(0), weights.size(1), weights.size(2), attention_centroids.size(1))),
         base(base_pass<T>(plan, tau)),
         cT(transposed<T>(attention_centroids, plan, FarAway<T>::value)) {}
+  // The output and gradient passes also read the final centroids.
+  PassData(const Tensor& weights, const Tensor& attention_centroids, const Tensor& final_centroids, double tau)
+      : PassData(weights, attention_centroids, tau) {
+    cLT = transposed<T>(final_centroids, plan, T(0));
+  }
   Pass<T> group(int64_t g) const {
     const int64_t mat = plan.d * plan.kp;
     Pass<T> p = base;
@@ -308,9 +323,7 @@ std::tuple<Tensor, Tensor> attention_sums_typed(const Tensor& weights, const Ten
   const int64_t mat = data.plan.d * data.plan.kp;
   return reducing_pass<S, T>(data, weights, active, centroids.options(),
                              [&](const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n, T* slot, T* scratch) {
-    thread_local std::vector<T> xbuf;
-    xbuf.resize(kBlockRows * p.d);
-    const T* x = rows_as(values.data_ptr<S>() + (g * data.plan.m + b) * p.d, n * p.d, xbuf.data());
+    const T* x = block_rows<S, T>(values.data_ptr<S>(), data.plan, g, b, n);
     K.accumulate(p, w, x, n, slot, slot + mat, scratch);
   });
 }
@@ -319,9 +332,8 @@ template <typename S, typename T>
 Tensor output_typed(const Tensor& weights, const Tensor& attention_centroids, const Tensor& final_centroids,
                     double tau) {
   const Kernels<T>& K = kernels<T>();
-  PassData<T> data(weights, attention_centroids, tau);
+  const PassData<T> data(weights, attention_centroids, final_centroids, tau);
   const Plan& plan = data.plan;
-  data.cLT = transposed<T>(final_centroids, plan, T(0));
   Tensor out = at::empty(weights.sizes(), weights.options());
   S* o = out.data_ptr<S>();
   for_each_chunk<T>(plan, all_groups(plan.groups), nullptr, [&](int64_t g, int64_t r0, int64_t r1, T*) {
@@ -342,28 +354,29 @@ Tensor output_typed(const Tensor& weights, const Tensor& attention_centroids, co
   return out;
 }
 
+// The gradient pass's inputs as cpu_gradient_pass checked them (contiguous, of matching shapes).
+struct GradientInputs {
+  Tensor weights;
+  std::optional<Tensor> grad_out;
+  Tensor centroids, grad_over_mass, grad_dot_next, final_centroids, active;
+};
+
 template <typename S, typename T>
-std::tuple<Tensor, Tensor> gradient_typed(const Tensor& weights, const std::optional<Tensor>& grad_out,
-                                          const Tensor& centroids, const Tensor& grad_over_mass,
-                                          const Tensor& grad_dot_next, const Tensor& final_centroids,
-                                          const Tensor& active, Tensor& grad_weights, double tau) {
+std::tuple<Tensor, Tensor> gradient_typed(const GradientInputs& in, Tensor& grad_weights, double tau) {
   const Kernels<T>& K = kernels<T>();
-  PassData<T> data(weights, centroids, tau);
+  PassData<T> data(in.weights, in.centroids, in.final_centroids, tau);
   const Plan& plan = data.plan;
-  data.cLT = transposed<T>(final_centroids, plan, T(0));
-  data.gmT = transposed<T>(grad_over_mass, plan, T(0));
+  data.gmT = transposed<T>(in.grad_over_mass, plan, T(0));
   data.gdc.assign(plan.groups * plan.kp, T(0));
-  const T* dot = grad_dot_next.data_ptr<T>();
+  const T* dot = in.grad_dot_next.data_ptr<T>();
   for (int64_t g = 0; g < plan.groups; ++g)
     std::copy(dot + g * plan.k, dot + (g + 1) * plan.k, data.gdc.data() + g * plan.kp);
   const int64_t mat = plan.d * plan.kp;
   T* dw = grad_weights.data_ptr<T>();
-  const S* go = grad_out ? grad_out->data_ptr<S>() : nullptr;
-  return reducing_pass<S, T>(data, weights, active, centroids.options(),
+  const S* go = in.grad_out ? in.grad_out->data_ptr<S>() : nullptr;
+  return reducing_pass<S, T>(data, in.weights, in.active, in.centroids.options(),
                              [&](const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n, T* slot, T* scratch) {
-    thread_local std::vector<T> gbuf;
-    gbuf.resize(kBlockRows * p.d);
-    const T* gb = go ? rows_as(go + (g * plan.m + b) * p.d, n * p.d, gbuf.data()) : nullptr;
+    const T* gb = go ? block_rows<S, T>(go, plan, g, b, n) : nullptr;
     K.grad_step(p, w, gb, n, dw + (g * plan.m + b) * p.d, slot, slot + mat, scratch);
   });
 }
@@ -420,6 +433,19 @@ Tensor checked_active(const Tensor& active, const Tensor& weights) {
   return active.to(at::kBool).contiguous();
 }
 
+// What every op checks first: tau and the weights (then made contiguous), the compute type they
+// imply, and k, taken from the first per-centroid input checked.
+struct OpInputs {
+  at::ScalarType compute;
+  Tensor weights;
+  int64_t k = -1;
+  OpInputs(const Tensor& weights_in, double tau)
+      : compute(check_weights(weights_in, tau)), weights(weights_in.contiguous()) {}
+  Tensor per_centroid(const Tensor& t, const char* name, bool with_d = true) {
+    return checked_per_centroid(t, name, weights, k, compute, with_d);
+  }
+};
+
 #define DKM_DISPATCH(weights, NAME, ...)                                                  \
   switch (weights.scalar_type()) {                                                        \
     case at::kFloat: return NAME<float, float>(__VA_ARGS__);                              \
@@ -431,46 +457,40 @@ Tensor checked_active(const Tensor& active, const Tensor& weights) {
 
 std::tuple<Tensor, Tensor> cpu_attention_sums(const Tensor& weights_in, const Tensor& values_in,
                                               const Tensor& centroids_in, const Tensor& active_in, double tau) {
-  const at::ScalarType compute = check_weights(weights_in, tau);
-  const Tensor weights = weights_in.contiguous();
-  const Tensor values = checked_rows(values_in, "values", weights);
-  int64_t k = -1;
-  const Tensor centroids = checked_per_centroid(centroids_in, "centroids", weights, k, compute);
-  const Tensor active = checked_active(active_in, weights);
-  DKM_DISPATCH(weights, attention_sums_typed, weights, values, centroids, active, tau);
+  OpInputs in(weights_in, tau);
+  const Tensor values = checked_rows(values_in, "values", in.weights);
+  const Tensor centroids = in.per_centroid(centroids_in, "centroids");
+  const Tensor active = checked_active(active_in, in.weights);
+  DKM_DISPATCH(in.weights, attention_sums_typed, in.weights, values, centroids, active, tau);
 }
 
 Tensor cpu_output(const Tensor& weights_in, const Tensor& attention_in, const Tensor& final_in, double tau) {
-  const at::ScalarType compute = check_weights(weights_in, tau);
-  const Tensor weights = weights_in.contiguous();
-  int64_t k = -1;
-  const Tensor attention = checked_per_centroid(attention_in, "attention_centroids", weights, k, compute);
-  const Tensor final_c = checked_per_centroid(final_in, "final_centroids", weights, k, compute);
-  DKM_DISPATCH(weights, output_typed, weights, attention, final_c, tau);
+  OpInputs in(weights_in, tau);
+  const Tensor attention = in.per_centroid(attention_in, "attention_centroids");
+  const Tensor final_c = in.per_centroid(final_in, "final_centroids");
+  DKM_DISPATCH(in.weights, output_typed, in.weights, attention, final_c, tau);
 }
 
 std::tuple<Tensor, Tensor> cpu_gradient_pass(const Tensor& weights_in, const std::optional<Tensor>& grad_out_in,
                                              const Tensor& centroids_in, const Tensor& grad_over_mass_in,
                                              const Tensor& grad_dot_next_in, const Tensor& final_in,
                                              const Tensor& active_in, Tensor& grad_weights, double tau) {
-  const at::ScalarType compute = check_weights(weights_in, tau);
-  const Tensor weights = weights_in.contiguous();
-  std::optional<Tensor> grad_out;
-  if (grad_out_in) grad_out = checked_rows(*grad_out_in, "grad_out", weights);
-  int64_t k = -1;
-  const Tensor centroids = checked_per_centroid(centroids_in, "centroids", weights, k, compute);
-  const Tensor grad_over_mass = checked_per_centroid(grad_over_mass_in, "grad_over_mass", weights, k, compute);
-  const Tensor grad_dot_next = checked_per_centroid(grad_dot_next_in, "grad_dot_next", weights, k, compute, false);
-  const Tensor final_c = checked_per_centroid(final_in, "final_centroids", weights, k, compute);
-  const Tensor active = checked_active(active_in, weights);
+  OpInputs in(weights_in, tau);
+  GradientInputs checked;
+  checked.weights = in.weights;
+  if (grad_out_in) checked.grad_out = checked_rows(*grad_out_in, "grad_out", in.weights);
+  checked.centroids = in.per_centroid(centroids_in, "centroids");
+  checked.grad_over_mass = in.per_centroid(grad_over_mass_in, "grad_over_mass");
+  checked.grad_dot_next = in.per_centroid(grad_dot_next_in, "grad_dot_next", false);
+  checked.final_centroids = in.per_centroid(final_in, "final_centroids");
+  checked.active = checked_active(active_in, in.weights);
   check_cpu(grad_weights, "grad_weights");
-  TORCH_CHECK_VALUE(grad_weights.sizes() == weights.sizes() && grad_weights.is_contiguous(),
-                    "grad_weights must be a contiguous tensor of the weights' shape ", weights.sizes(), ", got ",
+  TORCH_CHECK_VALUE(grad_weights.sizes() == in.weights.sizes() && grad_weights.is_contiguous(),
+                    "grad_weights must be a contiguous tensor of the weights' shape ", in.weights.sizes(), ", got ",
                     grad_weights.sizes());
-  TORCH_CHECK_TYPE(grad_weights.scalar_type() == compute, "grad_weights must be ", compute, ", got ",
+  TORCH_CHECK_TYPE(grad_weights.scalar_type() == in.compute, "grad_weights must be ", in.compute, ", got ",
                    grad_weights.scalar_type());
-  DKM_DISPATCH(weights, gradient_typed, weights, grad_out, centroids, grad_over_mass, grad_dot_next, final_c, active,
-               grad_weights, tau);
+  DKM_DISPATCH(in.weights, gradient_typed, checked, grad_weights, tau);
 }
 
 #undef DKM_DISPATCH

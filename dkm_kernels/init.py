@@ -33,6 +33,16 @@ def _check(weights: Tensor, k: int, generator: torch.Generator | None) -> None:
         )
 
 
+def _per_group(init_single, weights: Tensor, k: int, generator) -> Tensor:
+    """init_single(w, k, generator) on the (M, d) weights in the compute dtype, or on each group of
+    (G, M, d) weights in order (one generator draws for every group)."""
+    _check(weights, k, generator)
+    w = weights.detach().to(compute_dtype(weights.dtype))
+    if w.dim() == 2:
+        return init_single(w, k, generator)
+    return torch.stack([init_single(g, k, generator) for g in w.unbind(0)])
+
+
 def _uniform(generator, device, dtype) -> Tensor:
     return torch.rand((), generator=generator, device=device, dtype=dtype)
 
@@ -60,11 +70,7 @@ def _kmeans_plus_plus_single(w: Tensor, k: int, generator) -> Tensor:
 def kmeans_plus_plus(weights: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii): each centroid is a row drawn with probability
     proportional to its squared distance to the nearest centroid chosen so far."""
-    _check(weights, k, generator)
-    w = weights.detach().to(compute_dtype(weights.dtype))
-    if w.dim() == 2:
-        return _kmeans_plus_plus_single(w, k, generator)
-    return torch.stack([_kmeans_plus_plus_single(g, k, generator) for g in w.unbind(0)])
+    return _per_group(_kmeans_plus_plus_single, weights, k, generator)
 
 
 def _random_single(w: Tensor, k: int, generator) -> Tensor:
@@ -78,11 +84,7 @@ def _random_single(w: Tensor, k: int, generator) -> Tensor:
 
 def random_rows(weights: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
     """k distinct rows chosen uniformly (with repeats only when there are fewer than k rows)."""
-    _check(weights, k, generator)
-    w = weights.detach().to(compute_dtype(weights.dtype))
-    if w.dim() == 2:
-        return _random_single(w, k, generator)
-    return torch.stack([_random_single(g, k, generator) for g in w.unbind(0)])
+    return _per_group(_random_single, weights, k, generator)
 
 
 def init_centroids(weights: Tensor, k: int, method: str = "kmeans++",

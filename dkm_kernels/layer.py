@@ -317,10 +317,15 @@ class DKMLayer(nn.Module):
             mean_sq = (rows - chosen).square().sum(-1).mean().item()
             self._tau = max(AUTO_TAU_FRACTION * mean_sq, MIN_AUTO_TAU)
         self.tau_value.fill_(self._tau)
-        self.centroids.copy_(centroids.reshape(self.centroids.shape))
-        self.pending_centroids.copy_(self.centroids)
+        self._store_centroids(centroids)
         self.initialized.fill_(True)
         self._initialized = True
+
+    def _store_centroids(self, centroids: Tensor) -> None:
+        """`centroids` become the stored ones and the next call's warm start: nothing is left
+        pending and no cached output of the old ones survives."""
+        self.centroids.copy_(centroids.reshape(self.centroids.shape))
+        self.pending_centroids.copy_(self.centroids)
         self._has_pending = False
         self._cache = None
 
@@ -344,6 +349,13 @@ class DKMLayer(nn.Module):
             raise ValueError(self._where() + "this DKMLayer holds no weight (keep_weight=False): "
                              "pass one")
         return self.weight
+
+    def _settled_weight(self, weight: Tensor | None) -> Tensor:
+        """What the readers of the stored centroids start with: the weight to read (_weight_or),
+        then the last call's centroids committed (_settled)."""
+        weight = self._weight_or(weight)
+        self._settled()
+        return weight
 
     def _where(self) -> str:
         return "" if self.name is None else f"layer {self.name!r}: "
@@ -471,9 +483,7 @@ class DKMLayer(nn.Module):
     @torch.no_grad()
     def get_assignments(self, weight: Tensor | None = None) -> Tensor:
         """Index of the nearest stored centroid of every weight vector: (M,) or (G, M) int64."""
-        weight = self._weight_or(weight)
-        self._settled()
-        indices, _, finite = self._nearest(weight)
+        indices, _, finite = self._nearest(self._settled_weight(weight))
         if not bool(finite.all()):  # indices leave the device anyway: this read is free
             raise ValueError(self._where() + "the weight contains NaN or Inf, which has no "
                              "nearest palette entry")
@@ -487,8 +497,7 @@ class DKMLayer(nn.Module):
     @torch.no_grad()
     def hard_weight(self, weight: Tensor | None = None) -> Tensor:
         """Every weight vector replaced by its nearest stored centroid (and rescaled)."""
-        weight = self._weight_or(weight)
-        self._settled()
+        weight = self._settled_weight(weight)
         indices, scale, finite = self._nearest(weight)
         centroids = self._grouped_centroids()
         values = torch.gather(centroids, 1, indices.unsqueeze(-1).expand(-1, -1, self.dim))
@@ -502,16 +511,12 @@ class DKMLayer(nn.Module):
     @torch.no_grad()
     def fit_kmeans(self, weight: Tensor | None = None, iterations: int = 50) -> None:
         """Post-training palettization: hard k-means (Lloyd) from the stored centroids."""
-        weight = self._weight_or(weight)
-        self._settled()
+        weight = self._settled_weight(weight)
         if not self._initialized:
             self.initialize(weight)
         rows = self.rows(self.normalized(weight)[0])
         fitted = lloyd_kmeans(rows, self._grouped_centroids(), iterations)
-        self.centroids.copy_(fitted.reshape(self.centroids.shape))
-        self.pending_centroids.copy_(self.centroids)
-        self._has_pending = False
-        self._cache = None
+        self._store_centroids(fitted)
 
     def extra_repr(self) -> str:
         tau = "auto (unset)" if math.isnan(self.tau) else f"{self.tau:.3g}"

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 import dkm_kernels
+from dkm_kernels.backends import cpu
 from dkm_kernels.reference import squared_distances
 
 LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
@@ -31,6 +33,15 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # is ill-conditioned, twice the plain float32 reference's own error, measured in the same test.
 FLOAT32_VALUE_RTOL = 2e-5
 FLOAT32_GRADIENT_RTOL = 1e-4
+
+
+# pytestmark of the modules that test the C++ extension: skipped without it, and each test on one
+# thread (conftest.py's one_thread).
+CPU_EXTENSION_TESTS = [
+    pytest.mark.skipif(cpu.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
+                       reason=str(cpu.unavailable_reason(torch.device("cpu"), torch.float32))),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def device_of(backend: str) -> str:

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from dkm_kernels import DKMCompressor, DKMLayer, compress_model
+from shared_models import assert_same_state, seeded
 
 
 class SmallNet(nn.Module):
@@ -29,8 +30,7 @@ class SmallNet(nn.Module):
 
 
 def small_net(seed=0):
-    torch.manual_seed(seed)
-    return SmallNet()
+    return seeded(SmallNet, seed)
 
 
 def batches(count=3, seed=0):
@@ -227,9 +227,7 @@ def test_checkpoint_resumes_training_exactly():
     assert int(resumed.step) == 3
     _train_steps(resumed, resumed_optimizer, data[3:])
     state = resumed.state_dict()
-    assert state.keys() == expected.keys()
-    for key, value in expected.items():
-        assert torch.equal(state[key], value), key
+    assert_same_state(state, expected)
     assert "model.mix.parametrizations.weight.0.centroids" in state
 
 

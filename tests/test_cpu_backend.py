@@ -2,7 +2,7 @@
 gradients; determinism; op registration; bytes saved for backward.
 
 Every available instruction set (dkm_kernels.backends.cpu.available_isas(): avx512, avx2, generic)
-is checked on the main float64 cases by forcing it with DKM_KERNELS_ISA.
+is checked on the main float64 cases by forcing it with DKM_KERNELS_ISA (conftest.py's `isa`).
 """
 import os
 import subprocess
@@ -15,48 +15,14 @@ import torch
 import dkm_kernels
 from dkm_kernels.backends import cpu
 from oracle import (
+    CPU_EXTENSION_TESTS,
     assert_low_precision_close,
     assert_matches_reference_float64,
     make_problem,
     run,
-    staggered_groups,
 )
 
-pytestmark = pytest.mark.skipif(
-    cpu.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
-    reason=str(cpu.unavailable_reason(torch.device("cpu"), torch.float32)),
-)
-
-ISAS = cpu.available_isas()
-
-
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Small problems run on one thread: on a loaded machine, waking OpenMP threads for
-    millisecond ops makes the reference take seconds. The kernels' results do not depend on the
-    thread count (test_deterministic_and_independent_of_thread_count), and tests that want
-    threads ask for the `threads` fixture."""
-    if "threads" in request.fixturenames:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture
-def threads():
-    return torch.get_num_threads()
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("DKM_KERNELS_ISA", request.param)
-    assert cpu.isa() == request.param
-    return request.param
+pytestmark = CPU_EXTENSION_TESTS
 
 
 # (M, d, k): every d with every k, M alternating prime and power of two. k = 1000 is not a multiple
@@ -80,14 +46,6 @@ def test_float64_every_instruction_set(isa, m, d, k):
     assert_matches_reference_float64("cpu", weights, centroids, tau)
 
 
-
-
-
-
-
-
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,d,k", [(1031, 1, 16), (512, 8, 256), (97, 4, 3), (1031, 16, 300)])
 def test_low_precision(dtype, m, d, k):
@@ -101,15 +59,9 @@ def test_low_precision_paper_regime(dtype):
     assert_low_precision_close("cpu", weights, centroids, 2e-5)
 
 
-
-
-
-
 def test_auto_prefers_cpu_on_cpu():
     assert dkm_kernels.backends.choose(torch.device("cpu"), torch.float32) == "cpu"
     assert "CPU tensors" in cpu.unavailable_reason(torch.device("meta"), torch.float32)
-
-
 
 
 def _results(weights, centroids, tau):
@@ -131,8 +83,6 @@ def test_deterministic_and_independent_of_thread_count(threads):
     for other in [again, *others]:
         for a, b in zip(first, other):
             assert torch.equal(a, b)
-
-
 
 
 def test_missing_extension_falls_back_with_one_warning():

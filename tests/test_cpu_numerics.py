@@ -16,16 +16,10 @@ import pytest
 import torch
 
 import dkm_kernels
-from dkm_kernels.backends import cpu
 from dkm_kernels.reference import squared_distances
-from oracle import assert_low_precision_close, assert_matches_reference_float64, run
+from oracle import CPU_EXTENSION_TESTS, assert_low_precision_close, assert_matches_reference_float64, run
 
-pytestmark = pytest.mark.skipif(
-    cpu.unavailable_reason(torch.device("cpu"), torch.float32) is not None,
-    reason=str(cpu.unavailable_reason(torch.device("cpu"), torch.float32)),
-)
-
-ISAS = cpu.available_isas()
+pytestmark = CPU_EXTENSION_TESTS
 
 # Blob radius over blob separation: small enough that k-means++ seeds one centroid per blob for a
 # seed or two, large enough that a float32 row still resolves it at |w| = 128 separations.
@@ -47,23 +41,6 @@ def sweep(quick, scales=SCALES):
         for d, k in SHAPES
         for scale in scales
     ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture(params=ISAS)
-def isa(request, monkeypatch):
-    monkeypatch.setenv("DKM_KERNELS_ISA", request.param)
-    assert cpu.isa() == request.param
-    return request.param
 
 
 @functools.lru_cache(maxsize=None)

@@ -9,6 +9,7 @@ import torch.nn as nn
 from dkm_kernels import compress_model, load_compressed
 from dkm_kernels.export import export_bytes, pack_indices, unpack_indices
 from dkm_kernels.utils import print_compression_summary
+from shared_models import assert_same_state, seeded
 
 
 class TinyNet(nn.Module):
@@ -27,8 +28,7 @@ class TinyNet(nn.Module):
 
 
 def tiny_net(seed=0):
-    torch.manual_seed(seed)
-    return TinyNet()
+    return seeded(TinyNet, seed)
 
 
 def tokens(seed=0, batch=8):
@@ -91,10 +91,7 @@ def test_export_load_reproduces_the_snapped_model_exactly(name, tmp_path):
     export = compressor.save_compressed(path)
     model = load_compressed(path, tiny_net)  # a fresh architecture, other random weights
     assert not model.training
-    loaded_state = model.state_dict()
-    assert loaded_state.keys() == snapped_state.keys()
-    for key, value in snapped_state.items():
-        assert torch.equal(loaded_state[key], value), key
+    assert_same_state(model.state_dict(), snapped_state)
     assert torch.equal(model(x), snapped_out)
 
     # Every stored byte is counted, and nothing else.

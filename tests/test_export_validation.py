@@ -14,6 +14,7 @@ import torch.nn as nn
 from dkm_kernels import compress_model, load_compressed
 from dkm_kernels.export import decoded_state_dict, read_export
 from export_files import NOT_EXPORTS
+from shared_models import assert_same_state
 
 
 def net():
@@ -138,10 +139,13 @@ def error_pattern(layer, field):
     return rf"{where}, field '{field}'"
 
 
-def unchanged(model, before):
-    after = model.state_dict()
-    return after.keys() == before.keys() and all(torch.equal(after[k], v)
-                                                  for k, v in before.items())
+def assert_refused_and_unchanged(source, model, pattern):
+    """load_compressed(source, model) raises a ValueError matching `pattern` and leaves every
+    tensor of `model` as it was."""
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=pattern):
+        load_compressed(source, model)
+    assert_same_state(model.state_dict(), before)
 
 
 @pytest.mark.parametrize("corrupt,layer,field", [case[1:] for case in FIELD_CASES],
@@ -150,11 +154,7 @@ def test_a_corrupted_field_is_named_and_the_model_left_as_it_was(valid_export, c
                                                                  field, tmp_path):
     export = copy.deepcopy(valid_export)
     corrupt(export)
-    model = net()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=error_pattern(layer, field)):
-        load_compressed(export, model)
-    assert unchanged(model, before)
+    assert_refused_and_unchanged(export, net(), error_pattern(layer, field))
     with pytest.raises(ValueError, match=error_pattern(layer, field)):
         decoded_state_dict(export)
     path = tmp_path / "corrupted.pt"
@@ -215,11 +215,7 @@ def test_an_export_that_does_not_fit_the_model_leaves_it_as_it_was(valid_export,
     export = copy.deepcopy(valid_export)
     if corrupt is not None:
         corrupt(export)
-    model = architecture()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=pattern):
-        load_compressed(export, model)
-    assert unchanged(model, before)
+    assert_refused_and_unchanged(export, architecture(), pattern)
 
 
 def test_the_valid_export_loads(valid_export):
@@ -232,11 +228,7 @@ def test_the_valid_export_loads(valid_export):
 def test_a_file_that_is_not_an_export_says_what_it_is_not(write, pattern, tmp_path):
     path = tmp_path / "model.pt"
     write(path)
-    model = net()
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=rf"not a dkm_kernels export.*{pattern}"):
-        load_compressed(path, model)
-    assert unchanged(model, before)
+    assert_refused_and_unchanged(path, net(), rf"not a dkm_kernels export.*{pattern}")
 
 
 def test_a_missing_file_is_a_file_not_found_error(tmp_path):

@@ -3,19 +3,27 @@ import pytest
 import torch
 
 import dkm_kernels
-from dkm_kernels.init import init_centroids
+from dkm_kernels.init import INIT_METHODS, init_centroids
+
+
+@pytest.fixture(params=INIT_METHODS)
+def method(request):
+    return request.param
+
+
+def _seeded_init(weights, k, method, seed):
+    return init_centroids(weights, k, method, torch.Generator().manual_seed(seed))
 
 
 def _is_row_of(centroids, weights):
     return (centroids[:, None, :] == weights[None]).all(-1).any(-1).all()
 
 
-@pytest.mark.parametrize("method", ["kmeans++", "random"])
 def test_seeded_generator_repeats_and_picks_rows(method):
     weights = torch.randn(1000, 4)
-    first = init_centroids(weights, 16, method, torch.Generator().manual_seed(3))
-    again = init_centroids(weights, 16, method, torch.Generator().manual_seed(3))
-    other = init_centroids(weights, 16, method, torch.Generator().manual_seed(4))
+    first = _seeded_init(weights, 16, method, 3)
+    again = _seeded_init(weights, 16, method, 3)
+    other = _seeded_init(weights, 16, method, 4)
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert first.shape == (16, 4) and first.dtype == torch.float32
     assert _is_row_of(first, weights)
@@ -34,13 +42,12 @@ def test_kmeans_plus_plus_finds_separated_clusters():
         assert sorted(nearest.tolist()) == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("method", ["kmeans++", "random"])
 def test_fewer_rows_than_centroids_and_repeated_weights(method):
     few = torch.randn(3, 2)
-    centroids = init_centroids(few, 8, method, torch.Generator().manual_seed(0))
+    centroids = _seeded_init(few, 8, method, 0)
     assert centroids.shape == (8, 2) and _is_row_of(centroids, few)
     same = torch.full((500, 2), 0.25)
-    centroids = init_centroids(same, 16, method, torch.Generator().manual_seed(0))
+    centroids = _seeded_init(same, 16, method, 0)
     assert torch.isfinite(centroids).all() and (centroids == 0.25).all()
     # DKM on such a start stays finite.
     w = same.clone().requires_grad_(True)

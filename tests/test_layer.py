@@ -16,6 +16,12 @@ def _weight(shape, seed=0, scale=0.05):
     return nn.Parameter(torch.randn(shape, generator=gen) * scale)
 
 
+def _layer_on(shape, seed, **config):
+    """A DKMLayer seeded with 0 on a fresh _weight(shape, seed); returns both."""
+    weight = _weight(shape, seed)
+    return weight, DKMLayer(weight, seed=0, **config)
+
+
 def test_seed_constructor_and_shapes():
     weight = _weight((16, 8, 3, 3))
     layer = DKMLayer(weight, n_clusters=4, tau=1e-4, dim=2, max_iter=5, epsilon=1e-4,
@@ -35,8 +41,7 @@ def test_seed_constructor_and_shapes():
 
 
 def test_output_and_gradient_equal_the_op():
-    weight = _weight((32, 24), seed=1)
-    layer = DKMLayer(weight, n_clusters=8, tau=2e-4, dim=2, seed=0)
+    weight, layer = _layer_on((32, 24), 1, n_clusters=8, tau=2e-4, dim=2)
     start = layer.get_codebook()
     out = layer()
     grad_out = torch.randn_like(out)
@@ -53,8 +58,7 @@ def test_output_and_gradient_equal_the_op():
 
 
 def test_warm_start_continues_from_the_stored_centroids():
-    weight = _weight((64, 32), seed=2)
-    layer = DKMLayer(weight, n_clusters=4, tau=1e-4, max_iter=1, seed=0)
+    weight, layer = _layer_on((64, 32), 2, n_clusters=4, tau=1e-4, max_iter=1)
     layer()
     after_one = layer.get_codebook()
     second = dkm_kernels.dkm(weight.detach().reshape(-1, 1), after_one, 1e-4, max_iter=1)
@@ -63,8 +67,7 @@ def test_warm_start_continues_from_the_stored_centroids():
 
 
 def test_eval_mode_is_a_hard_assignment_that_keeps_the_centroids():
-    weight = _weight((20, 30), seed=3)
-    layer = DKMLayer(weight, n_clusters=8, tau=1e-4, dim=3, seed=0)
+    weight, layer = _layer_on((20, 30), 3, n_clusters=8, tau=1e-4, dim=3)
     layer()  # one training step moves the centroids
     layer.eval()
     before = layer.get_codebook()
@@ -77,8 +80,7 @@ def test_eval_mode_is_a_hard_assignment_that_keeps_the_centroids():
 
 
 def test_per_grouped_channel_palettes_run_as_independent_problems():
-    weight = _weight((12, 10), seed=4)
-    layer = DKMLayer(weight, n_clusters=4, tau=5e-4, dim=2, group_size=3, seed=0)
+    weight, layer = _layer_on((12, 10), 4, n_clusters=4, tau=5e-4, dim=2, group_size=3)
     assert layer.groups == 4 and layer.get_codebook().shape == (4, 4, 2)
     start = layer.get_codebook().double()
     out = layer()
@@ -114,8 +116,7 @@ def test_per_channel_scale_clusters_the_normalised_weight():
 
 
 def test_auto_tau_is_a_fraction_of_the_mean_squared_nearest_distance():
-    weight = _weight((40, 25), seed=6)
-    layer = DKMLayer(weight, n_clusters=8, tau="auto", dim=5, seed=0)
+    weight, layer = _layer_on((40, 25), 6, n_clusters=8, tau="auto", dim=5)
     rows = weight.detach().reshape(1, -1, 5)
     centroids = layer.get_codebook().unsqueeze(0)
     nearest = nearest_centroids(rows, centroids)

@@ -11,8 +11,17 @@ from torch.utils.checkpoint import checkpoint
 import dkm_kernels
 from dkm_kernels import DKMLayer, compress_model, layer as layer_module
 from dkm_kernels.export import export_bytes, load_compressed
+from shared_models import TiedLM
 
 CLUSTER_ALL = dict(skip_first_last=False, small_layer_threshold=0, seed=0)
+
+
+def run_region(block, x, checkpointing):
+    """block(x), plainly (checkpointing None) or as one checkpointed region: "reentrant" or
+    "non-reentrant"."""
+    if checkpointing is None:
+        return block(x)
+    return checkpoint(block, x, use_reentrant=checkpointing == "reentrant")
 
 
 class MLP(nn.Module):
@@ -26,9 +35,7 @@ class MLP(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
     def forward(self, x):
-        if self.checkpointing is None:
-            return self.block(x)
-        return checkpoint(self.block, x, use_reentrant=self.checkpointing == "reentrant")
+        return run_region(self.block, x, self.checkpointing)
 
 
 class ConvNet(nn.Module):
@@ -41,14 +48,9 @@ class ConvNet(nn.Module):
         self.fc = nn.Linear(8, 4)
         self.checkpointing = checkpointing
 
-    def run(self, module, x):
-        if self.checkpointing is None:
-            return module(x)
-        return checkpoint(module, x, use_reentrant=self.checkpointing == "reentrant")
-
     def forward(self, x):
-        x = torch.relu(self.run(self.conv1, x))
-        x = torch.relu(self.run(self.conv2, x))
+        x = torch.relu(run_region(self.conv1, x, self.checkpointing))
+        x = torch.relu(run_region(self.conv2, x, self.checkpointing))
         return self.fc(x.mean(dim=(2, 3)))
 
 
@@ -188,18 +190,6 @@ def test_a_weight_read_twice_in_a_forward_is_clustered_once(monkeypatch):
     assert torch.equal(first, compressor.model.fc.weight)  # outside a forward: nothing cached
 
 
-class TiedLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(40, 16)
-        self.mid = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 40, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, tokens):
-        return self.head(torch.tanh(self.mid(self.emb(tokens))))
-
-
 def test_a_tied_weight_has_one_layer_one_palette_and_one_clustering(monkeypatch):
     torch.manual_seed(0)
     model = TiedLM()
@@ -249,10 +239,7 @@ class CheckpointedLM(TiedLM):
         return self.head(h)
 
     def forward(self, tokens):
-        h = self.emb(tokens)
-        if self.checkpointing is None:
-            return self.block(h)
-        return checkpoint(self.block, h, use_reentrant=self.checkpointing == "reentrant")
+        return run_region(self.block, self.emb(tokens), self.checkpointing)
 
 
 @pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant"])

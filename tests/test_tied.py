@@ -10,24 +10,12 @@ import torch.nn as nn
 
 from dkm_kernels import compress_model, load_compressed
 from dkm_kernels.export import export_bytes
-
-
-class TiedNet(nn.Module):
-    def __init__(self, tie=True):
-        super().__init__()
-        self.emb = nn.Embedding(40, 16)
-        self.mid = nn.Linear(16, 16)
-        self.head = nn.Linear(16, 40, bias=False)
-        if tie:
-            self.head.weight = self.emb.weight
-
-    def forward(self, tokens):
-        return self.head(torch.relu(self.mid(self.emb(tokens))))
+from shared_models import TiedLM
 
 
 def tied_compressor():
     torch.manual_seed(0)
-    compressor = compress_model(TiedNet(), bits=3, tau=1e-3, skip_first_last=False,
+    compressor = compress_model(TiedLM(), bits=3, tau=1e-3, skip_first_last=False,
                                 small_layer_threshold=0, layer_configs={"head": None}, seed=0)
     compressor.tied = {"emb": ["head"]}
     return compressor
@@ -50,7 +38,7 @@ def test_loading_fills_every_tied_key_and_keeps_the_model_tied(tie, tmp_path):
     compressor.snap_weights()
     path = tmp_path / "tied.pt"
     compressor.save_compressed(path)
-    model = load_compressed(path, lambda: TiedNet(tie=tie))
+    model = load_compressed(path, lambda: TiedLM(tie=tie))
     assert torch.equal(model.emb.weight, compressor.model.emb.weight)
     assert torch.equal(model.head.weight, compressor.model.emb.weight)
     assert (model.head.weight is model.emb.weight) == tie
@@ -64,7 +52,7 @@ def test_sizes_count_a_tied_weight_once():
     assert info["compressed_bytes"] == export_bytes(export)
     # parameters() lists a shared Parameter once: the model's real size.
     assert info["original_bytes"] == sum(p.numel() * p.element_size()
-                                         for p in TiedNet().parameters())
+                                         for p in TiedLM().parameters())
     assert info["layers"][0]["tied"] == ["head"]
 
 

@@ -4,15 +4,8 @@ What every backend must do is in test_backends.py."""
 import pytest
 import torch
 
-import dkm_kernels
 from dkm_kernels.backends import torch_chunked
-from oracle import (
-    assert_low_precision_close,
-    assert_matches_reference_float64,
-    make_problem,
-    run,
-    staggered_groups,
-)
+from oracle import assert_low_precision_close, assert_matches_reference_float64, make_problem, run
 
 
 @pytest.fixture
@@ -34,23 +27,11 @@ def test_float64_centroid_counts(k, small_chunks):
     assert_matches_reference_float64("torch", weights, centroids, tau)
 
 
-
-
-
-
-
-
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,d,k", [(1031, 1, 16), (512, 8, 256), (97, 4, 3)])
 def test_low_precision(dtype, m, d, k, small_chunks):
     weights, centroids, tau = make_problem(m, d, k, seed=m + d + k, dtype=dtype)
     assert_low_precision_close("torch", weights, centroids, tau)
-
-
-
-
 
 
 def test_chunking_does_not_change_the_result(monkeypatch):

@@ -144,18 +144,55 @@ def _softmax_rows(squared, row_mask, log2e_over_tau):
 
 
 @triton.jit
-def _online_min(row_min, squared, log2e_over_tau):
-    """One block of an online softmax: the new running nearest distance, the factor that rescales
-    sums taken under the old one, and the block's exp2((new nearest - distance) log2(e) / tau)."""
+def _online_min(row_min, row_sum, squared, log2e_over_tau):
+    """One block of an online softmax: the new running nearest distance, the running sum of the
+    exp2 terms taken under it, the factor that rescales other sums taken under the old one, and
+    the block's exp2((new nearest - distance) log2(e) / tau)."""
     new_min = tl.minimum(row_min, tl.min(squared, axis=1))
-    return (new_min, tl.exp2((new_min - row_min) * log2e_over_tau),
-            tl.exp2((new_min[:, None] - squared) * log2e_over_tau))
+    rescale = tl.exp2((new_min - row_min) * log2e_over_tau)
+    p = tl.exp2((new_min[:, None] - squared) * log2e_over_tau)
+    return new_min, row_sum * rescale + tl.sum(p, axis=1), rescale, p
 
 
 @triton.jit
-def _normalised(squared, row_min, log2_sum, log2e_over_tau):
-    """exp2 of the scores minus the row's log2-sum-exp2: the exact attention of a block."""
-    return tl.exp2((row_min[:, None] - squared) * log2e_over_tau - log2_sum[:, None])
+def _normalised(squared, row_mask, row_min, log2_sum, log2e_over_tau):
+    """exp2 of the scores minus the row's log2-sum-exp2: the exact attention of a block; zero on
+    masked rows."""
+    attention = tl.exp2((row_min[:, None] - squared) * log2e_over_tau - log2_sum[:, None])
+    return tl.where(row_mask[:, None], attention, 0.0)
+
+
+@triton.jit
+def _chunk_rows(chunk, rows_per_chunk, m):
+    """The rows [row_begin, row_end) of a group that program `chunk` of a reducing pass takes."""
+    row_begin = chunk * rows_per_chunk
+    return row_begin, tl.minimum(row_begin + rows_per_chunk, m)
+
+
+@triton.jit
+def _slot_ptr(ptr, group, chunk, slots, k, D: tl.constexpr, ATOMIC: tl.constexpr):
+    """This program's slot of a (G, SLOTS, k, D) buffer (D = 1: (G, SLOTS, k)): slot 0, shared by
+    all programs, when ATOMIC; else the chunk's own."""
+    slot = 0 if ATOMIC else chunk
+    return ptr + (group * slots + slot) * k * D
+
+
+@triton.jit
+def _row_block(row_start, row_end, BLOCK_M: tl.constexpr):
+    """Rows row_start.. as a block of BLOCK_M (int64 offsets) and which of them are before row_end."""
+    rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
+    return rows, rows < row_end
+
+
+@triton.jit
+def _col_block_distances(w_ptr, c_ptr, rows, row_mask, col_start, k,
+                         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One block of a sweep over the centroids: centroids col_start.. (BLOCK_K, masked at k) and
+    their squared distances to the rows (inf on masked centroids)."""
+    cols = col_start + tl.arange(0, BLOCK_K)
+    col_mask = cols < k
+    squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask, D, BLOCK_M, BLOCK_K)
+    return cols, col_mask, squared
 
 
 @triton.jit
@@ -216,12 +253,10 @@ def _attention_sums_kernel(
         w_ptr = weights_ptr + group * m * D
         v_ptr = values_ptr + group * m * D
         c_ptr = centroids_ptr + group * k * D
-        slot = 0 if ATOMIC else chunk
-        slot_sums_ptr = sums_ptr + (group * slots + slot) * k * D
-        slot_mass_ptr = mass_ptr + (group * slots + slot) * k
+        slot_sums_ptr = _slot_ptr(sums_ptr, group, chunk, slots, k, D, ATOMIC)
+        slot_mass_ptr = _slot_ptr(mass_ptr, group, chunk, slots, k, 1, ATOMIC)
         dims = tl.arange(0, BLOCK_D)
-        row_begin = chunk * rows_per_chunk
-        row_end = tl.minimum(row_begin + rows_per_chunk, m)
+        row_begin, row_end = _chunk_rows(chunk, rows_per_chunk, m)
 
         if SINGLE_BLOCK:
             cols = tl.arange(0, BLOCK_K)
@@ -229,8 +264,7 @@ def _attention_sums_kernel(
             chunk_sums = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
             chunk_mass = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for row_start in range(row_begin, row_end, BLOCK_M):
-                rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-                row_mask = rows < row_end
+                rows, row_mask = _row_block(row_start, row_end, BLOCK_M)
                 squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
                                              D, BLOCK_M, BLOCK_K)
                 attention = _softmax_rows(squared, row_mask, log2e_over_tau)
@@ -241,28 +275,21 @@ def _attention_sums_kernel(
                          chunk_mass, D, ATOMIC)
         else:
             for row_start in range(row_begin, row_end, BLOCK_M):
-                rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-                row_mask = rows < row_end
+                rows, row_mask = _row_block(row_start, row_end, BLOCK_M)
                 # Sweep 1: the row's log2-sum-exp2 over all centroids, with a running max.
                 row_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
                 row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
                 for col_start in range(0, k, BLOCK_K):
-                    cols = col_start + tl.arange(0, BLOCK_K)
-                    col_mask = cols < k
-                    squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                                 D, BLOCK_M, BLOCK_K)
-                    row_min, rescale, p = _online_min(row_min, squared, log2e_over_tau)
-                    row_sum = row_sum * rescale + tl.sum(p, axis=1)
+                    cols, col_mask, squared = _col_block_distances(w_ptr, c_ptr, rows, row_mask,
+                                                                   col_start, k, D, BLOCK_M, BLOCK_K)
+                    row_min, row_sum, rescale, p = _online_min(row_min, row_sum, squared, log2e_over_tau)
                 log2_sum = tl.log2(row_sum)
                 values = _load_block(v_ptr, rows, row_end, dims, D)
                 # Sweep 2: exact attention, block by block, into the slot.
                 for col_start in range(0, k, BLOCK_K):
-                    cols = col_start + tl.arange(0, BLOCK_K)
-                    col_mask = cols < k
-                    squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                                 D, BLOCK_M, BLOCK_K)
-                    attention = _normalised(squared, row_min, log2_sum, log2e_over_tau)
-                    attention = tl.where(row_mask[:, None], attention, 0.0)
+                    cols, col_mask, squared = _col_block_distances(w_ptr, c_ptr, rows, row_mask,
+                                                                   col_start, k, D, BLOCK_M, BLOCK_K)
+                    attention = _normalised(squared, row_mask, row_min, log2_sum, log2e_over_tau)
                     block_sums = tl.dot(tl.trans(attention), values, input_precision="ieee")
                     _add_to_slot(slot_sums_ptr, slot_mass_ptr, cols, col_mask, dims, block_sums,
                                  tl.sum(attention, axis=0), D, ATOMIC)
@@ -283,18 +310,14 @@ def _output_kernel(
     c_ptr = attend_ptr + group * k * D
     f_ptr = final_ptr + group * k * D
     dims = tl.arange(0, BLOCK_D)
-    rows = (tile * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    row_mask = rows < m
+    rows, row_mask = _row_block(tile * BLOCK_M, m, BLOCK_M)
     row_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
     row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     for col_start in range(0, k, BLOCK_K):
-        cols = col_start + tl.arange(0, BLOCK_K)
-        col_mask = cols < k
-        squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                     D, BLOCK_M, BLOCK_K)
-        row_min, rescale, p = _online_min(row_min, squared, log2e_over_tau)
-        row_sum = row_sum * rescale + tl.sum(p, axis=1)
+        cols, col_mask, squared = _col_block_distances(w_ptr, c_ptr, rows, row_mask, col_start, k,
+                                                       D, BLOCK_M, BLOCK_K)
+        row_min, row_sum, rescale, p = _online_min(row_min, row_sum, squared, log2e_over_tau)
         final = _load_block(f_ptr, cols, k, dims, D)
         acc = acc * rescale[:, None] + tl.dot(p, final, input_precision="ieee")
     out = acc / row_sum[:, None]
@@ -329,12 +352,10 @@ def _backward_kernel(
         n_ptr = grad_dot_next_ptr + group * k
         g_ptr = grad_over_mass_ptr + group * k * D
         f_ptr = final_ptr + group * k * D
-        slot = 0 if ATOMIC else chunk
-        slot_ds_w_ptr = ds_w_ptr + (group * slots + slot) * k * D
-        slot_ds_ptr = ds_ptr + (group * slots + slot) * k
+        slot_ds_w_ptr = _slot_ptr(ds_w_ptr, group, chunk, slots, k, D, ATOMIC)
+        slot_ds_ptr = _slot_ptr(ds_ptr, group, chunk, slots, k, 1, ATOMIC)
         dims = tl.arange(0, BLOCK_D)
-        row_begin = chunk * rows_per_chunk
-        row_end = tl.minimum(row_begin + rows_per_chunk, m)
+        row_begin, row_end = _chunk_rows(chunk, rows_per_chunk, m)
 
         if SINGLE_BLOCK:
             cols = tl.arange(0, BLOCK_K)
@@ -344,8 +365,7 @@ def _backward_kernel(
             chunk_ds_w = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
             chunk_ds = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for row_start in range(row_begin, row_end, BLOCK_M):
-                rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-                row_mask = rows < row_end
+                rows, row_mask = _row_block(row_start, row_end, BLOCK_M)
                 squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
                                              D, BLOCK_M, BLOCK_K)
                 attention = _softmax_rows(squared, row_mask, log2e_over_tau)
@@ -365,21 +385,17 @@ def _backward_kernel(
                          D, ATOMIC)
         else:
             for row_start in range(row_begin, row_end, BLOCK_M):
-                rows = (row_start + tl.arange(0, BLOCK_M)).to(tl.int64)
-                row_mask = rows < row_end
+                rows, row_mask = _row_block(row_start, row_end, BLOCK_M)
                 # Sweep 1: log-sum-exp and sum_l A_il dA_il over all centroids, running max.
                 row_min = tl.full((BLOCK_M,), float("inf"), dtype=tl.float32)
                 row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
                 row_weighted = tl.zeros((BLOCK_M,), dtype=tl.float32)
                 for col_start in range(0, k, BLOCK_K):
-                    cols = col_start + tl.arange(0, BLOCK_K)
-                    col_mask = cols < k
-                    squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                                 D, BLOCK_M, BLOCK_K)
+                    cols, col_mask, squared = _col_block_distances(w_ptr, c_ptr, rows, row_mask,
+                                                                   col_start, k, D, BLOCK_M, BLOCK_K)
                     grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask,
                                              cols, col_mask, D, BLOCK_M, BLOCK_K, HAS_GRAD_OUT)
-                    row_min, rescale, p = _online_min(row_min, squared, log2e_over_tau)
-                    row_sum = row_sum * rescale + tl.sum(p, axis=1)
+                    row_min, row_sum, rescale, p = _online_min(row_min, row_sum, squared, log2e_over_tau)
                     row_weighted = row_weighted * rescale + tl.sum(p * grad_a, axis=1)
                 log2_sum = tl.log2(row_sum)
                 weighted = row_weighted / row_sum
@@ -388,12 +404,9 @@ def _backward_kernel(
                 grad_s_rows = tl.zeros((BLOCK_M,), dtype=tl.float32)
                 # Sweep 2: exact A and dS block by block; dW in registers, column sums to the slot.
                 for col_start in range(0, k, BLOCK_K):
-                    cols = col_start + tl.arange(0, BLOCK_K)
-                    col_mask = cols < k
-                    squared = _squared_distances(w_ptr, c_ptr, rows, row_mask, cols, col_mask,
-                                                 D, BLOCK_M, BLOCK_K)
-                    attention = _normalised(squared, row_min, log2_sum, log2e_over_tau)
-                    attention = tl.where(row_mask[:, None], attention, 0.0)
+                    cols, col_mask, squared = _col_block_distances(w_ptr, c_ptr, rows, row_mask,
+                                                                   col_start, k, D, BLOCK_M, BLOCK_K)
+                    attention = _normalised(squared, row_mask, row_min, log2_sum, log2e_over_tau)
                     grad_a = _grad_attention(w_ptr, go_ptr, g_ptr, n_ptr, f_ptr, rows, row_mask,
                                              cols, col_mask, D, BLOCK_M, BLOCK_K, HAS_GRAD_OUT)
                     grad_s = attention * (grad_a - weighted[:, None])
