@@ -89,13 +89,6 @@ class Passes:
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
                  active, grad_weights):
-        # sum_j dS_ij (c_j - w_i) and sum_i dS_ij (w_i - c_j) as matrix products, about the
-        # group's mean centroid: expanded about the origin, w_i sum_j dS_ij and sum_j dS_ij c_j
-        # cancel (sum_j dS_ij is 0 in exact arithmetic) and leave the rounding of |w| amplified by
-        # 2/tau (recurrence.Passes.gradient). About the mean, what is left scales with the
-        # centroids' spread instead.
-        origin = centroids.mean(dim=1, keepdim=True)
-        centred = centroids - origin
         sum_ds_diff = torch.zeros_like(centroids)
         active = active[:, None, None]
         with _full_precision_matmul():
@@ -106,11 +99,13 @@ class Passes:
                     go = grad_out[:, rows].to(self.cdtype)
                     grad_a += torch.bmm(go, final_centroids.transpose(1, 2))
                 grad_s = attention * (grad_a - (attention * grad_a).sum(dim=-1, keepdim=True))
-                w = w - origin
                 grad_w = torch.bmm(attention, grad_over_mass)
-                grad_w -= (2.0 / self.tau) * (w * grad_s.sum(dim=-1, keepdim=True)
-                                              - torch.bmm(grad_s, centred))
+                # sum_j dS_ij (c_j - w_i) and sum_i dS_ij (w_i - c_j) with the differences formed
+                # first, one coordinate at a time (recurrence.Passes.gradient): a (rows, k) tensor
+                # at a time instead of (rows, k, d).
+                for dim in range(w.shape[-1]):
+                    weighted = grad_s * (centroids[:, None, :, dim] - w[:, :, dim, None])
+                    grad_w[..., dim] += (2.0 / self.tau) * weighted.sum(dim=-1)
+                    sum_ds_diff[..., dim] -= weighted.sum(dim=1)
                 grad_weights[:, rows] += torch.where(active, grad_w, 0.0)
-                sum_ds_diff.baddbmm_(grad_s.transpose(1, 2), w)
-                sum_ds_diff -= centred * grad_s.sum(dim=1).unsqueeze(-1)
         return sum_ds_diff
