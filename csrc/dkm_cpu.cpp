@@ -362,7 +362,7 @@ struct GradientInputs {
 };
 
 template <typename S, typename T>
-std::tuple<Tensor, Tensor> gradient_typed(const GradientInputs& in, Tensor& grad_weights, double tau) {
+Tensor gradient_typed(const GradientInputs& in, Tensor& grad_weights, double tau) {
   const Kernels<T>& K = kernels<T>();
   PassData<T> data(in.weights, in.centroids, in.final_centroids, tau);
   const Plan& plan = data.plan;
@@ -371,14 +371,15 @@ std::tuple<Tensor, Tensor> gradient_typed(const GradientInputs& in, Tensor& grad
   const T* dot = in.grad_dot_next.data_ptr<T>();
   for (int64_t g = 0; g < plan.groups; ++g)
     std::copy(dot + g * plan.k, dot + (g + 1) * plan.k, data.gdc.data() + g * plan.kp);
-  const int64_t mat = plan.d * plan.kp;
   T* dw = grad_weights.data_ptr<T>();
   const S* go = in.grad_out ? in.grad_out->data_ptr<S>() : nullptr;
-  return reducing_pass<S, T>(data, in.weights, in.active, in.centroids.options(),
-                             [&](const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n, T* slot, T* scratch) {
+  // Only the (G, k, d) sums: the recurrence needs no column totals of dS.
+  return std::get<0>(reducing_pass<S, T>(data, in.weights, in.active, in.centroids.options(),
+                                         [&](const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n, T* slot,
+                                             T* scratch) {
     const T* gb = go ? block_rows<S, T>(go, plan, g, b, n) : nullptr;
-    K.grad_step(p, w, gb, n, dw + (g * plan.m + b) * p.d, slot, slot + mat, scratch);
-  });
+    K.grad_step(p, w, gb, n, dw + (g * plan.m + b) * p.d, slot, scratch);
+  }));
 }
 
 // ------------------------------------------------------------------------------ the ops --
@@ -471,10 +472,10 @@ Tensor cpu_output(const Tensor& weights_in, const Tensor& attention_in, const Te
   DKM_DISPATCH(in.weights, output_typed, in.weights, attention, final_c, tau);
 }
 
-std::tuple<Tensor, Tensor> cpu_gradient_pass(const Tensor& weights_in, const std::optional<Tensor>& grad_out_in,
-                                             const Tensor& centroids_in, const Tensor& grad_over_mass_in,
-                                             const Tensor& grad_dot_next_in, const Tensor& final_in,
-                                             const Tensor& active_in, Tensor& grad_weights, double tau) {
+Tensor cpu_gradient_pass(const Tensor& weights_in, const std::optional<Tensor>& grad_out_in,
+                         const Tensor& centroids_in, const Tensor& grad_over_mass_in,
+                         const Tensor& grad_dot_next_in, const Tensor& final_in,
+                         const Tensor& active_in, Tensor& grad_weights, double tau) {
   OpInputs in(weights_in, tau);
   GradientInputs checked;
   checked.weights = in.weights;
@@ -505,7 +506,7 @@ TORCH_LIBRARY_FRAGMENT(dkm_kernels, m) {
   m.def(
       "cpu_gradient_pass(Tensor weights, Tensor? grad_out, Tensor centroids, Tensor grad_over_mass,"
       " Tensor grad_dot_next, Tensor final_centroids, Tensor active, Tensor(a!) grad_weights, float tau)"
-      " -> (Tensor, Tensor)");
+      " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dkm_kernels, CPU, m) {

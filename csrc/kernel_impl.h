@@ -295,13 +295,13 @@ void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch)
 //   dA_ij = gm_j . w_i - gdc_j (+ G~_i . C_L,j on the last step)
 //   dS_ij = A_ij (dA_ij - sum_l A_il dA_il)
 //   dW_i += sum_j A_ij gm_j + (2/tau) sum_j dS_ij (c_t,j - w_i)
-//   accT[l][j] += dS_ij (w_il - c_t,jl), accS[j] += dS_ij
+//   accT[l][j] += dS_ij (w_il - c_t,jl)
 // The differences c_t,j - w_i are formed before the sums: written as w_i sum_j dS_ij minus
 // sum_j dS_ij c_t,j, the two terms cancel (sum_j dS_ij is 0 in exact arithmetic) and leave the
 // rounding of |w_i| amplified by 2/tau.
 template <typename T, int D>
 inline void grad_row(const Pass<T>& p, const T* wi, const T* gi, T inv, T* row, T* grad_a, T* dwi,
-                     T* accT, T* accS) {
+                     T* accT) {
   constexpr int N = Vec<T>::lanes;
   constexpr int S = RowSlots<D>::value;
   const int64_t d = D ? D : p.d, kp = p.kp;
@@ -327,7 +327,6 @@ inline void grad_row(const Pass<T>& p, const T* wi, const T* gi, T inv, T* row, 
     const T dot = hsum<T>(row_dot);
     for (int64_t j = 0; j < kp; j += N) {
       const vec<T> ds = load(row + j) * (load(grad_a + j) - dot);
-      store(accS + j, load(accS + j) + ds);
       for (int l = 0; l < S; ++l) {
         const vec<T> diff = load(p.cT + l * kp + j) - wi[l];
         v[l] += ds * diff;
@@ -352,7 +351,6 @@ inline void grad_row(const Pass<T>& p, const T* wi, const T* gi, T inv, T* row, 
     for (int64_t j = 0; j < kp; j += N) {
       const vec<T> ds = load(row + j) * (load(grad_a + j) - dot);
       store(grad_a + j, ds);
-      store(accS + j, load(accS + j) + ds);
     }
     for (int64_t l = 0; l < d; ++l) {
       vec<T> u{}, v{};
@@ -369,7 +367,7 @@ inline void grad_row(const Pass<T>& p, const T* wi, const T* gi, T inv, T* row, 
 }
 
 template <typename T, int D, int R>
-inline void grad_rows(const Pass<T>& p, const T* w, const T* grad_out, T* dw, T* accT, T* accS,
+inline void grad_rows(const Pass<T>& p, const T* w, const T* grad_out, T* dw, T* accT,
                       T* scratch) {
   const int64_t d = D ? D : p.d, kp = p.kp;
   T dmin[R], inv[R];
@@ -377,18 +375,18 @@ inline void grad_rows(const Pass<T>& p, const T* w, const T* grad_out, T* dw, T*
   for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
   for (int r = 0; r < R; ++r)
     grad_row<T, D>(p, w + r * d, grad_out ? grad_out + r * d : nullptr, inv[r], scratch + r * kp,
-                   scratch + R * kp, dw + r * d, accT, accS);
+                   scratch + R * kp, dw + r * d, accT);
 }
 
 template <typename T, int D>
 void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw, T* accT,
-                    T* accS, T* scratch) {
+                    T* scratch) {
   const int64_t d = D ? D : p.d;
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4)
-    grad_rows<T, D, 4>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, accS, scratch);
+    grad_rows<T, D, 4>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, scratch);
   for (; i < rows; ++i)
-    grad_rows<T, D, 1>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, accS, scratch);
+    grad_rows<T, D, 1>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, scratch);
 }
 
 // While a kernel runs, denormal results are flushed to zero and denormal inputs read as zero
@@ -434,15 +432,15 @@ void output_entry(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch
 
 template <typename T>
 void grad_step_entry(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw, T* accT,
-                     T* accS, T* scratch) {
+                     T* scratch) {
   const FlushDenormals flush;
   switch (p.d) {
-    case 1: return grad_step_impl<T, 1>(p, w, grad_out, rows, dw, accT, accS, scratch);
-    case 2: return grad_step_impl<T, 2>(p, w, grad_out, rows, dw, accT, accS, scratch);
-    case 4: return grad_step_impl<T, 4>(p, w, grad_out, rows, dw, accT, accS, scratch);
-    case 8: return grad_step_impl<T, 8>(p, w, grad_out, rows, dw, accT, accS, scratch);
-    case 16: return grad_step_impl<T, 16>(p, w, grad_out, rows, dw, accT, accS, scratch);
-    default: return grad_step_impl<T, 0>(p, w, grad_out, rows, dw, accT, accS, scratch);
+    case 1: return grad_step_impl<T, 1>(p, w, grad_out, rows, dw, accT, scratch);
+    case 2: return grad_step_impl<T, 2>(p, w, grad_out, rows, dw, accT, scratch);
+    case 4: return grad_step_impl<T, 4>(p, w, grad_out, rows, dw, accT, scratch);
+    case 8: return grad_step_impl<T, 8>(p, w, grad_out, rows, dw, accT, scratch);
+    case 16: return grad_step_impl<T, 16>(p, w, grad_out, rows, dw, accT, scratch);
+    default: return grad_step_impl<T, 0>(p, w, grad_out, rows, dw, accT, scratch);
   }
 }
 

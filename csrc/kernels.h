@@ -52,10 +52,10 @@ struct Kernels {
   // out_i = sum_j A_ij C_L,j (overwrites out).
   void (*output)(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch);
   // One backward step t (docs/design.md §3): dw_i += the row's gradient;
-  // accT[l][j] += sum_i dS_ij (w_il - c_t,jl); accS[j] += sum_i dS_ij. grad_out is non-null only
-  // on the first backward step (t = L-1).
+  // accT[l][j] += sum_i dS_ij (w_il - c_t,jl). grad_out is non-null only on the first backward
+  // step (t = L-1).
   void (*grad_step)(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw,
-                    T* accT, T* accS, T* scratch);
+                    T* accT, T* scratch);
 };
 
 struct KernelSet {

@@ -80,7 +80,6 @@ class Passes:
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
                  active, grad_weights):
-        sum_ds_diff, _ = torch.ops.dkm_kernels.cpu_gradient_pass(
+        return torch.ops.dkm_kernels.cpu_gradient_pass(
             self.weights, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
             active, grad_weights, self.tau)
-        return sum_ds_diff
