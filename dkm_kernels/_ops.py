@@ -92,16 +92,6 @@ def check_backward_inputs(grad_out: Tensor, weights: Tensor, history: Tensor, ma
     _check_tau(tau)
 
 
-def _check_iteration_counts(iterations: Tensor, max_iter: int) -> None:
-    """Counts index the history: out of range they would read outside it (one host sync, which
-    the backward's loop length needs anyway)."""
-    if iterations.numel():
-        low, high = torch.stack([iterations.min(), iterations.max()]).tolist()
-        if low < 1 or high > max_iter:
-            raise ValueError(f"iterations must lie in [1, {max_iter}] (what the forward "
-                             f"returned), got values from {low} to {high}")
-
-
 @torch.library.custom_op("dkm_kernels::dkm_forward", mutates_args=())
 def dkm_forward(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsilon: float,
                 deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -130,7 +120,6 @@ def _(weights, centroids, tau, max_iter, epsilon, deterministic, backend):
 def dkm_backward(grad_out: Tensor, weights: Tensor, centroid_history: Tensor, masses: Tensor,
                  iterations: Tensor, tau: float, deterministic: bool, backend: str) -> Tensor:
     check_backward_inputs(grad_out, weights, centroid_history, masses, iterations, tau)
-    _check_iteration_counts(iterations, masses.shape[0])
     weights = weights.contiguous()
     passes = backends.passes(backend, weights, centroid_history.shape[2], tau, deterministic)
     with torch.no_grad():

@@ -8,9 +8,10 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._ops import MAX_ITER_LIMIT, WEIGHT_DTYPES, check_inputs, dkm_forward
+from ._ops import WEIGHT_DTYPES, check_inputs, dkm_forward
 from .recurrence import compute_dtype
 from .reference import dkm_reference
+
 
 class DKMResult(NamedTuple):
     """weights: the clustered weights W~ (same shape and dtype as the input weights);
@@ -98,9 +99,7 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
     _check_tensors(weights, centroids)
     tau = _check_number("tau", tau, 0.0, strict=True)
     epsilon = _check_number("epsilon", epsilon, 0.0, strict=False)
-    check_count("max_iter", max_iter)
-    if max_iter > MAX_ITER_LIMIT:
-        raise ValueError(f"max_iter must be at most {MAX_ITER_LIMIT}, got {max_iter}")
+    check_count("max_iter", max_iter)  # the op checks its upper bound
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     name = backends.resolve(backend, weights.device, weights.dtype)

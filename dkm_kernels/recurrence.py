@@ -113,6 +113,18 @@ def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float):
     return out, history, masses, iterations
 
 
+def _backward_steps(iterations: Tensor, max_iter: int) -> int:
+    """The longest group's iteration count, after checking that every count indexes the history
+    (out of range they would read outside it); one host sync for both."""
+    if not iterations.numel():
+        return 0
+    low, high = torch.stack([iterations.min(), iterations.max()]).tolist()
+    if low < 1 or high > max_iter:
+        raise ValueError(f"iterations must lie in [1, {max_iter}] (what the forward "
+                         f"returned), got values from {low} to {high}")
+    return high
+
+
 def backward(passes: Passes, grad_out: Tensor, history: Tensor, masses: Tensor,
              iterations: Tensor, tau: float) -> Tensor:
     """dLoss/dW (G, M, d, compute dtype) through every iteration, from G~ = grad_out.
@@ -124,7 +136,7 @@ def backward(passes: Passes, grad_out: Tensor, history: Tensor, masses: Tensor,
     weights = passes.weights
     groups = weights.shape[0]
     group = torch.arange(groups, device=weights.device)
-    steps = int(iterations.max()) if groups else 0
+    steps = _backward_steps(iterations, masses.shape[0])
     c_final = history[iterations, group]
     grad_weights = torch.zeros(weights.shape, dtype=history.dtype, device=weights.device)
     everyone = torch.ones(groups, dtype=torch.bool, device=weights.device)
