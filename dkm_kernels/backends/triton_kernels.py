@@ -36,6 +36,7 @@ for float16/bfloat16 weights an fp32 dW buffer of W's shape, cast at the end.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -490,59 +491,60 @@ class Passes:
         self.groups, self.m, self.d = weights.shape
         self.k = k
         self.tau = tau
+        self.log2e_over_tau = _LOG2E / tau
         self.plan = _Plan(self.groups, self.m, k, self.d, deterministic, weights.device)
         self.backward_plan = _Plan(self.groups, self.m, k, self.d, deterministic, weights.device,
                                    tile=BACKWARD_SINGLE_BLOCK_TILE)
 
-    def _zeros(self, *shape) -> Tensor:
-        return torch.zeros(shape, dtype=torch.float32, device=self.weights.device)
+    def _slots(self, plan: _Plan) -> tuple[Tensor, Tensor]:
+        """Zeroed (G, slots, k, d) sums and (G, slots, k) totals for a reducing kernel."""
+        zeros = functools.partial(torch.zeros, dtype=torch.float32, device=self.weights.device)
+        return zeros((self.groups, plan.slots, self.k, self.d)), zeros((self.groups, plan.slots, self.k))
+
+    def _launch(self, kernel, programs: int, *args, **meta) -> None:
+        """kernel over (programs, G) on the weights' GPU; nothing to launch without groups."""
+        if self.groups:
+            with _device_context(self.weights.device):
+                kernel[(programs, self.groups)](*args, num_stages=1, **meta)
 
     def attention_sums(self, values, centroids, active):
         plan = self.plan
-        sums = self._zeros(self.groups, plan.slots, self.k, self.d)
-        mass = self._zeros(self.groups, plan.slots, self.k)
-        if self.groups:
-            with _device_context(self.weights.device):
-                _attention_sums_kernel[(plan.chunks, self.groups)](
-                    self.weights, values, centroids, active.to(torch.int32), sums, mass,
-                    self.m, self.k, plan.slots, plan.rows_per_chunk, _LOG2E / self.tau,
-                    D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
-                    SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
-                    num_warps=plan.num_warps, num_stages=1,
-                )
+        sums, mass = self._slots(plan)
+        self._launch(
+            _attention_sums_kernel, plan.chunks,
+            self.weights, values, centroids, active.to(torch.int32), sums, mass,
+            self.m, self.k, plan.slots, plan.rows_per_chunk, self.log2e_over_tau,
+            D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
+            SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic, num_warps=plan.num_warps,
+        )
         return sums.sum(dim=1), mass.sum(dim=1)
 
     def output(self, attention_centroids, final_centroids):
         plan = self.plan
         out = torch.empty_like(self.weights, memory_format=torch.contiguous_format)
-        if self.groups:
-            with _device_context(self.weights.device):
-                _output_kernel[(triton.cdiv(self.m, plan.output_block_m), self.groups)](
-                    self.weights, attention_centroids, final_centroids, out, self.m, self.k,
-                    _LOG2E / self.tau,
-                    D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.output_block_m,
-                    BLOCK_K=plan.output_block_k, num_warps=plan.output_warps, num_stages=1,
-                )
+        self._launch(
+            _output_kernel, triton.cdiv(self.m, plan.output_block_m),
+            self.weights, attention_centroids, final_centroids, out, self.m, self.k,
+            self.log2e_over_tau,
+            D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.output_block_m,
+            BLOCK_K=plan.output_block_k, num_warps=plan.output_warps,
+        )
         return out
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
                  active, grad_weights):
         plan = self.backward_plan
-        ds_w = self._zeros(self.groups, plan.slots, self.k, self.d)
-        ds = self._zeros(self.groups, plan.slots, self.k)
-        if self.groups:
-            with _device_context(self.weights.device):
-                _backward_kernel[(plan.chunks, self.groups)](
-                    self.weights, self.weights if grad_out is None else grad_out, centroids,
-                    grad_over_mass.contiguous(), grad_dot_next.contiguous(), final_centroids,
-                    active.to(torch.int32), grad_weights, ds_w, ds,
-                    self.m, self.k, plan.slots, plan.rows_per_chunk, _LOG2E / self.tau,
-                    2.0 / self.tau,
-                    D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
-                    SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
-                    HAS_GRAD_OUT=grad_out is not None,
-                    num_warps=plan.num_warps, num_stages=1,
-                )
+        ds_w, ds = self._slots(plan)
+        self._launch(
+            _backward_kernel, plan.chunks,
+            self.weights, self.weights if grad_out is None else grad_out, centroids,
+            grad_over_mass.contiguous(), grad_dot_next.contiguous(), final_centroids,
+            active.to(torch.int32), grad_weights, ds_w, ds,
+            self.m, self.k, plan.slots, plan.rows_per_chunk, self.log2e_over_tau, 2.0 / self.tau,
+            D=self.d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k,
+            SINGLE_BLOCK=plan.single_block, ATOMIC=plan.atomic,
+            HAS_GRAD_OUT=grad_out is not None, num_warps=plan.num_warps,
+        )
         # The kernels sum dS w and dS separately (one matrix product each): the difference form
         # of recurrence.Passes.gradient is taken here, on k x d values.
         return ds_w.sum(dim=1) - centroids * ds.sum(dim=1).unsqueeze(-1)
