@@ -19,20 +19,35 @@ def squared_distances(weights: Tensor, centroids: Tensor) -> Tensor:
     return (w_sq - 2.0 * weights @ centroids.T + c_sq).clamp_min(0.0)
 
 
-def dkm_single(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsilon: float):
+def _rounded(tensor: Tensor, dtype: torch.dtype | None, generator=None) -> Tensor:
+    """`tensor` moved by a random relative error of up to one unit in the last place of `dtype`
+    (uniform in [-2u, 2u], u its unit roundoff): a rounding or two, in a random direction."""
+    if dtype is None:
+        return tensor
+    unit = torch.finfo(dtype).eps
+    noise = 2 * torch.rand(tensor.shape, generator=generator, dtype=tensor.dtype) - 1
+    return tensor * (1 + unit * noise.to(tensor.device))
+
+
+def dkm_single(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsilon: float,
+               intermediate_dtype: torch.dtype | None = None):
     """One clustering problem: weights (M, d), centroids (k, d) -> (W~, C_L, L).
 
     `weights` is used in its own dtype (callers upcast); `centroids` is a constant warm start.
+    With `intermediate_dtype`, the distances and each iteration's centroids are rounded to it
+    (gradients pass through the rounding): the tests' model of the rounding that any evaluation
+    holding those intermediates in float32 inherits, however it sums.
     """
     c = centroids.detach().to(weights.dtype)
     for t in range(max_iter):
-        attention = torch.softmax(-squared_distances(weights, c) / tau, dim=1)
+        distances = _rounded(squared_distances(weights, c), intermediate_dtype)
+        attention = torch.softmax(-distances / tau, dim=1)
         mass = attention.sum(dim=0)
         # A centroid nobody attends to (mass below recurrence.MIN_MASS) keeps its position and
         # passes its gradient through.
         heavy = has_mass(mass).unsqueeze(1)
         mean = (attention.T @ weights) / torch.where(heavy, mass.unsqueeze(1), 1.0)
-        c_next = torch.where(heavy, mean, c)
+        c_next = _rounded(torch.where(heavy, mean, c), intermediate_dtype)
         delta = (c_next - c).abs().max()
         c = c_next
         if delta.item() <= epsilon:
@@ -41,7 +56,7 @@ def dkm_single(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, ep
 
 
 def dkm_reference(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5,
-                  epsilon: float = 1e-4):
+                  epsilon: float = 1e-4, intermediate_dtype: torch.dtype | None = None):
     """Grouped reference: weights (G, M, d), centroids (G, k, d).
 
     Returns (W~ in weights' dtype, final centroids in the compute dtype, iterations (G,) int64).
@@ -55,7 +70,7 @@ def dkm_reference(weights: Tensor, centroids: Tensor, tau: float, max_iter: int 
         return weights.clone(), centroids.clone(), weights.new_zeros((0,), dtype=torch.int64)
     outs, finals, iterations = [], [], []
     for w, c in zip(weights.to(cdtype).unbind(0), centroids.unbind(0)):
-        out, final, steps = dkm_single(w, c, tau, max_iter, epsilon)
+        out, final, steps = dkm_single(w, c, tau, max_iter, epsilon, intermediate_dtype)
         outs.append(out)
         finals.append(final.detach())
         iterations.append(steps)

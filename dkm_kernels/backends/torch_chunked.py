@@ -46,10 +46,16 @@ def _full_precision_matmul():
 def _attention(w: Tensor, c: Tensor, tau: float) -> Tensor:
     """softmax_j(-||w_i - c_j||^2 / tau) for a chunk: w (G, R, d), c (G, k, d) -> (G, R, k).
 
-    Distances come from differences, not from dot products, so nothing cancels.
+    Distances are sums of squared differences, one coordinate at a time: nothing cancels (as in
+    dot-product forms), nothing is rounded twice (as in cdist's square root squared), and the
+    transient stays (G, R, k).
     """
-    dist = torch.cdist(w, c, compute_mode="donot_use_mm_for_euclid_dist")
-    return torch.softmax(dist.square_().div_(-tau), dim=-1)
+    diff = w[:, :, None, 0] - c[:, None, :, 0]
+    dist = diff.square()
+    for dim in range(1, w.shape[-1]):
+        torch.sub(w[:, :, None, dim], c[:, None, :, dim], out=diff)
+        dist.addcmul_(diff, diff)
+    return torch.softmax(dist.div_(-tau), dim=-1)
 
 
 class Passes:
