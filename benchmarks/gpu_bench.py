@@ -13,14 +13,17 @@ benchmarks/results/gpu_<device>_<date>.json with the device, versions, commit an
 `--compile-check` needs no GPU either: it compiles the Triton kernels of each case for sm_90 and
 prints ptxas's registers and spills per kernel.
 
-The floor of a case is counted, not measured: exponentials, multiply-adds and bytes of W per pass
-and the number of passes (harness.counted_work, harness.passes_per_direction), at an H100 SXM's
-peak rates (harness.H100_SXM); the floor is the largest of the three times (harness.time_floor).
+The floor of a case is counted: exponentials, multiply-adds and bytes of W per pass and the number
+of passes (harness.counted_work, harness.passes_per_direction), at the card's rates measured at the
+start of the same run (measured_rates; --dry-run uses an H100 SXM's datasheet rates,
+harness.H100_SXM); the floor is the largest of the three times (harness.time_floor).
+`--resnet50` times the whole ResNet-50 8/8 clustering instead, one op call per layer.
 The reference's predicted memory, and the cap that skips it, is harness.naive_peak_bytes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import math
@@ -33,12 +36,14 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
+from resnet50_shapes import clustering_plan  # noqa: E402
 from harness import (  # noqa: E402
     GPU_REFERENCE_CAP_GIB,
     H100_SXM,
     ITERATIONS,
     PAPER_TAU,
     CudaPeak,
+    Rates,
     counted_work,
     gpu_machine,
     naive_peak_bytes,
@@ -49,17 +54,10 @@ from harness import (  # noqa: E402
     write_json,
 )
 
-# name, M rows, d, k. ResNet-50's 512x512x3x3 convolutions have 2,359,296 weights: M = 294,912
-# rows at d = 8 (8 bits per centroid index, 1 bit per weight) or 2,359,296 at d = 1; the small
-# case is a layer of 102,400 weights (M = 12,800 at d = 8).
-CASES = [
-    ("conv3x3-512 d8 k256", 294_912, 8, 256),
-    ("small-layer d8 k256", 12_800, 8, 256),
-    ("conv3x3-512 d1 k4", 2_359_296, 1, 4),
-    ("conv3x3-512 d1 k16", 2_359_296, 1, 16),
-    ("conv3x3-512 d8 k4096", 294_912, 8, 4096),
-    ("small-layer d8 k4096", 12_800, 8, 4096),
-]
+# name, M rows, d, k: M = 294,912 is ResNet-50's 512x512x3x3 convolution at d = 8 (2,359,296
+# weights), M = 12,800 a small layer; every k of 2, 4, 8 and 12 bits, at d = 1 and d = 8.
+CASES = [(f"M={m} d{d} k{k}", m, d, k)
+         for m in (294_912, 12_800) for d in (8, 1) for k in (256, 4, 16, 4096)]
 
 BACKENDS = ("reference", "torch", "triton", "triton-deterministic")
 
@@ -67,18 +65,72 @@ BACKENDS = ("reference", "torch", "triton", "triton-deterministic")
 SM90 = (90, 32)
 
 
-def counted_floor(m: int, d: int, k: int, passes: int) -> dict:
+def counted_floor(m: int, d: int, k: int, passes: int, rates: Rates = H100_SXM) -> dict:
     work = counted_work(m, d, k, passes)
-    return {**work, **time_floor(work, H100_SXM)}
+    return {**work, **time_floor(work, rates)}
 
 
-def floors(m: int, d: int, k: int, iterations: int) -> dict:
+def floors(m: int, d: int, k: int, iterations: int, rates: Rates = H100_SXM) -> dict:
     passes = passes_per_direction(iterations)
     return {
-        "forward": counted_floor(m, d, k, passes),
-        "backward": counted_floor(m, d, k, passes),
-        "forward+backward": counted_floor(m, d, k, 2 * passes),
+        "forward": counted_floor(m, d, k, passes, rates),
+        "backward": counted_floor(m, d, k, passes, rates),
+        "forward+backward": counted_floor(m, d, k, 2 * passes, rates),
     }
+
+
+if not torch.cuda.is_available():  # the self-check runs the kernels in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+else:
+    @triton.jit
+    def _exp2_chain_kernel(x_ptr, out_ptr, REPEATS: tl.constexpr, BLOCK: tl.constexpr):
+        """REPEATS exponentials per loaded value, each feeding the next (values stay in (0, 1])."""
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offsets)
+        total = tl.zeros_like(x)
+        for _ in tl.static_range(REPEATS):
+            x = tl.exp2(x * -0.5)
+            total += x
+        tl.store(out_ptr + offsets, total)
+
+
+def exp_rate_launch(x, out, repeats: int = 64, block: int = 1024):
+    """One launch of the exponential-rate kernel over x (its numel a multiple of `block`)."""
+    _exp2_chain_kernel[(x.numel() // block,)](x, out, REPEATS=repeats, BLOCK=block)
+
+
+def measured_rates(do_bench, device, matmul_n: int = 8192, exp_values: int = 1 << 24,
+                   copy_values: int = 1 << 28) -> dict:
+    """This card's rates, measured in this run (medians of do_bench): float32 multiply-adds from
+    an 8192^3 matrix product without TF32, exponentials from a Triton kernel that takes 64 exp2
+    per loaded value, bytes from a 1 GiB device-to-device copy (read plus written)."""
+    n = matmul_n
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        matmul_ms = do_bench(lambda: a @ b, return_mode="median")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    del a, b
+    x = torch.rand(exp_values, device=device)
+    out = torch.empty_like(x)
+    exp_ms = do_bench(lambda: exp_rate_launch(x, out), return_mode="median")
+    del x, out
+    src = torch.rand(copy_values, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"fma_per_s": n**3 / (matmul_ms * 1e-3),
+            "exp_per_s": 64 * exp_values / (exp_ms * 1e-3),
+            "bytes_per_s": 2 * 4 * copy_values / (copy_ms * 1e-3)}
 
 
 def dry_run(cases, iterations: int, cap_bytes: int) -> None:
@@ -152,7 +204,8 @@ def compile_check(cases) -> None:
                                                BLOCK_K=plan.output_block_k), plan.output_warps)
 
 
-def measure(backend: str, weights, centroids, iterations: int, do_bench) -> dict:
+def measure(backend: str, weights, centroids, iterations: int, do_bench,
+            device=torch.device("cuda")) -> dict:
     """Median times of forward, backward, forward+backward and the peak memory of one
     forward+backward above what was allocated before (inputs included in the baseline)."""
     import dkm_kernels
@@ -170,7 +223,9 @@ def measure(backend: str, weights, centroids, iterations: int, do_bench) -> dict
         forward().backward(grad)
 
     forward_backward()  # compile and warm up
-    torch.cuda.synchronize()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     w.grad = None
     forward_ms = do_bench(forward, return_mode="median")
     out = forward()
@@ -180,11 +235,78 @@ def measure(backend: str, weights, centroids, iterations: int, do_bench) -> dict
     both_ms = do_bench(forward_backward, grad_to_none=[w], return_mode="median")
 
     w.grad = None
-    with CudaPeak() as peak:
+    with CudaPeak() if cuda else contextlib.nullcontext() as peak:
         forward_backward()
     w.grad = None
     return {"forward_ms": forward_ms, "backward_ms": backward_ms,
-            "forward+backward_ms": both_ms, "peak_bytes": peak.bytes}
+            "forward+backward_ms": both_ms, "peak_bytes": peak.bytes if cuda else 0}
+
+
+def resnet50_clustering(backend: str, iterations: int, do_bench, rates: Rates,
+                        device=torch.device("cuda"), layers: int | None = None) -> dict:
+    """Every ResNet-50 weight at cv:8/8 fc:8/8 (benchmarks/resnet50_shapes.py), one op call per
+    layer: all forwards, then one backward through all of them; median time, peak memory and the
+    floor summed over the layers."""
+    import dkm_kernels
+
+    name = "triton" if backend.startswith("triton") else backend
+    deterministic = backend == "triton-deterministic"
+    gen = torch.Generator(device=device).manual_seed(0)
+    plan = clustering_plan()[:layers]
+    params, centroids, upstream = [], [], []
+    for layer in plan:
+        w = trained_like_weights((layer["m"], layer["d"]), gen, device)
+        centroids.append(dkm_kernels.random_rows(w, layer["k"], generator=gen))
+        params.append(w.requires_grad_(True))
+        upstream.append(torch.randn(w.shape, device=device, generator=gen))
+
+    def forward_backward():
+        outs = [dkm_kernels.dkm(w, c, PAPER_TAU, iterations, 0.0, backend=name,
+                                deterministic=deterministic).weights
+                for w, c in zip(params, centroids)]
+        torch.autograd.backward(outs, upstream)
+
+    forward_backward()  # compile and warm up
+    both_ms = do_bench(forward_backward, grad_to_none=params, return_mode="median")
+    with (CudaPeak() if device.type == "cuda" else contextlib.nullcontext()) as peak:
+        forward_backward()
+    floor_s = sum(floors(layer["m"], layer["d"], layer["k"], iterations, rates)
+                  ["forward+backward"]["floor_s"] for layer in plan)
+    return {"backend": backend, "layers": len(plan), "forward+backward_ms": both_ms,
+            "peak_bytes": peak.bytes if peak else None, "floor_ms": floor_s * 1e3,
+            "x_floor": both_ms / (floor_s * 1e3)}
+
+
+def _time_once(fn, grad_to_none=None, return_mode="median") -> float:
+    """do_bench's interface, one untimed call and one timed one: the self-check's stand-in."""
+    import time
+
+    fn()
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def self_check(iterations: int) -> int:
+    """Every path of a GPU run on the CPU at tiny sizes; the Triton kernels in the interpreter."""
+    device = torch.device("cpu")
+    rates = measured_rates(_time_once, device, matmul_n=64, exp_values=1 << 12,
+                           copy_values=1 << 12)
+    print("rates", rates)
+    gen = torch.Generator().manual_seed(0)
+    weights = trained_like_weights((64, 2), gen)
+    import dkm_kernels
+
+    centroids = dkm_kernels.kmeans_plus_plus(weights, 4, generator=gen)
+    rows = []
+    for backend in BACKENDS:
+        row = {"case": "self-check", "M": 64, "d": 2, "k": 4, "backend": backend,
+               "floors": floors(64, 2, 4, iterations, Rates(**rates))}
+        row.update(measure(backend, weights, centroids, iterations, _time_once, device))
+        rows.append(row)
+    print(markdown_table(rows))
+    print(resnet50_clustering("torch", iterations, _time_once, Rates(**rates), device, layers=1))
+    return 0
 
 
 def main(argv=None) -> int:
@@ -198,6 +320,11 @@ def main(argv=None) -> int:
                         help="skip the reference where its predicted memory is above this")
     parser.add_argument("--cases", default="", help="only cases whose name contains this")
     parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--self-check", action="store_true",
+                        help="run every GPU code path once on the CPU at tiny sizes (Triton "
+                             "interpreted): catches errors before a GPU call; times mean nothing")
+    parser.add_argument("--resnet50", action="store_true",
+                        help="the whole ResNet-50 8/8 clustering, one op call per layer")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
 
@@ -209,6 +336,8 @@ def main(argv=None) -> int:
     if args.compile_check:
         compile_check(cases)
         return 0
+    if args.self_check:
+        return self_check(args.iterations)
     if not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run to list the cases", file=sys.stderr)
         return 1
@@ -219,12 +348,29 @@ def main(argv=None) -> int:
 
     backends = [b for b in args.backends.split(",") if b]
     device = torch.device("cuda")
+    rates = measured_rates(do_bench, device)
+    print("measured: " + ", ".join(f"{key} {value:.3g}" for key, value in rates.items()))
+    measured = Rates(**rates)
+    record = {**gpu_machine(device), "tau": PAPER_TAU, "iterations": args.iterations,
+              "measured_rates": rates, "assumed_h100": dataclasses.asdict(H100_SXM)}
+    stamp = datetime.datetime.fromisoformat(record["date"]).strftime("%Y%m%d-%H%M%S")
+    if args.resnet50:
+        rows = []
+        for backend in backends:
+            if backend == "reference":
+                continue  # 19 GB and minutes per step: docs/design.md §2 measured it once
+            rows.append(resnet50_clustering(backend, args.iterations, do_bench, measured))
+            print(rows[-1], flush=True)
+        record["resnet50_clustering"] = rows
+        write_json(args.out or results_path(f"gpu_resnet50_{_slug(record['device'])}_{stamp}.json"),
+                   record)
+        return 0
     rows = []
     for name, m, d, k in cases:
         gen = torch.Generator(device=device).manual_seed(0)
         weights = trained_like_weights((m, d), gen, device)
         centroids = dkm_kernels.kmeans_plus_plus(weights, k, generator=gen)
-        case_floors = floors(m, d, k, args.iterations)
+        case_floors = floors(m, d, k, args.iterations, measured)
         for backend in backends:
             row = {"case": name, "M": m, "d": d, "k": k, "backend": backend,
                    "iterations": args.iterations, "floors": case_floors}
@@ -243,16 +389,10 @@ def main(argv=None) -> int:
         del weights, centroids
         torch.cuda.empty_cache()
 
-    record = {
-        **gpu_machine(device),
-        "tau": PAPER_TAU,
-        "assumed_h100": dataclasses.asdict(H100_SXM),
-        "results": rows,
-    }
+    record["results"] = rows
     print()
     print(markdown_table(rows))
     print()
-    stamp = datetime.datetime.fromisoformat(record["date"]).strftime("%Y%m%d-%H%M%S")
     write_json(args.out or results_path(f"gpu_{_slug(record['device'])}_{stamp}.json"), record)
     return 0
 

@@ -353,14 +353,15 @@ def _case_worker(case: dict) -> dict:
 
 
 def git_commit(short: bool = True) -> str:
-    """HEAD of this checkout, "+dirty" where tracked files differ from it; "unknown" outside git."""
+    """HEAD of this checkout, "+dirty" where tracked files differ from it; outside git (a copy
+    of the tree on a lent machine) $DKM_COMMIT, or "unknown"."""
     try:
         commit = subprocess.check_output(["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
                                          text=True, stderr=subprocess.DEVNULL, cwd=HERE).strip()
         dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], stderr=subprocess.DEVNULL,
                                cwd=HERE).returncode != 0
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("DKM_COMMIT", "unknown")
     return commit + ("+dirty" if dirty else "")
 
 
