@@ -180,9 +180,9 @@ def input_rounding_sensitivity(weights, centroids, tau, max_iter, epsilon, exact
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
-        moved = (run("reference", nudge(weights), nudge(centroids), tau, max_iter, epsilon),
-                 _rounded_intermediates_run(weights, centroids, tau, max_iter, epsilon,
-                                            torch.float32))
+        moved = [run("reference", nudge(weights), nudge(centroids), tau, max_iter, epsilon)]
+        moved += [_rounded_intermediates_run(weights, centroids, tau, max_iter, epsilon,
+                                             torch.float32) for _ in range(REFERENCE_ORDERS)]
     return [max((m[index] - exact[index]).abs().max().item() for m in moved)
             for index in (0, 1, 3)]
 
