@@ -84,8 +84,11 @@ def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float):
     for t in range(max_iter):
         c = history[t]
         weighted_sum, mass = passes.attention_sums(passes.weights, c, active)
+        # A division, not a product with 1/s: the mean of equal weights is then exactly that
+        # weight (16-bit weights repeat), as in the reference, and a tie between two centroids
+        # at a tiny tau is not broken by a rounding of 1/s.
         c_next = torch.where(has_mass(mass).unsqueeze(-1),
-                             weighted_sum * inverse_mass(mass).unsqueeze(-1), c)
+                             weighted_sum / mass.clamp_min(MIN_MASS).unsqueeze(-1), c)
         c_next = torch.where(active[:, None, None], c_next, c)  # a stopped group stays put
         history[t + 1] = c_next
         masses[t] = torch.where(active[:, None], mass, 0.0)

@@ -78,6 +78,20 @@ def test_zero_mass_centroid_keeps_its_position(backend):
     assert torch.isfinite(ours[3]).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_of_equal_weights_is_that_weight(backend, dtype):
+    """A centroid that only equal weights attend to moves exactly onto them (a division by the
+    mass, not a product with its rounded inverse). 16-bit weights repeat, and at a tiny tau one
+    ulp off decides ties between centroids (the reference keeps them: the fuzz found a 10-ulp
+    error in bfloat16 values from it)."""
+    weights = torch.tensor([[-0.1875]] * 7 + [[0.5]] * 5, dtype=dtype)  # sums exact in float32
+    centroids = torch.tensor([[-0.18], [0.49]])
+    result = dkm_kernels.dkm(weights.to(device_of(backend)), centroids.to(device_of(backend)),
+                             1e-6, max_iter=1, backend=backend)
+    expected = torch.tensor([[-0.1875], [0.5]])
+    assert torch.equal(result.centroids.cpu(), expected)
+
+
 def test_tiny_mass_counts_as_none(backend):
     """A centroid whose mass is below recurrence.MIN_MASS is treated as massless by every backend
     and the reference alike: it keeps its position, and nothing turns into NaN or Inf. Here the
