@@ -1,0 +1,176 @@
+"""Row-sharded DKM on torch.distributed (docs/design.md §11): gloo over loopback, CPU processes.
+
+The op: each rank passes its rows of one problem with the process group; the rows' outputs and
+gradients, joined in rank order, must equal one process computing the whole problem (float64 to
+1e-9 as for the backends, float32 by the float32 rule of oracle.py), the centroids and iteration
+counts must be identical on every rank, and repeated runs bit-identical. The problems run on
+3 ranks with uneven shards, most with an empty rank, and one on 2 ranks.
+
+The processes start once per module (starting one imports torch in every process).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dkm_kernels
+from oracle import (FLOAT32_GRADIENT_RTOL, FLOAT32_VALUE_RTOL, make_problem, relative_error,
+                    run, skip_reason, staggered_groups, upstream_gradient)
+from ranks import Ranks, pair
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="torch is built without torch.distributed")
+
+
+@pytest.fixture(scope="module")
+def ranks3():
+    """Three ranks; two-rank runs use ranks.pair(), while rank 2 waits."""
+    pool = Ranks(3)
+    yield pool
+    pool.close()
+
+
+# -- the op -------------------------------------------------------------------------------------
+
+def _shard(tensor, sizes, rank):
+    """Rank `rank`'s rows of a (G, M, d) tensor split along M into `sizes`."""
+    return tensor.split(sizes, dim=1)[rank]
+
+
+def _sharded_runs(rank, world_size, problem, sizes, backend, options, repeats=2,
+                  group=None):
+    """Forward and backward of this rank's rows with `group` (the world), `repeats` times."""
+    weights, centroids, tau, upstream = problem
+    group = group or torch.distributed.group.WORLD
+    return [run(backend, _shard(weights, sizes, rank), centroids, tau,
+                upstream=_shard(upstream, sizes, rank), process_group=group, deterministic=True,
+                **options)
+            for _ in range(repeats)]
+
+
+def _grouped(weights, centroids, tau):
+    if weights.dim() == 2:
+        weights, centroids = weights.unsqueeze(0), centroids.unsqueeze(0)
+    return weights, centroids, tau, upstream_gradient(weights.shape)
+
+
+# (backend, dtype, problem, row counts per rank of 3, options)
+CASES = {
+    "torch-even": ("torch", torch.float64, lambda: make_problem(60, 2, 6, seed=1),
+                   [20, 20, 20], dict(max_iter=5, epsilon=1e-4)),
+    # groups stopping at different iterations, an empty rank, uneven shards
+    "torch-groups-empty-rank": ("torch", torch.float64, lambda: staggered_groups(50, 3),
+                                [0, 13, 37], dict(max_iter=6, epsilon=1e-3)),
+    "cpu-groups-empty-rank": ("cpu", torch.float64, lambda: make_problem(45, 3, 5, groups=2, seed=2),
+                              [30, 0, 15], dict(max_iter=5, epsilon=1e-4)),
+    "cpu-float32": ("cpu", torch.float32, lambda: make_problem(64, 4, 8, seed=3),
+                    [10, 40, 14], dict(max_iter=5, epsilon=0.0)),
+    "torch-float32-groups": ("torch", torch.float32,
+                             lambda: make_problem(40, 2, 5, groups=2, seed=4),
+                             [1, 25, 14], dict(max_iter=4, epsilon=0.0)),
+    "triton-float32-empty-rank": ("triton", torch.float32,
+                                  lambda: make_problem(24, 2, 4, groups=2, seed=5),
+                                  [8, 0, 16], dict(max_iter=3, epsilon=0.0)),
+}
+
+
+def _problem(case):
+    backend, dtype, make, sizes, options = CASES[case]
+    weights, centroids, tau = make()
+    weights, centroids, tau, upstream = _grouped(weights, centroids, tau)
+    return (backend, (weights.to(dtype), centroids.to(dkm_kernels.recurrence.compute_dtype(dtype)),
+                      tau, upstream), sizes, options)
+
+
+def _run_cases(rank, world_size, problems):
+    return {case: _sharded_runs(rank, world_size, problem, sizes, backend, options)
+            for case, (backend, problem, sizes, options) in problems.items()}
+
+
+@pytest.fixture(scope="module")
+def sharded3(ranks3):
+    """Every case on 3 ranks, each run twice: {case: [rank -> [run -> (W~, C, L, grad)]]}."""
+    problems = {case: _problem(case) for case in CASES if skip_reason(CASES[case][0]) is None}
+    per_rank = ranks3.run(_run_cases, problems)
+    return problems, {case: [runs[case] for runs in per_rank] for case in problems}
+
+
+def _check_against_one_process(backend, problem, options, rank_runs):
+    weights, centroids, tau, upstream = problem
+    ranks = [runs[0] for runs in rank_runs]
+    out = torch.cat([r[0] for r in ranks], dim=1)
+    grad = torch.cat([r[3] for r in ranks], dim=1)
+    for r in ranks[1:]:  # every rank holds the same global state, to the bit
+        assert torch.equal(r[1], ranks[0][1]) and torch.equal(r[2], ranks[0][2])
+    for runs in rank_runs:  # deterministic: the second run repeats the first bit for bit
+        for first, again in zip(*runs):
+            assert torch.equal(first, again)
+    whole = run(backend, weights, centroids, tau, upstream=upstream, deterministic=True, **options)
+    assert torch.equal(ranks[0][2], whole[2]), f"iterations {ranks[0][2]} != {whole[2]}"
+    ours = (out, ranks[0][1], grad)
+    if weights.dtype == torch.float64:
+        for name, a, b in zip(("values", "centroids", "gradients"), ours, whole[:2] + whole[3:]):
+            assert relative_error(a, b) <= 1e-9, name
+        return
+    # float32: against float64 on the same inputs, within the float32 rule (oracle.py)
+    exact = run("reference", weights.double(), centroids.double(), tau, upstream=upstream,
+                **options)
+    naive = run("reference", weights, centroids, tau, upstream=upstream, **options)
+    for name, index, mine, rtol in (("values", 0, out, FLOAT32_VALUE_RTOL),
+                                    ("centroids", 1, ranks[0][1], FLOAT32_VALUE_RTOL),
+                                    ("gradients", 3, grad, FLOAT32_GRADIENT_RTOL)):
+        bound = max(rtol, 2 * relative_error(naive[index], exact[index]))
+        assert relative_error(mine, exact[index]) <= bound, name
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_op_equals_one_process(case, sharded3):
+    problems, results = sharded3
+    if case not in problems:
+        pytest.skip(str(skip_reason(CASES[case][0])))
+    backend, problem, _, options = problems[case]
+    _check_against_one_process(backend, problem, options, results[case])
+
+
+def _on_pair(rank, world_size, backend, problem, sizes, options):
+    group, member = pair()
+    if member:
+        return _sharded_runs(rank, 2, problem, sizes, backend, options, group=group)
+
+
+def test_sharded_op_on_two_ranks(ranks3):
+    backend, problem, _, options = _problem("cpu-groups-empty-rank")
+    if skip_reason(backend) is not None:
+        pytest.skip(skip_reason(backend))
+    per_rank = ranks3.run(_on_pair, backend, problem, [28, 17], options)
+    _check_against_one_process(backend, problem, options, per_rank[:2])
+
+
+def _nan_on_rank_1(rank, world_size):
+    weights, centroids, tau = make_problem(30, 2, 4, seed=6, dtype=torch.float32)
+    if rank == 1:
+        weights[3, 1] = float("nan")
+    try:
+        dkm_kernels.dkm(weights, centroids, tau, backend="cpu",
+                        process_group=torch.distributed.group.WORLD)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def test_nan_on_one_rank_raises_on_every_rank(ranks3):
+    if skip_reason("cpu") is not None:
+        pytest.skip(skip_reason("cpu"))
+    messages = ranks3.run(_nan_on_rank_1)
+    assert all(message is not None and "NaN or Inf" in message for message in messages)
+
+
+def test_process_group_argument_errors():
+    weights, centroids, tau = make_problem(10, 2, 3)
+    with pytest.raises(TypeError, match="process_group must be"):
+        dkm_kernels.dkm(weights, centroids, tau, process_group="0")
+    with pytest.raises(ValueError, match="at least one row"):
+        dkm_kernels.dkm(weights[:0], centroids, tau)
+    with pytest.raises(ValueError, match="needs torch.distributed initialised|names no process"):
+        torch.ops.dkm_kernels.dkm_forward(weights[None], centroids[None], tau, 3, 0.0, True,
+                                          "torch", "7")
