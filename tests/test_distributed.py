@@ -174,3 +174,112 @@ def test_process_group_argument_errors():
     with pytest.raises(ValueError, match="needs torch.distributed initialised|names no process"):
         torch.ops.dkm_kernels.dkm_forward(weights[None], centroids[None], tau, 3, 0.0, True,
                                           "torch", "7")
+
+
+# -- the model level -------------------------------------------------------------------------------
+
+def _model():
+    torch.manual_seed(0)  # every rank builds the same model
+    return torch.nn.Sequential(torch.nn.Linear(6, 13), torch.nn.ReLU(),
+                               torch.nn.Linear(13, 4)).double()
+
+
+def _data():
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(8, 6, generator=gen, dtype=torch.float64),
+            torch.randn(8, 4, generator=gen, dtype=torch.float64))
+
+
+def _train(wrap, rank, world_size, group, steps=3):
+    """compress_model, `wrap` (DDP, fully_shard or nothing), `steps` SGD steps on this rank's
+    share of the batch, snap, export. The k-means++ draws differ per rank (the broadcast makes
+    the centroids agree)."""
+    model = _model()
+    torch.manual_seed(100 + rank)
+    compressor = dkm_kernels.compress_model(
+        model, bits=2, dim=1, tau="auto", skip_first_last=False, small_layer_threshold=0,
+        layer_configs={"0": {"dim": 2}}, lut_dtype=torch.float32, backend="torch",
+        process_group=group)
+    initial = {name: (layer.centroids.clone(), layer.tau)
+               for name, layer in compressor.dkm_layers.items()}
+    forward = wrap(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    inputs, targets = _data()
+    share = inputs.shape[0] // world_size
+    rows = slice(rank * share, (rank + 1) * share)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(forward(inputs[rows]), targets[rows]).backward()
+        optimizer.step()
+    compressor.snap_weights()
+    return initial, compressor.export_compressed()
+
+
+def _ddp(rank, world_size):
+    group, member = pair()
+    if member:
+        from torch.nn.parallel import DistributedDataParallel
+        return _train(lambda model: DistributedDataParallel(model, process_group=group),
+                      rank, 2, group)
+
+
+def _fsdp2(rank, world_size):
+    group, member = pair()
+    if member:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = DeviceMesh.from_group(group, "cpu")
+
+        def shard(model):
+            for layer in (model[0], model[2]):
+                fully_shard(layer, mesh=mesh)
+            return fully_shard(model, mesh=mesh)
+        return _train(shard, rank, 2, group)
+
+
+def _one_process():
+    """The same steps on the whole batch in one process (k-means++ drawn as rank 0 draws)."""
+    model = _model()
+    torch.manual_seed(100)
+    compressor = dkm_kernels.compress_model(
+        model, bits=2, dim=1, tau="auto", skip_first_last=False, small_layer_threshold=0,
+        layer_configs={"0": {"dim": 2}}, lut_dtype=torch.float32, backend="torch")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    inputs, targets = _data()
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(inputs), targets).backward()
+        optimizer.step()
+    return compressor.export_compressed()
+
+
+@pytest.mark.parametrize("wrapper", [_ddp, _fsdp2], ids=["ddp", "fsdp2"])
+def test_trained_model_exports_as_one_process(wrapper, ranks3):
+    (initial0, export0), (initial1, export1), _ = ranks3.run(wrapper)
+    for name, (centroids, tau) in initial0.items():  # broadcast from the first rank
+        assert torch.equal(centroids, initial1[name][0]) and tau == initial1[name][1]
+    for table in ("codebooks", "assignments"):  # every rank exports the same whole model
+        for name, tensor in export0[table].items():
+            assert torch.equal(tensor, export1[table][name])
+    expected = dkm_kernels.load_compressed(_one_process(), _model).state_dict()
+    loaded = dkm_kernels.load_compressed(export0, _model).state_dict()
+    assert loaded.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(loaded[key], value, rtol=1e-6, atol=1e-9, msg=key)
+
+
+def _compress_after_fully_shard(rank, world_size):
+    group, member = pair()
+    if member:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+        model = fully_shard(_model(), mesh=DeviceMesh.from_group(group, "cpu"))
+        try:
+            dkm_kernels.compress_model(model, skip_first_last=False, process_group=group)
+        except ValueError as error:
+            return str(error)
+
+
+def test_compress_model_after_fully_shard_says_to_swap_them(ranks3):
+    messages = ranks3.run(_compress_after_fully_shard)[:2]
+    assert all(message and "then fully_shard" in message for message in messages)
