@@ -174,15 +174,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, *unused_grads):
     unused = (None,) * (len(ctx.needs_input_grad) - 1)
     if grad_out is None or not ctx.needs_input_grad[0]:
-        # Every rank of a group runs the backward's collectives; one without an upstream gradient
-        # (its output unused) joins them with zeros.
-        if not ctx.options[3]:
-            return (None,) + unused
+        return (None,) + unused
     weights, centroid_history, masses, iterations = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = torch.zeros_like(weights)
     grad = dkm_backward(grad_out, weights, centroid_history, masses, iterations, *ctx.options)
-    return (grad if ctx.needs_input_grad[0] else None,) + unused
+    return (grad,) + unused
 
 
 def _no_double_backward(ctx, grad):

@@ -165,6 +165,32 @@ def test_nan_on_one_rank_raises_on_every_rank(ranks3):
     assert all(message is not None and "NaN or Inf" in message for message in messages)
 
 
+def _fake_with_group(rank, world_size):
+    """The op's fake implementations with a group give the real outputs' shapes and dtypes, each
+    rank holding uneven rows (rank 2: none). (A full opcheck imports for seconds per process;
+    test_backends.py runs it without a group.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    weights, centroids, tau = make_problem(9, 3, k=4, groups=2, seed=8, dtype=torch.float32)
+    mine = weights.split([6, 3, 0], dim=1)[rank].contiguous()
+    name = torch.distributed.group.WORLD.group_name
+    forward = (mine, centroids, tau, 3, 1e-4, True, "torch", name)
+    real = torch.ops.dkm_kernels.dkm_forward(*forward)
+    backward = (torch.ones_like(mine), mine, *real[1:], tau, True, "torch", name)
+    real = (*real, torch.ops.dkm_kernels.dkm_backward(*backward))
+    with FakeTensorMode() as mode:
+        def fake(args):
+            return [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        faked = (*torch.ops.dkm_kernels.dkm_forward(*fake(forward)),
+                 torch.ops.dkm_kernels.dkm_backward(*fake(backward)))
+    return [(tuple(a.shape), a.dtype, tuple(b.shape), b.dtype) for a, b in zip(real, faked)]
+
+
+def test_fake_implementations_with_process_group(ranks3):
+    for outputs in ranks3.run(_fake_with_group):
+        for real_shape, real_dtype, fake_shape, fake_dtype in outputs:
+            assert (real_shape, real_dtype) == (fake_shape, fake_dtype)
+
+
 def test_process_group_argument_errors():
     weights, centroids, tau = make_problem(10, 2, 3)
     with pytest.raises(TypeError, match="process_group must be"):
@@ -190,7 +216,7 @@ def _data():
             torch.randn(8, 4, generator=gen, dtype=torch.float64))
 
 
-def _train(wrap, rank, world_size, group, steps=3):
+def _train(wrap, rank, world_size, group, steps=3, shard_rows=True):
     """compress_model, `wrap` (DDP, fully_shard or nothing), `steps` SGD steps on this rank's
     share of the batch, snap, export. The k-means++ draws differ per rank (the broadcast makes
     the centroids agree)."""
@@ -199,7 +225,7 @@ def _train(wrap, rank, world_size, group, steps=3):
     compressor = dkm_kernels.compress_model(
         model, bits=2, dim=1, tau="auto", skip_first_last=False, small_layer_threshold=0,
         layer_configs={"0": {"dim": 2}}, lut_dtype=torch.float32, backend="torch",
-        process_group=group)
+        process_group=group, shard_rows=shard_rows)
     initial = {name: (layer.centroids.clone(), layer.tau)
                for name, layer in compressor.dkm_layers.items()}
     forward = wrap(model)
@@ -215,12 +241,17 @@ def _train(wrap, rank, world_size, group, steps=3):
     return initial, compressor.export_compressed()
 
 
-def _ddp(rank, world_size):
+def _ddp(rank, world_size, shard_rows=True):
     group, member = pair()
     if member:
         from torch.nn.parallel import DistributedDataParallel
         return _train(lambda model: DistributedDataParallel(model, process_group=group),
-                      rank, 2, group)
+                      rank, 2, group, shard_rows=shard_rows)
+
+
+def _ddp_whole_weights(rank, world_size):
+    """Every rank clusters the whole weight (no communication of its own)."""
+    return _ddp(rank, world_size, shard_rows=False)
 
 
 def _fsdp2(rank, world_size):
@@ -253,7 +284,8 @@ def _one_process():
     return compressor.export_compressed()
 
 
-@pytest.mark.parametrize("wrapper", [_ddp, _fsdp2], ids=["ddp", "fsdp2"])
+@pytest.mark.parametrize("wrapper", [_ddp, _ddp_whole_weights, _fsdp2],
+                         ids=["ddp", "ddp-whole-weights", "fsdp2"])
 def test_trained_model_exports_as_one_process(wrapper, ranks3):
     (initial0, export0), (initial1, export1), _ = ranks3.run(wrapper)
     for name, (centroids, tau) in initial0.items():  # broadcast from the first rank
