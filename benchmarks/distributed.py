@@ -100,7 +100,7 @@ def count(plan: list[dict], ranks: int) -> dict:
     return totals
 
 
-# -- measured ---------------------------------------------------------------------------------------
+# -- measured --------------------------------------------------------------------------------------
 
 def _time_op(rank: int, world_size: int, store: str, rows: int, repeats: int, threads: int,
              results) -> None:

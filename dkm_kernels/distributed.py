@@ -22,10 +22,6 @@ import torch
 from torch import Tensor
 
 
-def available() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
 def check_group(process_group) -> None:
     if process_group is None:
         return

@@ -1,10 +1,11 @@
 """A pool of CPU processes joined by torch.distributed (gloo over loopback) for the tests.
 
 `Ranks(world_size)` spawns the processes once; `ranks.run(fn, *args)` runs `fn(rank, world_size,
-*args)` on every rank at once and returns the per-rank results, or raises with the failing
-ranks' tracebacks; `pair()` gives a task the group of ranks 0 and 1, for two-rank runs. `fn` must be importable (a module-level function). The rendezvous is a file
-store in a temporary directory, so no port is chosen here (gloo binds its own free ports), and
-collectives time out after COLLECTIVE_TIMEOUT instead of hanging a test run.
+*args)` on every rank at once and returns the per-rank results, or raises with the failing ranks'
+tracebacks; `pair()` gives a task the group of ranks 0 and 1, for two-rank runs. `fn` must be
+importable (a module-level function). The rendezvous is a file store in a temporary directory, so
+no port is chosen here (gloo binds its own free ports), and collectives time out after
+COLLECTIVE_TIMEOUT instead of hanging a test run.
 """
 from __future__ import annotations
 

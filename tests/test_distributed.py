@@ -61,7 +61,8 @@ CASES = {
     # groups stopping at different iterations, an empty rank, uneven shards
     "torch-groups-empty-rank": ("torch", torch.float64, lambda: staggered_groups(50, 3),
                                 [0, 13, 37], dict(max_iter=6, epsilon=1e-3)),
-    "cpu-groups-empty-rank": ("cpu", torch.float64, lambda: make_problem(45, 3, 5, groups=2, seed=2),
+    "cpu-groups-empty-rank": ("cpu", torch.float64,
+                              lambda: make_problem(45, 3, 5, groups=2, seed=2),
                               [30, 0, 15], dict(max_iter=5, epsilon=1e-4)),
     "cpu-float32": ("cpu", torch.float32, lambda: make_problem(64, 4, 8, seed=3),
                     [10, 40, 14], dict(max_iter=5, epsilon=0.0)),
