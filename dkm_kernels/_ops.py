@@ -1,9 +1,9 @@
 """The DKM op: defined once, for every device and backend (docs/design.md §5).
 
-    dkm_kernels::dkm_forward(weights, centroids, tau, max_iter, epsilon, deterministic, backend)
-        -> (out, centroid_history, masses, iterations)
+    dkm_kernels::dkm_forward(weights, centroids, tau, max_iter, epsilon, deterministic, backend,
+                             group_name="") -> (out, centroid_history, masses, iterations)
     dkm_kernels::dkm_backward(grad_out, weights, centroid_history, masses, iterations, tau,
-                              deterministic, backend) -> grad_weights
+                              deterministic, backend, group_name="") -> grad_weights
 
 on grouped tensors (shapes in `backends/__init__.py`). One implementation, the shared recurrence
 (`recurrence.py`), runs on any device; what differs per device is the pass kernels, looked up by
@@ -11,6 +11,10 @@ on grouped tensors (shapes in `backends/__init__.py`). One implementation, the s
 (tests and benchmarks compare them). The fake implementations check shapes as the real ones do,
 and the outputs are sized by max_iter, so shapes are static and torch.compile(fullgraph=True)
 traces through the op. Only the first derivative is defined.
+
+`group_name` names a torch.distributed process group (`ProcessGroup.group_name`, as torch's
+functional collectives take it; "" for none): the weights are then this rank's rows of a problem
+split across the group's ranks, and every pass all-reduces its partial sums (docs/design.md §11).
 
 Every check here reads shapes, dtypes and devices only: nothing syncs with the device. Values are
 checked where the work already looks at them (NaN and Inf in the recurrence's first pass).
@@ -35,9 +39,25 @@ def _check_tau(tau: float) -> None:
         raise ValueError(f"tau must be finite and > 0, got {tau}")
 
 
+def process_group(group_name: str):
+    """The process group named `group_name`, or None for ""."""
+    if not group_name:
+        return None
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise ValueError(f"group_name={group_name!r} needs torch.distributed initialised "
+                         f"(torch.distributed.init_process_group) on every rank")
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    try:
+        return _resolve_process_group(group_name)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"group_name={group_name!r} names no process group ({error}); pass "
+                         f"ProcessGroup.group_name of a group every rank created") from None
+
+
 def check_inputs(weights: Tensor, centroids: Tensor, tau: float, max_iter: int,
-                 epsilon: float) -> None:
-    """The forward's arguments, against each other; errors name the argument and the fix."""
+                 epsilon: float, sharded: bool = False) -> None:
+    """The forward's arguments, against each other; errors name the argument and the fix.
+    `sharded`: the weights are one rank's rows, and a rank may hold none."""
     if weights.dtype not in WEIGHT_DTYPES:
         raise TypeError(f"weights must be float16, bfloat16, float32 or float64, got "
                         f"{weights.dtype}; convert with weights.float()")
@@ -46,9 +66,10 @@ def check_inputs(weights: Tensor, centroids: Tensor, tau: float, max_iter: int,
                          f"{tuple(weights.shape)} and {tuple(centroids.shape)}; "
                          f"dkm_kernels.dkm() also takes (M, d) and (k, d)")
     groups, rows, dim = weights.shape
-    if rows < 1 or dim < 1 or centroids.shape[1] < 1:
-        raise ValueError(f"weights need M >= 1 rows of d >= 1 and centroids k >= 1, got weights "
-                         f"{tuple(weights.shape)} and centroids {tuple(centroids.shape)}")
+    if rows < (0 if sharded else 1) or dim < 1 or centroids.shape[1] < 1:
+        raise ValueError(f"weights need M >= 1 rows of d >= 1 (M = 0 only on a rank of a process "
+                         f"group) and centroids k >= 1, got weights {tuple(weights.shape)} and "
+                         f"centroids {tuple(centroids.shape)}")
     if centroids.shape[0] != groups or centroids.shape[2] != dim:
         raise ValueError(f"centroids {tuple(centroids.shape)} do not match weights "
                          f"{tuple(weights.shape)}: they must be (G={groups}, k, d={dim})")
@@ -94,17 +115,19 @@ def check_backward_inputs(grad_out: Tensor, weights: Tensor, history: Tensor, ma
 
 @torch.library.custom_op("dkm_kernels::dkm_forward", mutates_args=())
 def dkm_forward(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsilon: float,
-                deterministic: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_inputs(weights, centroids, tau, max_iter, epsilon)
+                deterministic: bool, backend: str,
+                group_name: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_inputs(weights, centroids, tau, max_iter, epsilon, sharded=bool(group_name))
+    group = process_group(group_name)
     passes = backends.passes(backend, weights.contiguous(), centroids.shape[1], tau,
                              deterministic)
     with torch.no_grad():
-        return recurrence.forward(passes, centroids.contiguous(), max_iter, epsilon)
+        return recurrence.forward(passes, centroids.contiguous(), max_iter, epsilon, group)
 
 
 @dkm_forward.register_fake
-def _(weights, centroids, tau, max_iter, epsilon, deterministic, backend):
-    check_inputs(weights, centroids, tau, max_iter, epsilon)
+def _(weights, centroids, tau, max_iter, epsilon, deterministic, backend, group_name=""):
+    check_inputs(weights, centroids, tau, max_iter, epsilon, sharded=bool(group_name))
     groups, _, dim = weights.shape
     k = centroids.shape[1]
     cdtype = compute_dtype(weights.dtype)
@@ -118,39 +141,43 @@ def _(weights, centroids, tau, max_iter, epsilon, deterministic, backend):
 
 @torch.library.custom_op("dkm_kernels::dkm_backward", mutates_args=())
 def dkm_backward(grad_out: Tensor, weights: Tensor, centroid_history: Tensor, masses: Tensor,
-                 iterations: Tensor, tau: float, deterministic: bool, backend: str) -> Tensor:
+                 iterations: Tensor, tau: float, deterministic: bool, backend: str,
+                 group_name: str = "") -> Tensor:
     check_backward_inputs(grad_out, weights, centroid_history, masses, iterations, tau)
+    group = process_group(group_name)
     weights = weights.contiguous()
     passes = backends.passes(backend, weights, centroid_history.shape[2], tau, deterministic)
     with torch.no_grad():
         grad = recurrence.backward(passes, grad_out.to(weights.dtype).contiguous(),
                                    centroid_history.contiguous(), masses.contiguous(),
-                                   iterations.contiguous(), tau)
+                                   iterations.contiguous(), tau, group)
     return grad.to(weights.dtype)
 
 
 @dkm_backward.register_fake
-def _(grad_out, weights, centroid_history, masses, iterations, tau, deterministic, backend):
+def _(grad_out, weights, centroid_history, masses, iterations, tau, deterministic, backend,
+      group_name=""):
     check_backward_inputs(grad_out, weights, centroid_history, masses, iterations, tau)
     return torch.empty_like(weights, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    weights, _, tau, _, _, deterministic, backend = inputs
+    weights, _, tau, _, _, deterministic, backend, *group = inputs
     _, centroid_history, masses, iterations = output
     ctx.mark_non_differentiable(centroid_history, masses, iterations)
     # Everything saved is W (alive anyway) or O(L k d): the attention is recomputed.
     ctx.save_for_backward(weights, centroid_history, masses, iterations)
-    ctx.options = (tau, deterministic, backend)
+    ctx.options = (tau, deterministic, backend, group[0] if group else "")
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, *unused_grads):
+    unused = (None,) * (len(ctx.needs_input_grad) - 1)
     if grad_out is None or not ctx.needs_input_grad[0]:
-        return (None,) * 7
+        return (None,) + unused
     weights, centroid_history, masses, iterations = ctx.saved_tensors
     grad = dkm_backward(grad_out, weights, centroid_history, masses, iterations, *ctx.options)
-    return (grad,) + (None,) * 6
+    return (grad,) + unused
 
 
 def _no_double_backward(ctx, grad):

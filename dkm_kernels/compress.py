@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import export
+from . import distributed, export
 from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _in_backward,
                     check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed)
 from .init import SEED_BOUND
@@ -162,19 +162,24 @@ class DKMCompressor(nn.Module):
     Before `milestone` steps the weights train unclustered (in both modes), afterwards every
     clustered weight is soft-DKM in training and hard-assigned to its centroids in evaluation.
     `tied` maps a clustered layer to the other modules that share its Parameter (one DKMLayer).
+    `process_group` and `shard_rows` go to every DKMLayer (see there and README "Distributed").
     """
 
     def __init__(self, model: nn.Module, configs: dict[str, LayerConfig],
                  skipped: dict[str, str], milestone: int = 0, backend: str = "auto",
                  lut_dtype: torch.dtype = torch.float16, seed: int | None = None,
-                 tied: Mapping[str, list[str]] | None = None):
+                 tied: Mapping[str, list[str]] | None = None, process_group=None,
+                 shard_rows: bool = True):
         super().__init__()
         if not _is_int(milestone) or milestone < 0:
             raise ValueError(f"milestone must be an integer >= 0, got {milestone!r}")
         check_backend(backend)
         check_lut_dtype(lut_dtype)
         check_seed(seed)
+        check_bool("shard_rows", shard_rows)
+        distributed.check_group(process_group)
         self.model = model
+        self.process_group = process_group
         self.configs = dict(configs)
         self.skipped = dict(skipped)
         # clustered layer name -> the other modules holding the same Parameter (same DKMLayer)
@@ -211,7 +216,8 @@ class DKMCompressor(nn.Module):
                 group_size=config.group_size,
                 enable_per_channel_scale=config.enable_per_channel_scale,
                 lut_dtype=lut_dtype, generator=layer_generator, keep_weight=False,
-                lazy_init=milestone > 0, auto_advance=False, name=name, _groups=groups)
+                lazy_init=milestone > 0, auto_advance=False, name=name,
+                process_group=process_group, shard_rows=shard_rows, _groups=groups)
             # One layer for every module holding this Parameter: one palette, one DKM per forward.
             for member in (name, *self.tied.get(name, ())):
                 # unsafe: registration would otherwise run the layer once (a DKM step) to check it.
@@ -229,8 +235,8 @@ class DKMCompressor(nn.Module):
 
     def _set_active(self) -> None:
         active = self._step >= self.milestone
-        for layer in self.dkm_layers.values():
-            layer.active = active
+        for name, layer in self.dkm_layers.items():
+            layer.active = active and name not in self.snapped  # a snapped one passes through
 
     def _before_forward(self, module, args) -> None:
         """Starts a step: commits every layer's pending centroids, counts training calls."""
@@ -293,7 +299,7 @@ class DKMCompressor(nn.Module):
         """Post-training palettization: hard k-means on the current weights (no training)."""
         modules = dict(self.model.named_modules())
         for name, layer in self.dkm_layers.items():
-            layer.fit_kmeans(raw_weight(modules[name]), iterations)
+            layer.fit_kmeans(distributed.whole(raw_weight(modules[name])), iterations)
 
     # -- snapping and export ----------------------------------------------------------------------
 
@@ -305,7 +311,9 @@ class DKMCompressor(nn.Module):
         weights are exactly what `export_compressed` encodes. Afterwards the model holds plain
         weights (the parametrizations are removed; the Parameter objects stay the same ones, so an
         optimizer still refers to them, and tied modules still share theirs). Calling it again
-        does nothing.
+        does nothing. A weight sharded by FSDP2 is gathered to be snapped, and keeps its
+        parametrization, now a pass-through of the snapped values: FSDP2 manages the parameter
+        where parametrize put it.
         """
         modules = dict(self.model.named_modules())
         for name, layer in self.dkm_layers.items():
@@ -313,14 +321,20 @@ class DKMCompressor(nn.Module):
                 continue
             layer.advance()  # the centroids of the last training step
             module = modules[name]
-            record = export.snap_layer(layer, raw_weight(module).detach(), self.configs[name],
-                                        name=name)
+            weight = raw_weight(module)
+            # An FSDP2 shard is gathered: every rank snaps the whole weight alike.
+            record = export.snap_layer(layer, distributed.whole(weight).detach(),
+                                        self.configs[name], name=name)
+            self.snapped[name] = record
+            if distributed.is_sharded(weight):
+                distributed.assign_whole(weight, record.decode())
+                layer.active = False
+                continue
             for member in (name, *self.tied.get(name, ())):
                 if parametrize.is_parametrized(modules[member], "weight"):
                     parametrize.remove_parametrizations(modules[member], "weight",
                                                         leave_parametrized=False)
             module.weight.copy_(record.decode())
-            self.snapped[name] = record
 
     @property
     def is_snapped(self) -> bool:
@@ -354,7 +368,8 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                    epsilon: float = DEFAULT_EPSILON,
                    init_method: str = "kmeans++", backend: str = "auto",
                    lut_dtype: torch.dtype = torch.float16,
-                   seed: int | None = None) -> DKMCompressor:
+                   seed: int | None = None, process_group=None,
+                   shard_rows: bool = True) -> DKMCompressor:
     """Put DKM on the model's Conv1d/2d/3d, Linear and Embedding weights (the model is modified in
     place) and return the `DKMCompressor` that trains, snaps and exports it.
 
@@ -371,6 +386,11 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
         are then initialised from the weights of that moment.
     backend: the op's backend. lut_dtype: the dtype of exported palettes and scales.
     seed: seeds the centroid initialisation (None: torch's global generator).
+    process_group: the torch.distributed group the model trains across (DDP's, or an FSDP2
+        mesh's `mesh.get_group()`; apply fully_shard after compress_model). Every layer's initial
+        centroids and auto tau are computed on the group's first rank and broadcast; with
+        shard_rows, each rank clusters its share of every weight's rows and the clustered rows are
+        all-gathered (README "Distributed training").
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -405,6 +425,12 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
     if lazy:
         raise ValueError(f"model: module(s) {lazy} are lazy modules whose weights have no shape "
                          f"yet; run one forward pass with a sample batch before compress_model")
+    sharded = [name for name, module in candidates
+               if distributed.is_sharded(raw_weight(module))]
+    if sharded:
+        raise ValueError(f"model: the weights of {sharded} are sharded (DTensor, FSDP2's "
+                         f"fully_shard): call compress_model on the plain model, then fully_shard "
+                         f"it, with process_group=mesh.get_group()")
     compressed = [name for name, module in candidates if _dkm_parametrized(module)]
     if compressed:
         raise ValueError(f"model: module(s) {compressed} already carry DKM (was the model "
@@ -460,4 +486,5 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                 continue
         configs[name] = _validated(name, resolved, module)
     return DKMCompressor(model, configs, skipped, milestone=milestone, backend=backend,
-                         lut_dtype=lut_dtype, seed=seed, tied=tied)
+                         lut_dtype=lut_dtype, seed=seed, tied=tied, process_group=process_group,
+                         shard_rows=shard_rows)

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from .info import (TENSOR_TABLES, compression_info, dtype_name, export_bytes, tied_modules,
                    uncompressed_state, weight_key)
+from .distributed import whole
 from .modules import raw_weight
 from .packing import check_bits, pack_indices, packed_bytes, unpack_indices
 from .snapping import SnappedLayer, check_snappable, decode_weight, snap_layer
@@ -81,7 +82,7 @@ def export_compressed(compressor) -> dict:
     # Checked here with the layer names, before snap_weights() changes any layer.
     for name, layer in compressor.dkm_layers.items():
         if name not in compressor.snapped:
-            check_snappable(layer, raw_weight(modules[name]).detach(), name)
+            check_snappable(layer, whole(raw_weight(modules[name])).detach(), name)
     compressor.snap_weights()
     tied = tied_modules(compressor)
     export = {"format": FORMAT, "lut_dtype": dtype_name(compressor.lut_dtype),
@@ -90,12 +91,13 @@ def export_compressed(compressor) -> dict:
                                for k, v in uncompressed_state(compressor).items()}}
     for name, record in compressor.snapped.items():
         decoded = record.decode()
-        if not torch.equal(decoded, modules[name].weight.detach().cpu()):
+        if not torch.equal(decoded, whole(modules[name].weight).detach().cpu()):
             raise ValueError(f"layer {name!r}: its weight changed after snap_weights(), so it no "
                              f"longer matches its palette; export right after snapping")
         for other in tied.get(name, []):
             weight = getattr(modules.get(other), "weight", None)
-            if not isinstance(weight, Tensor) or not torch.equal(decoded, weight.detach().cpu()):
+            if not isinstance(weight, Tensor) or not torch.equal(decoded,
+                                                                 whole(weight).detach().cpu()):
                 raise ValueError(f"layer {name!r}: module {other!r} is listed in compressor.tied "
                                  f"as sharing its weight but does not hold the same weight; tie "
                                  f"them (`{other}.weight = {name}.weight`) or drop it from tied")

@@ -51,7 +51,19 @@ def _check_number(name: str, value, minimum: float, strict: bool) -> float:
     return value
 
 
-def _check_tensors(weights, centroids) -> None:
+def group_name(process_group) -> str:
+    """The name the op takes for `process_group` (a torch.distributed ProcessGroup, or None)."""
+    if process_group is None:
+        return ""
+    if not (torch.distributed.is_available()
+            and isinstance(process_group, torch.distributed.ProcessGroup)):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup (such as "
+                        f"torch.distributed.group.WORLD) or None, got "
+                        f"{type(process_group).__name__}")
+    return process_group.group_name
+
+
+def _check_tensors(weights, centroids, sharded: bool = False) -> None:
     """What the op cannot say about the user-facing shapes; the op checks the rest."""
     if not isinstance(weights, Tensor):
         raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
@@ -67,8 +79,9 @@ def _check_tensors(weights, centroids) -> None:
             f"centroids must be {'(k, d)' if weights.dim() == 2 else '(G, k, d)'} to match weights "
             f"of shape {tuple(weights.shape)}, got {tuple(centroids.shape)}"
         )
-    if weights.shape[-2] < 1:
-        raise ValueError(f"weights must have at least one row, got {tuple(weights.shape)}")
+    if weights.shape[-2] < 1 and not sharded:
+        raise ValueError(f"weights must have at least one row (none only on a rank of a "
+                         f"process_group), got {tuple(weights.shape)}")
     if centroids.shape[-2] < 1:
         raise ValueError("centroids must hold at least one centroid (k >= 1)")
     if centroids.shape[-1] != weights.shape[-1]:
@@ -84,7 +97,8 @@ def _check_tensors(weights, centroids) -> None:
 
 
 def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsilon: float = 1e-4,
-        backend: str = "auto", deterministic: bool | None = None) -> DKMResult:
+        backend: str = "auto", deterministic: bool | None = None,
+        process_group=None) -> DKMResult:
     """Differentiable k-means of the rows of `weights` (docs/design.md §1).
 
     weights: (M, d) or (G, M, d) for G independent problems; float16/bfloat16/float32 (math in
@@ -95,14 +109,22 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
     backend: 'auto', 'reference', 'torch', 'triton' or 'cpu'.
     deterministic: bit-identical results run to run; None follows
         torch.are_deterministic_algorithms_enabled().
+    process_group: a torch.distributed process group across whose ranks the rows of each problem
+        are split (docs/design.md §11): `weights` are this rank's rows (any number, none
+        included), `centroids` the same warm start on every rank. Every pass all-reduces its
+        k x d partial sums; the result's weights are this rank's rows, its centroids and
+        iterations the global ones, identical on every rank, and the gradient of this rank's rows
+        is that of the whole problem, whose upstream gradient is every rank's in turn. Every rank
+        must call with the same G, k, d, options and backward.
     """
-    _check_tensors(weights, centroids)
+    name = group_name(process_group)
+    _check_tensors(weights, centroids, sharded=bool(name))
     tau = _check_number("tau", tau, 0.0, strict=True)
     epsilon = _check_number("epsilon", epsilon, 0.0, strict=False)
     check_count("max_iter", max_iter)  # the op checks its upper bound
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    name = backends.resolve(backend, weights.device, weights.dtype)
+    backend_name = backends.resolve(backend, weights.device, weights.dtype)
 
     grouped = weights.dim() == 3
     w = weights if grouped else weights.unsqueeze(0)
@@ -110,12 +132,15 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
     if weights.dtype in WEIGHT_DTYPES:
         c = c.to(compute_dtype(weights.dtype))
 
-    if name == "reference":
+    if backend_name == "reference":
+        if name:
+            raise ValueError("backend='reference' runs in one process and takes no "
+                             "process_group; use backend='auto', 'torch', 'cpu' or 'triton'")
         check_inputs(w, c, tau, max_iter, epsilon)  # the op checks its own
         out, final, iterations = dkm_reference(w, c, tau, max_iter, epsilon)
     else:
         out, history, _, iterations = dkm_forward(w, c, tau, max_iter, epsilon,
-                                                  bool(deterministic), name)
+                                                  bool(deterministic), backend_name, name)
         final = history[-1]  # a group that stopped early repeats its last centroids
     if not grouped:
         out, final, iterations = out[0], final[0], iterations[0]

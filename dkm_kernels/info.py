@@ -14,6 +14,7 @@ import math
 import torch
 from torch import Tensor
 
+from .distributed import whole
 from .modules import layer_type, raw_weight
 from .packing import BITS_PER_BYTE, packed_bytes
 
@@ -38,11 +39,12 @@ def tied_modules(compressor) -> dict[str, list[str]]:
 
 def uncompressed_state(compressor) -> dict[str, Tensor]:
     """The model's state_dict without the clustered weights (and their DKM buffers), nor the
-    weights of modules that share a clustered weight (the export stores that weight once)."""
+    weights of modules that share a clustered weight (the export stores that weight once).
+    Sharded (FSDP2) tensors are gathered whole."""
     modules = list(compressor.configs) + [other for others in tied_modules(compressor).values()
                                           for other in others]
     prefixes = [f"{name}." if name else "" for name in modules]
-    return {key: value for key, value in compressor.model.state_dict().items()
+    return {key: whole(value) for key, value in compressor.model.state_dict().items()
             if not any(key == p + "weight" or key.startswith(p + "parametrizations.weight.")
                        for p in prefixes)}
 

@@ -32,7 +32,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, distributed
 from ._ops import MAX_ITER_LIMIT
 from .functional import check_count, dkm
 from .init import INIT_METHODS, SEED_BOUND, init_centroids
@@ -172,6 +172,14 @@ class DKMLayer(nn.Module):
             calls `advance()` once per model forward, so that a forward recomputed by gradient
             checkpointing starts from the same centroids as the original.
         name: the layer's name in error messages (compress_model passes the module's name).
+        process_group: the torch.distributed group the model trains across (DDP's, or the FSDP2
+            mesh's `mesh.get_group()`); every rank must hold the same weight in forward (DDP's
+            replica, FSDP2's all-gathered parameter). The initial centroids and auto tau are
+            computed on the group's first rank and broadcast, so every rank starts alike.
+        shard_rows: with process_group, each rank clusters only its share of the rows
+            (distributed.split_sizes) with `dkm(..., process_group=)`, and the clustered rows are
+            all-gathered: 1/R of the clustering work per rank, for one all-gather of the clustered
+            weight forward and one reduce-scatter of its gradient backward.
 
     State: `centroids` is the committed warm start; a training call records its final centroids
     in `pending_centroids`, and `advance()` commits them. Both are buffers, so a state dict taken
@@ -186,7 +194,8 @@ class DKMLayer(nn.Module):
                  lut_dtype: torch.dtype = torch.float16,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  keep_weight: bool = True, lazy_init: bool = False, auto_advance: bool = True,
-                 name: str | None = None, _groups: int | None = None):
+                 name: str | None = None, process_group=None, shard_rows: bool = False,
+                 _groups: int | None = None):
         super().__init__()
         if not isinstance(weight_tensor, Tensor):
             raise TypeError(f"weight_tensor must be a torch.Tensor, "
@@ -201,8 +210,9 @@ class DKMLayer(nn.Module):
                 check_lut_dtype(lut_dtype)
                 check_seed(seed)
                 for flag, value in (("keep_weight", keep_weight), ("lazy_init", lazy_init),
-                                    ("auto_advance", auto_advance)):
+                                    ("auto_advance", auto_advance), ("shard_rows", shard_rows)):
                     check_bool(flag, value)
+                distributed.check_group(process_group)
         self.n_clusters = n_clusters
         self.dim = dim
         self.max_iter = max_iter
@@ -217,6 +227,8 @@ class DKMLayer(nn.Module):
         self.n_vectors = weight_tensor.numel() // dim
         self.auto_tau = tau == "auto"
         self.auto_advance = auto_advance
+        self.process_group = process_group
+        self.shard_rows = shard_rows and process_group is not None
         # Compress_model switches this off before its milestone step: the weight passes unchanged.
         self.active = True
         # A meta weight has no values to draw from: its generator lives on the CPU until the
@@ -316,6 +328,11 @@ class DKMLayer(nn.Module):
             chosen = torch.gather(centroids, 1, nearest.unsqueeze(-1).expand(-1, -1, self.dim))
             mean_sq = (rows - chosen).square().sum(-1).mean().item()
             self._tau = max(AUTO_TAU_FRACTION * mean_sq, MIN_AUTO_TAU)
+        if self.process_group is not None:  # every rank starts from the first rank's
+            distributed.broadcast_(centroids, self.process_group)
+            if self.auto_tau:
+                tau = torch.tensor(self._tau, dtype=torch.float64, device=centroids.device)
+                self._tau = float(distributed.broadcast_(tau, self.process_group))
         self.tau_value.fill_(self._tau)
         self._store_centroids(centroids)
         self.initialized.fill_(True)
@@ -452,13 +469,19 @@ class DKMLayer(nn.Module):
         centroids = self._grouped_centroids()
         if normalized.dtype == torch.float64:
             centroids = centroids.double()
+        rows = self.rows(normalized)
+        group = self.process_group if self.shard_rows else None
         with self._naming_errors():
-            result = dkm(self.rows(normalized), centroids, self._tau, self.max_iter,
-                         self.epsilon, backend=self.backend)
+            result = dkm(rows if group is None else distributed.local_rows(rows, group),
+                         centroids, self._tau, self.max_iter, self.epsilon,
+                         backend=self.backend, process_group=group)
         with torch.no_grad():  # committed by advance(): the warm start of the next step
             self.pending_centroids.copy_(result.centroids.reshape(self.centroids.shape))
         self._has_pending = True
-        clustered = result.weights.reshape(weight.shape)
+        clustered = result.weights
+        if group is not None:
+            clustered = distributed.gather_rows(clustered, rows.shape[1], group)
+        clustered = clustered.reshape(weight.shape)
         return clustered if scale is None else clustered * scale.to(clustered.dtype)
 
     @torch.no_grad()

@@ -9,6 +9,10 @@ passes in order and does the O(L k d) work between them on the host side of the 
     backward   one `attention_sums` pass over the upstream gradient (G_L = A_{L-1}^T G~), then one
                `gradient` pass per iteration, groups aligned at their last iteration.
 
+With a process group, W is this rank's rows of one problem split across the ranks (docs/design.md
+§11): every cross-row sum a pass returns is all-reduced (`_all_reduce`), so every rank computes the
+same centroids, stop decisions and NaN check, and its row gradients are exact for its rows.
+
 Shapes are grouped, as in `backends/__init__.py`: W (G, M, d), centroids (G, k, d).
 """
 from __future__ import annotations
@@ -68,12 +72,26 @@ class Passes(Protocol):
         amplified by 2/tau (docs/design.md §8)."""
 
 
-def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float):
+def _all_reduce(process_group, *partials: Tensor) -> tuple[Tensor, ...]:
+    """The sums over every rank's rows from this rank's partial sums, in one collective; the
+    partials themselves without a group. All-reducing the same fixed-order partials gives the
+    same bits run to run for a fixed world size, and the same bits on every rank."""
+    if process_group is None:
+        return partials
+    flat = torch.cat([partial.reshape(-1) for partial in partials])
+    torch.distributed.all_reduce(flat, group=process_group)
+    sizes = [partial.numel() for partial in partials]
+    return tuple(piece.view_as(partial)
+                 for piece, partial in zip(flat.split(sizes), partials))
+
+
+def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float,
+            process_group=None):
     """Iterate from the warm start `centroids` (G, k, d, compute dtype), then the output pass.
 
     Returns (W~, history (max_iter + 1, G, k, d), masses (max_iter, G, k), iterations (G,)):
     history[t] = C_t, and a group that stopped after L iterations repeats C_L in history[t > L]
-    and has zero masses for t >= L.
+    and has zero masses for t >= L. `process_group`: the group whose ranks hold the other rows.
     """
     groups, k, d = centroids.shape
     history = centroids.new_empty((max_iter + 1, groups, k, d))
@@ -83,7 +101,8 @@ def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float):
     history[0] = centroids
     for t in range(max_iter):
         c = history[t]
-        weighted_sum, mass = passes.attention_sums(passes.weights, c, active)
+        weighted_sum, mass = _all_reduce(process_group,
+                                         *passes.attention_sums(passes.weights, c, active))
         # A division, not a product with 1/s: the mean of equal weights is then exactly that
         # weight (16-bit weights repeat), as in the reference, and a tie between two centroids
         # at a tiny tau is not broken by a rounding of 1/s.
@@ -129,7 +148,7 @@ def _backward_steps(iterations: Tensor, max_iter: int) -> int:
 
 
 def backward(passes: Passes, grad_out: Tensor, history: Tensor, masses: Tensor,
-             iterations: Tensor, tau: float) -> Tensor:
+             iterations: Tensor, tau: float, process_group=None) -> Tensor:
     """dLoss/dW (G, M, d, compute dtype) through every iteration, from G~ = grad_out.
 
     Groups are aligned at their last iteration: backward step p (1, 2, ...) handles iteration
@@ -145,14 +164,16 @@ def backward(passes: Passes, grad_out: Tensor, history: Tensor, masses: Tensor,
     everyone = torch.ones(groups, dtype=torch.bool, device=weights.device)
     # G_L = A_{L-1}^T G~: the gradient reaching the final centroids through the output.
     grad_c, _ = passes.attention_sums(grad_out, history[iterations - 1, group], everyone)
+    grad_c, = _all_reduce(process_group, grad_c)
     for p in range(1, steps + 1):
         active = iterations >= p
         t = (iterations - p).clamp_min(0)
         c, c_next, mass = history[t, group], history[t + 1, group], masses[t, group]
         grad_over_mass = grad_c * inverse_mass(mass).unsqueeze(-1)  # G_{t+1,j} / s_j
         grad_dot_next = (grad_over_mass * c_next).sum(dim=-1)
-        sum_ds_diff = passes.gradient(grad_out if p == 1 else None, c, grad_over_mass,
-                                      grad_dot_next, c_final, active, grad_weights)
+        sum_ds_diff, = _all_reduce(process_group, passes.gradient(
+            grad_out if p == 1 else None, c, grad_over_mass, grad_dot_next, c_final, active,
+            grad_weights))
         grad_c_t = (2.0 / tau) * sum_ds_diff
         # A centroid without mass is carried over unchanged: its gradient passes through.
         grad_c_t = grad_c_t + torch.where(has_mass(mass).unsqueeze(-1), 0.0, grad_c)

@@ -462,7 +462,8 @@ class _Plan:
         self.atomic = not deterministic
         if not self.atomic:  # one slot of k x (d + 1) floats per program
             chunks = min(chunks, max(1, WORKSPACE_BYTES // (max(1, groups) * k * (d + 1) * 4)))
-        tiles_per_chunk = triton.cdiv(self.row_tiles, chunks)
+        # No rows (a rank of a process group may hold none): no programs, zero sums.
+        tiles_per_chunk = triton.cdiv(self.row_tiles, chunks) if chunks else 1
         self.chunks = triton.cdiv(self.row_tiles, tiles_per_chunk)
         self.rows_per_chunk = tiles_per_chunk * self.block_m
         self.slots = 1 if self.atomic else self.chunks
@@ -502,8 +503,9 @@ class Passes:
         return zeros((self.groups, plan.slots, self.k, self.d)), zeros((self.groups, plan.slots, self.k))
 
     def _launch(self, kernel, programs: int, *args, **meta) -> None:
-        """kernel over (programs, G) on the weights' GPU; nothing to launch without groups."""
-        if self.groups:
+        """kernel over (programs, G) on the weights' GPU; nothing to launch without groups or
+        rows."""
+        if self.groups and programs:
             with _device_context(self.weights.device):
                 kernel[(programs, self.groups)](*args, num_stages=1, **meta)
 
