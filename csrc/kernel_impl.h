@@ -307,34 +307,32 @@ inline void grad_row(const Pass<T>& p, const T* wi, const T* gi, T inv, T* row, 
   const int64_t d = D ? D : p.d, kp = p.kp;
   vec<T> row_dot{};
   if (D) {
-    vec<T> u[S], v[S];  // sum_j e_ij gm_jl and sum_j dS_ij (c_jl - w_il)
-    for (int l = 0; l < S; ++l) u[l] = v[l] = vec<T>{};
+    // One accumulator per coordinate, sum_j A_ij gm_jl + (2/tau) dS_ij (c_jl - w_il): d vector
+    // registers, so that nothing spills (two per coordinate would not fit 16 of them at d = 8).
+    vec<T> acc[S];
+    for (int l = 0; l < S; ++l) acc[l] = vec<T>{};
     for (int64_t j = 0; j < kp; j += N) {
-      const vec<T> e = load(row + j);
       vec<T> da = -load(p.gdc + j);
-      for (int l = 0; l < S; ++l) {
-        const vec<T> g = load(p.gmT + l * kp + j);
-        da += g * wi[l];
-        u[l] += e * g;
-      }
+      for (int l = 0; l < S; ++l) da += load(p.gmT + l * kp + j) * wi[l];
       if (gi)
         for (int l = 0; l < S; ++l) da += load(p.cLT + l * kp + j) * gi[l];
-      const vec<T> a = e * inv;
+      const vec<T> a = load(row + j) * inv;
       store(row + j, a);
       store(grad_a + j, da);
       row_dot += a * da;
     }
     const T dot = hsum<T>(row_dot);
     for (int64_t j = 0; j < kp; j += N) {
-      const vec<T> ds = load(row + j) * (load(grad_a + j) - dot);
+      const vec<T> a = load(row + j);
+      const vec<T> ds = a * (load(grad_a + j) - dot);
+      const vec<T> ds_scaled = ds * p.two_over_tau;
       for (int l = 0; l < S; ++l) {
         const vec<T> diff = load(p.cT + l * kp + j) - wi[l];
-        v[l] += ds * diff;
+        acc[l] += a * load(p.gmT + l * kp + j) + ds_scaled * diff;
         store(accT + l * kp + j, load(accT + l * kp + j) - ds * diff);
       }
     }
-    // One horizontal sum per coordinate: inv * u + (2/tau) v.
-    for (int l = 0; l < S; ++l) dwi[l] += hsum<T>(u[l] * inv + v[l] * p.two_over_tau);
+    for (int l = 0; l < S; ++l) dwi[l] += hsum<T>(acc[l]);
   } else {
     // Any d: rows of A and dS go to scratch, then one sweep over centroids per coordinate.
     for (int64_t j = 0; j < kp; j += N) {

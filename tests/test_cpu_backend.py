@@ -68,8 +68,9 @@ def test_low_precision(dtype, m, d, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_paper_regime(dtype):
-    weights, centroids, _ = make_problem(2048, 8, k=256, seed=21, scale=0.02, dtype=dtype)
+@pytest.mark.parametrize("d,k", [(8, 256), (1, 4), (4, 16)])  # centroids in lanes, then rows in lanes
+def test_low_precision_paper_regime(dtype, d, k):
+    weights, centroids, _ = make_problem(2048, d, k=k, seed=21, scale=0.02, dtype=dtype)
     assert_low_precision_close("cpu", weights, centroids, 2e-5)
 
 
