@@ -6,7 +6,7 @@ the least time this machine could take for it, with the machine's rates measured
     python benchmarks/cpu_floor.py --cases 2bit,8/8 --repeats 5
     python benchmarks/cpu_floor.py --quick                  # a tenth of the rows: a check of the script
 
-Rates (measured in this process before and after the cases, best of 7 each; the higher is used):
+Rates (measured in this process before, between and after the cases; the best of all is used):
 - compute peak: torch.mm of 2048 x 2048 float32 matrices, counted as n^3 multiply-adds;
 - memory bandwidth: a copy of a 256 MiB float32 tensor, counted as its bytes read plus written.
 
@@ -23,11 +23,13 @@ not reachable, and small problems (whose passes are short) sit further from it.
 
 Each case runs in a fresh process (one per case and checkout), float32 weights ~ N(0, 0.02^2),
 tau = 2e-5, L = 5 and epsilon = 0 (every iteration runs); times are medians of --repeats runs
-after one warm-up; the table and the ratios use the best run (the one least disturbed, as for
+after one warm-up (wall and process CPU time); the table and the ratios use the best run (the one least disturbed, as for
 the rates, which are best-of-7), the JSON also has the medians. M is chosen so that each case's
 floor is about --floor-ms milliseconds.
 The machine may be shared: rates measured in the same run compensate for a uniformly slower
-machine, not for another process taking a core during one case only; CPU times are recorded too.
+machine, not for another process taking a core during one case only. The CPU-time ratio (process
+CPU time over the floor at the rates per CPU second, both measured the same way) does not count
+waiting for a core, so it is the steadier measure there; --threads 1 steadier still.
 """
 from __future__ import annotations
 
@@ -40,13 +42,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (  # noqa: E402
     ITERATIONS,
     PAPER_TAU,
-    median_times,
     machine,
     results_path,
     run_worker,
     script_parser,
     serve_worker,
-    time_forward_backward,
     trained_like_weights,
     write_json,
 )
@@ -69,13 +69,16 @@ LAYERS = [
 
 
 def _best_seconds(fn, repeats):
+    """The least wall time and the least process CPU time of `repeats` runs (after one warm-up):
+    the peak, from the runs least disturbed by other work on a shared machine."""
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)  # the peak: on a shared machine, the run least disturbed
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return min(wall), min(cpu)
 
 
 def measure_rates(repeats: int = 7) -> dict:
@@ -85,11 +88,13 @@ def measure_rates(repeats: int = 7) -> dict:
     n = 2048
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
-    mm_s = _best_seconds(lambda: torch.mm(a, b, out=out), repeats)
+    mm_s, mm_cpu_s = _best_seconds(lambda: torch.mm(a, b, out=out), repeats)
     src = torch.randn(64 * 2**20)  # 256 MiB: far beyond any cache
     dst = torch.empty_like(src)
-    copy_s = _best_seconds(lambda: dst.copy_(src), repeats)
-    return dict(fma_per_s=n**3 / mm_s, bytes_per_s=2 * src.numel() * BYTES / copy_s,
+    copy_s, copy_cpu_s = _best_seconds(lambda: dst.copy_(src), repeats)
+    copied = 2 * src.numel() * BYTES
+    return dict(fma_per_s=n**3 / mm_s, bytes_per_s=copied / copy_s,
+                fma_per_cpu_s=n**3 / mm_cpu_s, bytes_per_cpu_s=copied / copy_cpu_s,
                 threads=torch.get_num_threads())
 
 
@@ -104,14 +109,15 @@ def pass_bytes(m: int, d: int, iterations: int) -> list[int]:
     return forward + backward
 
 
-def floor(m: int, d: int, k: int, rates: dict, iterations: int = ITERATIONS) -> dict:
-    """The floor of a forward+backward, per direction: per pass the larger of compute and memory time."""
-    compute_s = m * k * (MULTIPLY_ADDS_PER_PAIR_AND_DIM * d + EXP_MULTIPLY_ADDS) / rates["fma_per_s"]
-    per_pass = [max(compute_s, b / rates["bytes_per_s"]) for b in pass_bytes(m, d, iterations)]
+def floor(m: int, d: int, k: int, rates: dict, iterations: int = ITERATIONS, unit: str = "s") -> dict:
+    """The floor of a forward+backward, per direction: per pass the larger of compute and memory
+    time. unit "s" takes the wall-clock rates, "cpu_s" the rates per CPU second (process time)."""
+    compute_s = m * k * (MULTIPLY_ADDS_PER_PAIR_AND_DIM * d + EXP_MULTIPLY_ADDS) / rates[f"fma_per_{unit}"]
+    memory_s = [b / rates[f"bytes_per_{unit}"] for b in pass_bytes(m, d, iterations)]
+    per_pass = [max(compute_s, t) for t in memory_s]
     fwd, bwd = sum(per_pass[:iterations + 1]), sum(per_pass[iterations + 1:])
-    return dict(floor_forward_s=fwd, floor_backward_s=bwd, floor_s=fwd + bwd,
-                bound="compute" if compute_s >= max(pass_bytes(m, d, iterations)) / rates["bytes_per_s"]
-                else "memory (some passes)")
+    return {f"floor_forward_{unit}": fwd, f"floor_backward_{unit}": bwd, f"floor_{unit}": fwd + bwd,
+            f"bound_{unit}": "compute" if compute_s >= max(memory_s) else "memory (some passes)"}
 
 
 def rows_for(d: int, k: int, floor_s: float, rates: dict) -> int:
@@ -131,6 +137,8 @@ def _worker(case: dict) -> dict:
     import dkm_kernels
     from dkm_kernels.backends import cpu as cpu_backend
 
+    if case["threads"]:
+        torch.set_num_threads(case["threads"])
     assert os.path.dirname(os.path.dirname(os.path.abspath(dkm_kernels.__file__))) == case["root"], (
         f"imported {dkm_kernels.__file__}, wanted the checkout at {case['root']}")
     gen = torch.Generator().manual_seed(0)
@@ -141,21 +149,23 @@ def _worker(case: dict) -> dict:
 
     def once():
         w = weights.detach().requires_grad_(True)
-        timing, _ = time_forward_backward(
-            lambda: dkm_kernels.dkm(w, centroids, PAPER_TAU, ITERATIONS, 0.0, backend="cpu"),
-            lambda result: result.weights.backward(upstream))
-        return timing
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = dkm_kernels.dkm(w, centroids, PAPER_TAU, ITERATIONS, 0.0, backend="cpu")
+        t1, c1 = time.perf_counter(), time.process_time()
+        result.weights.backward(upstream)
+        t2, c2 = time.perf_counter(), time.process_time()
+        return dict(forward_s=t1 - t0, backward_s=t2 - t1, forward_backward_s=t2 - t0,
+                    forward_cpu_s=c1 - c0, backward_cpu_s=c2 - c1, forward_backward_cpu_s=c2 - c0)
 
     once()
     runs = [once() for _ in range(case["repeats"])]
-    best = min(runs, key=lambda t: t.forward_backward_s)
-    return dict(case, **median_times(runs), best_forward_s=best.forward_s, best_backward_s=best.backward_s,
-                best_forward_backward_s=best.forward_backward_s, isa=cpu_backend.isa(),
-                threads=torch.get_num_threads())
+    best = {f"best_{key}": min(run[key] for run in runs) for key in runs[0]}
+    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return dict(case, **median, **best, isa=cpu_backend.isa(), threads=torch.get_num_threads())
 
 
-def measure(case: dict, root: str, repeats: int) -> dict:
-    return run_worker(__file__, dict(case, root=os.path.abspath(root), repeats=repeats),
+def measure(case: dict, root: str, repeats: int, threads: int | None) -> dict:
+    return run_worker(__file__, dict(case, root=os.path.abspath(root), repeats=repeats, threads=threads),
                       separate_mappings=False)
 
 
@@ -169,13 +179,17 @@ def markdown(payload: dict) -> str:
         f"# cpu backend against the machine's floor ({payload['machine']['cpu']}, "
         f"{payload['machine']['cores']} cores, isa {payload['results'][0][labels[0]]['isa']})",
         "",
-        f"Rates measured in the same run: torch.mm {rates['fma_per_s'] / 1e9:.1f} G multiply-adds/s, "
+        f"Rates measured in the same run (the best of before, between cases and after): torch.mm {rates['fma_per_s'] / 1e9:.1f} G multiply-adds/s, "
         f"copy {rates['bytes_per_s'] / 1e9:.1f} GB/s (before: {payload['rates_before']['fma_per_s'] / 1e9:.1f} / "
         f"{payload['rates_before']['bytes_per_s'] / 1e9:.1f}, after: {payload['rates_after']['fma_per_s'] / 1e9:.1f} / "
         f"{payload['rates_after']['bytes_per_s'] / 1e9:.1f}). L = {ITERATIONS}, tau = {PAPER_TAU}, float32.",
         "",
+        "Wall: the best run's time over the floor at the wall-clock rates. CPU: the best run's process",
+        "CPU time over the floor at the rates per CPU second; on a shared machine it does not count",
+        "the time a thread waited for a core, so it is the steadier of the two. bwd/fwd from CPU times.",
+        "",
         "| case | M | d | k | floor | " + " | ".join(
-            f"{c} fwd | {c} bwd | {c} fwd+bwd | {c} / floor | {c} bwd/fwd" for c in labels) + " |",
+            f"{c} fwd | {c} bwd | {c} wall / floor | {c} CPU / floor | {c} bwd/fwd" for c in labels) + " |",
         "|---" * (5 + 5 * len(labels)) + "|",
     ]
     for r in payload["results"]:
@@ -183,8 +197,8 @@ def markdown(payload: dict) -> str:
         for c in labels:
             x = r[c]
             cells += [f"{x['best_forward_s'] * 1e3:.1f} ms", f"{x['best_backward_s'] * 1e3:.1f} ms",
-                      f"{x['best_forward_backward_s'] * 1e3:.1f} ms", f"**{x['ratio_to_floor']:.2f}**",
-                      f"{x['best_backward_s'] / x['best_forward_s']:.2f}"]
+                      f"{x['ratio_to_floor']:.2f}", f"**{x['cpu_ratio_to_floor']:.2f}**",
+                      f"{x['best_backward_cpu_s'] / x['best_forward_cpu_s']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Command: `{payload['command']}`; commit {payload['machine']['commit']}, "
               f"{payload['machine']['date']}, load average {payload['machine'].get('load_average_1min')} "
@@ -204,12 +218,12 @@ def plot(payload: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.7), 4.5))
     for i, c in enumerate(labels):
         ax.bar([x + i * width for x in range(len(names))],
-               [r[c]["ratio_to_floor"] for r in payload["results"]], width, label=c)
+               [r[c]["cpu_ratio_to_floor"] for r in payload["results"]], width, label=c)
     ax.axhline(1, color="black", linewidth=0.8)
     ax.axhline(3, color="gray", linestyle="--", linewidth=0.8, label="3x the floor")
     ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(names))], names, rotation=45, ha="right")
     ax.set_yscale("log")
-    ax.set_ylabel("forward+backward time / floor")
+    ax.set_ylabel("forward+backward CPU time / floor")
     ax.set_title(f"cpu backend vs the machine's floor ({payload['machine']['cpu']}, rates measured in the run)")
     ax.legend()
     fig.tight_layout()
@@ -223,7 +237,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--cases", help="comma-separated case names (default: all)")
     parser.add_argument("--floor-ms", type=float, default=40.0, help="the suite's floor per case")
     parser.add_argument("--quick", action="store_true", help="a tenth of the rows")
+    parser.add_argument("--threads", type=int, help="torch threads for the rates and every case")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     checkouts = {"this": ROOT}
     if args.baseline:
@@ -238,27 +257,33 @@ def main(argv=None) -> dict:
     if args.quick:
         cases = [dict(c, m=max(1024, c["m"] // 10)) for c in cases]
 
-    results = []
+    results, rates_between = [], []
     for case in cases:
+        rates_between.append(measure_rates(repeats=3))
         row = dict(case)
         for label, root in checkouts.items():  # the checkouts alternate case by case
-            r = measure(dict(name=case["name"], m=case["m"], d=case["d"], k=case["k"]), root, args.repeats)
-            row[label] = {key: r[key] for key in ("forward_s", "backward_s", "forward_backward_s",
-                                                  "forward_backward_cpu_s", "best_forward_s", "best_backward_s",
-                                                  "best_forward_backward_s", "isa", "threads")}
+            r = measure(dict(name=case["name"], m=case["m"], d=case["d"], k=case["k"]), root, args.repeats,
+                        args.threads)
+            row[label] = {key: value for key, value in r.items() if key not in case and key != "root"}
         results.append(row)
         print(f"{case['name']:>10} M={case['m']:>9,} " + " ".join(
             f"{label} {row[label]['best_forward_s'] * 1e3:7.1f}+{row[label]['best_backward_s'] * 1e3:7.1f} ms"
+            f" (cpu {row[label]['best_forward_backward_cpu_s'] * 1e3:7.1f} ms)"
             for label in checkouts), flush=True)
     rates_after = measure_rates()
-    rates = {key: max(rates_before[key], rates_after[key]) for key in ("fma_per_s", "bytes_per_s")}
+    every = [rates_before, *rates_between, rates_after]
+    rates = {key: max(r[key] for r in every)
+             for key in ("fma_per_s", "bytes_per_s", "fma_per_cpu_s", "bytes_per_cpu_s")}
     for row in results:
-        row.update(floor(row["m"], row["d"], row["k"], rates))
+        for unit in ("s", "cpu_s"):
+            row.update(floor(row["m"], row["d"], row["k"], rates, unit=unit))
         for label in checkouts:
-            row[label]["ratio_to_floor"] = row[label]["best_forward_backward_s"] / row["floor_s"]
+            x = row[label]
+            x["ratio_to_floor"] = x["best_forward_backward_s"] / row["floor_s"]
+            x["cpu_ratio_to_floor"] = x["best_forward_backward_cpu_s"] / row["floor_cpu_s"]
 
     payload = dict(benchmark="cpu_floor", machine=machine(), rates=rates, rates_before=rates_before,
-                   rates_after=rates_after, iterations=ITERATIONS, tau=PAPER_TAU,
+                   rates_after=rates_after, rates_between=rates_between, iterations=ITERATIONS, tau=PAPER_TAU,
                    checkouts=list(checkouts), roots={k: os.path.abspath(v) for k, v in checkouts.items()},
                    command="python benchmarks/cpu_floor.py " + " ".join(sys.argv[1:] if argv is None else argv),
                    results=results)

@@ -376,13 +376,82 @@ inline void grad_rows(const Pass<T>& p, const T* w, const T* grad_out, T* dw, T*
                    scratch + R * kp, dw + r * d, accT);
 }
 
+// grad_rows for R rows at once, d known (R = 4): the per-row form reads and writes every
+// centroid's k x d sums (accT) and reads cT and gm once per row, which leaves L1 at k = 256,
+// d = 8 (three 8 KiB matrices) and L2 at k = 4096. Here each vector of them is loaded once per R
+// rows: the first sweep forms dA of the R rows from one load of gm (and C_L); the second takes
+// the coordinates one at a time over a tile of centroids, so that the R rows' A and dS (2R tile
+// rows, 16 KiB) stay in L1 while the coordinate's slices of cT, gm and accT stream past them.
+// Same formulas and the same differences as grad_row; only the order of the sums differs.
+template <typename T, int D, int R>
+inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, T* accT, T* scratch) {
+  constexpr int N = Vec<T>::lanes;
+  constexpr int64_t kTile = 2048 / sizeof(T);  // centroids per tile: a multiple of kPadding
+  const int64_t kp = p.kp;
+  T dmin[R], inv[R], dots[R];
+  T* ds = scratch + R * kp;  // R rows: dA, then dS
+  distances<T, D, R>(p, w, scratch, dmin);
+  for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
+  vec<T> dot[R];
+  for (int r = 0; r < R; ++r) dot[r] = vec<T>{};
+  for (int64_t j = 0; j < kp; j += N) {
+    vec<T> da[R];
+    const vec<T> next = -load(p.gdc + j);
+    for (int r = 0; r < R; ++r) da[r] = next;
+    for (int l = 0; l < D; ++l) {
+      const vec<T> g = load(p.gmT + l * kp + j);
+      for (int r = 0; r < R; ++r) da[r] += g * w[r * D + l];
+    }
+    if (gi)
+      for (int l = 0; l < D; ++l) {
+        const vec<T> c = load(p.cLT + l * kp + j);
+        for (int r = 0; r < R; ++r) da[r] += c * gi[r * D + l];
+      }
+    for (int r = 0; r < R; ++r) {
+      const vec<T> a = load(scratch + r * kp + j) * inv[r];
+      store(scratch + r * kp + j, a);
+      store(ds + r * kp + j, da[r]);
+      dot[r] += a * da[r];
+    }
+  }
+  for (int r = 0; r < R; ++r) dots[r] = hsum<T>(dot[r]);
+  for (int64_t j = 0; j < kp; j += N)
+    for (int r = 0; r < R; ++r)
+      store(ds + r * kp + j, load(scratch + r * kp + j) * (load(ds + r * kp + j) - dots[r]));
+  for (int64_t j0 = 0; j0 < kp; j0 += kTile) {
+    const int64_t j1 = j0 + kTile < kp ? j0 + kTile : kp;
+    for (int l = 0; l < D; ++l) {
+      vec<T> u[R], v[R];  // sum_j A_ij gm_jl and sum_j dS_ij (c_jl - w_il)
+      for (int r = 0; r < R; ++r) u[r] = v[r] = vec<T>{};
+      for (int64_t j = j0; j < j1; j += N) {
+        const vec<T> c = load(p.cT + l * kp + j), g = load(p.gmT + l * kp + j);
+        vec<T> sum{};
+        for (int r = 0; r < R; ++r) {
+          const vec<T> diff = c - w[r * D + l];
+          const vec<T> dsr = load(ds + r * kp + j);
+          sum += dsr * diff;
+          v[r] += dsr * diff;
+          u[r] += load(scratch + r * kp + j) * g;
+        }
+        store(accT + l * kp + j, load(accT + l * kp + j) - sum);
+      }
+      for (int r = 0; r < R; ++r) dw[r * D + l] += hsum<T>(u[r]) + p.two_over_tau * hsum<T>(v[r]);
+    }
+  }
+}
+
 template <typename T, int D>
 void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw, T* accT,
                     T* scratch) {
   const int64_t d = D ? D : p.d;
   int64_t i = 0;
-  for (; i + 4 <= rows; i += 4)
-    grad_rows<T, D, 4>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, scratch);
+  for (; i + 4 <= rows; i += 4) {
+    const T* gi = grad_out ? grad_out + i * d : nullptr;
+    if constexpr (D != 0)
+      grad_rows_blocked<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch);
+    else
+      grad_rows<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch);
+  }
   for (; i < rows; ++i)
     grad_rows<T, D, 1>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, scratch);
 }
