@@ -184,6 +184,8 @@ def markdown(payload: dict) -> str:
         f"{payload['rates_before']['bytes_per_s'] / 1e9:.1f}, after: {payload['rates_after']['fma_per_s'] / 1e9:.1f} / "
         f"{payload['rates_after']['bytes_per_s'] / 1e9:.1f}). L = {ITERATIONS}, tau = {PAPER_TAU}, float32.",
         "",
+        "Checkouts: " + ", ".join(f"{c} = {payload['roots'][c]}" for c in labels) + ".",
+        "",
         "Wall: the best run's time over the floor at the wall-clock rates. CPU: the best run's process",
         "CPU time over the floor at the rates per CPU second; on a shared machine it does not count",
         "the time a thread waited for a core, so it is the steadier of the two. bwd/fwd from CPU times.",
