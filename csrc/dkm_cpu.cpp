@@ -45,6 +45,13 @@ constexpr int64_t kMaxChunks = 256;        // enough items to balance many threa
 constexpr double kLog2e = 1.4426950408889634;  // exp(x) = exp2(x log2(e))
 constexpr int64_t kPartialBudget = 64 << 20;  // bytes of per-chunk partial sums, all groups
 constexpr int64_t kBlockRows = 64;         // rows converted to the compute type at a time
+
+// Rows per kernel call: a block to convert when the storage type differs, else the whole chunk
+// (a call ends with its per-call sums and the x86 control-word switch: per call, not per row).
+template <typename S, typename T>
+int64_t rows_per_call(int64_t chunk_rows) {
+  return std::is_same_v<S, T> ? std::max<int64_t>(1, chunk_rows) : kBlockRows;
+}
 constexpr int64_t kPadding = 16;           // centroids are padded to a multiple of this: every
                                            // vector width (4 to 16 lanes) divides it
 constexpr int64_t kMinWorkPerThread = 1 << 21;  // (row, centroid, coordinate) steps: about a
@@ -307,8 +314,9 @@ std::tuple<Tensor, Tensor> reducing_pass(const PassData<T>& data, const Tensor& 
     const Pass<T> p = data.group(g);
     std::vector<T> scratch(scratch_size(plan));
     Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d);
-    for (int64_t b = r0; b < r1; b += kBlockRows) {
-      const int64_t n = std::min(kBlockRows, r1 - b);
+    const int64_t block = rows_per_call<S, T>(r1 - r0);
+    for (int64_t b = r0; b < r1; b += block) {
+      const int64_t n = std::min(block, r1 - b);
       body(p, w.at(g, b, n), g, b, n, slot, scratch.data());
     }
   });
@@ -340,8 +348,9 @@ Tensor output_typed(const Tensor& weights, const Tensor& attention_centroids, co
     const Pass<T> p = data.group(g);
     std::vector<T> scratch(scratch_size(plan)), obuf(kBlockRows * plan.d);
     Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d);
-    for (int64_t b = r0; b < r1; b += kBlockRows) {
-      const int64_t n = std::min(kBlockRows, r1 - b);
+    const int64_t block = rows_per_call<S, T>(r1 - r0);
+    for (int64_t b = r0; b < r1; b += block) {
+      const int64_t n = std::min(block, r1 - b);
       S* dst = o + (g * plan.m + b) * plan.d;
       if constexpr (std::is_same_v<S, T>) {
         K.output(p, w.at(g, b, n), n, dst, scratch.data());

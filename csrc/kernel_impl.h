@@ -307,34 +307,32 @@ inline void grad_row(const Pass<T>& p, const T* wi, const T* gi, T inv, T* row, 
   const int64_t d = D ? D : p.d, kp = p.kp;
   vec<T> row_dot{};
   if (D) {
-    vec<T> u[S], v[S];  // sum_j e_ij gm_jl and sum_j dS_ij (c_jl - w_il)
-    for (int l = 0; l < S; ++l) u[l] = v[l] = vec<T>{};
+    // One accumulator per coordinate, sum_j A_ij gm_jl + (2/tau) dS_ij (c_jl - w_il): d vector
+    // registers, so that nothing spills (two per coordinate would not fit 16 of them at d = 8).
+    vec<T> acc[S];
+    for (int l = 0; l < S; ++l) acc[l] = vec<T>{};
     for (int64_t j = 0; j < kp; j += N) {
-      const vec<T> e = load(row + j);
       vec<T> da = -load(p.gdc + j);
-      for (int l = 0; l < S; ++l) {
-        const vec<T> g = load(p.gmT + l * kp + j);
-        da += g * wi[l];
-        u[l] += e * g;
-      }
+      for (int l = 0; l < S; ++l) da += load(p.gmT + l * kp + j) * wi[l];
       if (gi)
         for (int l = 0; l < S; ++l) da += load(p.cLT + l * kp + j) * gi[l];
-      const vec<T> a = e * inv;
+      const vec<T> a = load(row + j) * inv;
       store(row + j, a);
       store(grad_a + j, da);
       row_dot += a * da;
     }
     const T dot = hsum<T>(row_dot);
     for (int64_t j = 0; j < kp; j += N) {
-      const vec<T> ds = load(row + j) * (load(grad_a + j) - dot);
+      const vec<T> a = load(row + j);
+      const vec<T> ds = a * (load(grad_a + j) - dot);
+      const vec<T> ds_scaled = ds * p.two_over_tau;
       for (int l = 0; l < S; ++l) {
         const vec<T> diff = load(p.cT + l * kp + j) - wi[l];
-        v[l] += ds * diff;
+        acc[l] += a * load(p.gmT + l * kp + j) + ds_scaled * diff;
         store(accT + l * kp + j, load(accT + l * kp + j) - ds * diff);
       }
     }
-    // One horizontal sum per coordinate: inv * u + (2/tau) v.
-    for (int l = 0; l < S; ++l) dwi[l] += hsum<T>(u[l] * inv + v[l] * p.two_over_tau);
+    for (int l = 0; l < S; ++l) dwi[l] += hsum<T>(acc[l]);
   } else {
     // Any d: rows of A and dS go to scratch, then one sweep over centroids per coordinate.
     for (int64_t j = 0; j < kp; j += N) {
@@ -378,15 +376,263 @@ inline void grad_rows(const Pass<T>& p, const T* w, const T* grad_out, T* dw, T*
                    scratch + R * kp, dw + r * d, accT);
 }
 
+// grad_rows for R rows at once, d known (R = 4): the per-row form reads and writes every
+// centroid's k x d sums (accT) and reads cT and gm once per row, which leaves L1 at k = 256,
+// d = 8 (three 8 KiB matrices) and L2 at k = 4096. Here each vector of them is loaded once per R
+// rows: the first sweep forms dA of the R rows from one load of gm (and C_L); the second takes
+// the coordinates one at a time over a tile of centroids, so that the R rows' A and dS (2R tile
+// rows, 16 KiB) stay in L1 while the coordinate's slices of cT, gm and accT stream past them.
+// Same formulas and the same differences as grad_row; only the order of the sums differs.
+template <typename T, int D, int R>
+inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, T* accT, T* scratch) {
+  constexpr int N = Vec<T>::lanes;
+  constexpr int64_t kTile = 2048 / sizeof(T);  // centroids per tile: a multiple of kPadding
+  const int64_t kp = p.kp;
+  T dmin[R], inv[R], dots[R];
+  T* ds = scratch + R * kp;  // R rows: dA, then dS
+  distances<T, D, R>(p, w, scratch, dmin);
+  for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
+  vec<T> dot[R];
+  for (int r = 0; r < R; ++r) dot[r] = vec<T>{};
+  for (int64_t j = 0; j < kp; j += N) {
+    vec<T> da[R];
+    const vec<T> next = -load(p.gdc + j);
+    for (int r = 0; r < R; ++r) da[r] = next;
+    for (int l = 0; l < D; ++l) {
+      const vec<T> g = load(p.gmT + l * kp + j);
+      for (int r = 0; r < R; ++r) da[r] += g * w[r * D + l];
+    }
+    if (gi)
+      for (int l = 0; l < D; ++l) {
+        const vec<T> c = load(p.cLT + l * kp + j);
+        for (int r = 0; r < R; ++r) da[r] += c * gi[r * D + l];
+      }
+    for (int r = 0; r < R; ++r) {
+      const vec<T> a = load(scratch + r * kp + j) * inv[r];
+      store(scratch + r * kp + j, a);
+      store(ds + r * kp + j, da[r]);
+      dot[r] += a * da[r];
+    }
+  }
+  for (int r = 0; r < R; ++r) dots[r] = hsum<T>(dot[r]);
+  for (int64_t j = 0; j < kp; j += N)
+    for (int r = 0; r < R; ++r)
+      store(ds + r * kp + j, load(scratch + r * kp + j) * (load(ds + r * kp + j) - dots[r]));
+  for (int64_t j0 = 0; j0 < kp; j0 += kTile) {
+    const int64_t j1 = j0 + kTile < kp ? j0 + kTile : kp;
+    for (int l = 0; l < D; ++l) {
+      vec<T> u[R], v[R];  // sum_j A_ij gm_jl and sum_j dS_ij (c_jl - w_il)
+      for (int r = 0; r < R; ++r) u[r] = v[r] = vec<T>{};
+      for (int64_t j = j0; j < j1; j += N) {
+        const vec<T> c = load(p.cT + l * kp + j), g = load(p.gmT + l * kp + j);
+        vec<T> sum{};
+        for (int r = 0; r < R; ++r) {
+          const vec<T> diff = c - w[r * D + l];
+          const vec<T> dsr = load(ds + r * kp + j);
+          sum += dsr * diff;
+          v[r] += dsr * diff;
+          u[r] += load(scratch + r * kp + j) * g;
+        }
+        store(accT + l * kp + j, load(accT + l * kp + j) - sum);
+      }
+      for (int r = 0; r < R; ++r) dw[r * D + l] += hsum<T>(u[r]) + p.two_over_tau * hsum<T>(v[r]);
+    }
+  }
+}
+
 template <typename T, int D>
 void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw, T* accT,
                     T* scratch) {
   const int64_t d = D ? D : p.d;
   int64_t i = 0;
-  for (; i + 4 <= rows; i += 4)
-    grad_rows<T, D, 4>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, scratch);
+  for (; i + 4 <= rows; i += 4) {
+    const T* gi = grad_out ? grad_out + i * d : nullptr;
+    if constexpr (D != 0)
+      grad_rows_blocked<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch);
+    else
+      grad_rows<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch);
+  }
   for (; i < rows; ++i)
     grad_rows<T, D, 1>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, scratch);
+}
+
+// ------------------------------------------------------------------ few centroids: rows in lanes --
+// With k <= 16 a row's scores fill at most two vectors, most of them padding for k = 4, and each
+// row ends in horizontal sums and a division: per-row overhead, not arithmetic, sets the pace. Here
+// a vector holds one coordinate of N rows instead (N = the lanes), the K centroids are scalars
+// broadcast from cT, and a block of N rows goes through every fused step of its pass in registers:
+// no scratch rows, no horizontal operation per row, one vector division per N rows. Sums over rows
+// (the k x d accumulators) stay per lane until the call ends. K is k rounded up to 4, 8 or 16: the
+// padding centroids cT carries up to kp >= 16 lie far away and get attention exactly 0, as in the
+// centroid-vectorised kernels. The arithmetic per (row, centroid) pair is theirs, in the same order
+// (distance from exact differences, exponent (dmin - dist) * scale), so results agree to rounding.
+constexpr int kLaneK = 16;  // the largest k taken here
+
+// N rows (n <= N valid, the rest zero) of x, one coordinate per vector: out[l][r] = x[r * D + l].
+template <typename T, int D>
+inline void rows_to_lanes(const T* x, int n, vec<T>* out) {
+  constexpr int N = Vec<T>::lanes;
+  for (int l = 0; l < D; ++l) out[l] = vec<T>{};
+  if (D == 1 && n == N) {
+    out[0] = load(x);
+    return;
+  }
+  for (int r = 0; r < n; ++r)
+    for (int l = 0; l < D; ++l) out[l][r] = x[r * D + l];
+}
+
+// The inverse of rows_to_lanes for the n valid rows: x[r * D + l] (+)= v[l][r].
+template <typename T, int D, bool Add>
+inline void lanes_to_rows(const vec<T>* v, int n, T* x) {
+  constexpr int N = Vec<T>::lanes;
+  if (D == 1 && n == N) {
+    store(x, Add ? load(x) + v[0] : v[0]);
+    return;
+  }
+  for (int r = 0; r < n; ++r)
+    for (int l = 0; l < D; ++l) x[r * D + l] = Add ? x[r * D + l] + v[l][r] : v[l][r];
+}
+
+// The attention of N rows (lanes) to K centroids: e[j] = exp(S_ij - max_j S_ij) and, returned,
+// 1 / sum_j e[j], set to 0 in lanes past the n valid rows so that they contribute nothing.
+template <typename T, int D, int K>
+inline vec<T> lane_attention(const Pass<T>& p, const vec<T>* w, int n, vec<T>* e) {
+  constexpr int N = Vec<T>::lanes;
+  const int64_t kp = p.kp;
+  vec<T> lowest = splat<T>(__builtin_inf());
+  for (int j = 0; j < K; ++j) {
+    vec<T> acc{};
+    for (int l = 0; l < D; ++l) {
+      const vec<T> diff = p.cT[l * kp + j] - w[l];
+      acc += diff * diff;
+    }
+    e[j] = acc;
+    lowest = vmin<T>(lowest, acc);
+  }
+  vec<T> sum{};
+  for (int j = 0; j < K; ++j) {
+    e[j] = vexp2((lowest - e[j]) * p.exp2_scale);
+    sum += e[j];
+  }
+  vec<T> inv = T(1) / sum;
+  if (n < N)
+    for (int r = n; r < N; ++r) inv[r] = T(0);
+  return inv;
+}
+
+// Adds the per-lane sums acc[l * K + j] into accT[l][j] (and mass[j] += msum[j]).
+template <typename T, int D, int K>
+inline void lanes_to_sums(const Pass<T>& p, const vec<T>* acc, const vec<T>* msum, T* accT, T* mass) {
+  for (int j = 0; j < K; ++j) {
+    if (mass) mass[j] += hsum<T>(msum[j]);
+    for (int l = 0; l < D; ++l) accT[l * p.kp + j] += hsum<T>(acc[l * K + j]);
+  }
+}
+
+template <typename T, int D, int K>
+void lane_accumulate(const Pass<T>& p, const T* w, const T* x, int64_t rows, T* accT, T* mass) {
+  constexpr int N = Vec<T>::lanes;
+  vec<T> acc[D * K], msum[K];
+  for (int i = 0; i < D * K; ++i) acc[i] = vec<T>{};
+  for (int j = 0; j < K; ++j) msum[j] = vec<T>{};
+  for (int64_t i = 0; i < rows; i += N) {
+    const int n = rows - i < N ? static_cast<int>(rows - i) : N;
+    vec<T> wl[D], xl[D], e[K];
+    rows_to_lanes<T, D>(w + i * D, n, wl);
+    rows_to_lanes<T, D>(x + i * D, n, xl);
+    const vec<T> inv = lane_attention<T, D, K>(p, wl, n, e);
+    for (int l = 0; l < D; ++l) xl[l] *= inv;  // A_ij x_il = e_ij (x_il / sum_j e_ij)
+    for (int j = 0; j < K; ++j) {
+      msum[j] += e[j] * inv;
+      for (int l = 0; l < D; ++l) acc[l * K + j] += e[j] * xl[l];
+    }
+  }
+  lanes_to_sums<T, D, K>(p, acc, msum, accT, mass);
+}
+
+template <typename T, int D, int K>
+void lane_output(const Pass<T>& p, const T* w, int64_t rows, T* out) {
+  constexpr int N = Vec<T>::lanes;
+  for (int64_t i = 0; i < rows; i += N) {
+    const int n = rows - i < N ? static_cast<int>(rows - i) : N;
+    vec<T> wl[D], e[K], o[D];
+    rows_to_lanes<T, D>(w + i * D, n, wl);
+    const vec<T> inv = lane_attention<T, D, K>(p, wl, n, e);
+    for (int l = 0; l < D; ++l) o[l] = vec<T>{};
+    for (int j = 0; j < K; ++j)
+      for (int l = 0; l < D; ++l) o[l] += e[j] * p.cLT[l * p.kp + j];
+    for (int l = 0; l < D; ++l) o[l] *= inv;
+    lanes_to_rows<T, D, false>(o, n, out + i * D);
+  }
+}
+
+// The backward step of grad_row, N rows at a time (same formulas, same order per row).
+template <typename T, int D, int K>
+void lane_grad_step(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw, T* accT) {
+  constexpr int N = Vec<T>::lanes;
+  const int64_t kp = p.kp;
+  vec<T> acc[D * K];
+  for (int i = 0; i < D * K; ++i) acc[i] = vec<T>{};
+  for (int64_t i = 0; i < rows; i += N) {
+    const int n = rows - i < N ? static_cast<int>(rows - i) : N;
+    vec<T> wl[D], gl[D]{}, e[K], da[K];
+    rows_to_lanes<T, D>(w + i * D, n, wl);
+    if (grad_out) rows_to_lanes<T, D>(grad_out + i * D, n, gl);
+    const vec<T> inv = lane_attention<T, D, K>(p, wl, n, e);
+    vec<T> u[D], v[D];  // sum_j e_ij gm_jl and sum_j dS_ij (c_jl - w_il)
+    for (int l = 0; l < D; ++l) u[l] = v[l] = vec<T>{};
+    vec<T> dot{};
+    for (int j = 0; j < K; ++j) {
+      vec<T> d = splat<T>(-p.gdc[j]);
+      for (int l = 0; l < D; ++l) {
+        const T g = p.gmT[l * kp + j];
+        d += g * wl[l];
+        u[l] += e[j] * g;
+      }
+      if (grad_out)
+        for (int l = 0; l < D; ++l) d += p.cLT[l * kp + j] * gl[l];
+      e[j] *= inv;  // A_ij from here on
+      da[j] = d;
+      dot += e[j] * d;
+    }
+    for (int j = 0; j < K; ++j) {
+      const vec<T> ds = e[j] * (da[j] - dot);
+      for (int l = 0; l < D; ++l) {
+        const vec<T> diff = p.cT[l * kp + j] - wl[l];
+        v[l] += ds * diff;
+        acc[l * K + j] -= ds * diff;
+      }
+    }
+    for (int l = 0; l < D; ++l) u[l] = u[l] * inv + v[l] * p.two_over_tau;
+    lanes_to_rows<T, D, true>(u, n, dw + i * D);
+  }
+  lanes_to_sums<T, D, K>(p, acc, nullptr, accT, nullptr);
+}
+
+template <int D>
+struct Dim {
+  static constexpr int value = D;
+};
+
+// Calls f.template operator()<D, K>() when k and d suit the lane kernels; returns whether it did.
+template <typename T, typename F>
+inline bool with_lane_shape(const Pass<T>& p, const F& f) {
+  if (p.k > kLaneK) return false;
+  const int K = p.k <= 4 ? 4 : p.k <= 8 ? 8 : 16;
+  auto by_k = [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    if (K == 4) f.template operator()<D, 4>();
+    else if (K == 8) f.template operator()<D, 8>();
+    else f.template operator()<D, 16>();
+    return true;
+  };
+  switch (p.d) {
+    case 1: return by_k(Dim<1>{});
+    case 2: return by_k(Dim<2>{});
+    case 4: return by_k(Dim<4>{});
+    case 8: return by_k(Dim<8>{});
+    default: return false;
+  }
 }
 
 // While a kernel runs, denormal results are flushed to zero and denormal inputs read as zero
@@ -407,6 +653,7 @@ template <typename T>
 void accumulate_entry(const Pass<T>& p, const T* w, const T* x, int64_t rows, T* accT, T* mass,
                       T* scratch) {
   const FlushDenormals flush;
+  if (with_lane_shape(p, [&]<int D, int K>() { lane_accumulate<T, D, K>(p, w, x, rows, accT, mass); })) return;
   switch (p.d) {
     case 1: return accumulate_impl<T, 1>(p, w, x, rows, accT, mass, scratch);
     case 2: return accumulate_impl<T, 2>(p, w, x, rows, accT, mass, scratch);
@@ -420,6 +667,7 @@ void accumulate_entry(const Pass<T>& p, const T* w, const T* x, int64_t rows, T*
 template <typename T>
 void output_entry(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch) {
   const FlushDenormals flush;
+  if (with_lane_shape(p, [&]<int D, int K>() { lane_output<T, D, K>(p, w, rows, out); })) return;
   switch (p.d) {
     case 1: return output_impl<T, 1>(p, w, rows, out, scratch);
     case 2: return output_impl<T, 2>(p, w, rows, out, scratch);
@@ -434,6 +682,8 @@ template <typename T>
 void grad_step_entry(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw, T* accT,
                      T* scratch) {
   const FlushDenormals flush;
+  if (with_lane_shape(p, [&]<int D, int K>() { lane_grad_step<T, D, K>(p, w, grad_out, rows, dw, accT); }))
+    return;
   switch (p.d) {
     case 1: return grad_step_impl<T, 1>(p, w, grad_out, rows, dw, accT, scratch);
     case 2: return grad_step_impl<T, 2>(p, w, grad_out, rows, dw, accT, scratch);

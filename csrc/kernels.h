@@ -26,7 +26,7 @@ struct Pass {
 };
 
 // A kernel call may use kScratchRows * (kp + d) values of scratch.
-constexpr int64_t kScratchRows = 5;
+constexpr int64_t kScratchRows = 8;
 
 // The coordinate of padding centroids in cT: its square times d stays finite for any practical d
 // (and an infinite distance still gives zero attention).

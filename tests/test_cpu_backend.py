@@ -46,6 +46,20 @@ def test_float64_every_instruction_set(isa, m, d, k):
     assert_matches_reference_float64("cpu", weights, centroids, tau)
 
 
+# k <= 16 with d in {1, 2, 4, 8} runs the kernels that lay rows across vector lanes: k at and past
+# each of their centroid tiles (4, 8, 16) and at 17 (the centroid-vectorised kernels again), M not
+# a multiple of any lane count (a partial block of rows at the end), two groups.
+LANE_SHAPES = [(37, 1, 1), (53, 2, 4), (61, 4, 5), (29, 8, 8), (45, 1, 9), (67, 2, 16), (19, 4, 16), (41, 8, 17)]
+
+
+@pytest.mark.parametrize("m,d,k", LANE_SHAPES)
+def test_rows_across_lanes_every_instruction_set(isa, m, d, k):
+    weights, centroids, tau = make_problem(m, d, k, groups=2, seed=m * d + k)
+    assert_matches_reference_float64("cpu", weights, centroids, tau)
+    weights, centroids, tau = make_problem(m, d, k, groups=2, seed=m * d + k, dtype=torch.float16)
+    assert_low_precision_close("cpu", weights, centroids, tau)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,d,k", [(1031, 1, 16), (512, 8, 256), (97, 4, 3), (1031, 16, 300)])
 def test_low_precision(dtype, m, d, k):
@@ -54,8 +68,9 @@ def test_low_precision(dtype, m, d, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_low_precision_paper_regime(dtype):
-    weights, centroids, _ = make_problem(2048, 8, k=256, seed=21, scale=0.02, dtype=dtype)
+@pytest.mark.parametrize("d,k", [(8, 256), (1, 4), (4, 16)])  # centroids in lanes, then rows in lanes
+def test_low_precision_paper_regime(dtype, d, k):
+    weights, centroids, _ = make_problem(2048, d, k=k, seed=21, scale=0.02, dtype=dtype)
     assert_low_precision_close("cpu", weights, centroids, 2e-5)
 
 
