@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, unique
 from ._ops import WEIGHT_DTYPES, check_inputs, dkm_forward
 from .recurrence import compute_dtype
 from .reference import dkm_reference
@@ -84,7 +84,8 @@ def _check_tensors(weights, centroids) -> None:
 
 
 def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsilon: float = 1e-4,
-        backend: str = "auto", deterministic: bool | None = None) -> DKMResult:
+        backend: str = "auto", deterministic: bool | None = None,
+        uniquify: bool | None = None) -> DKMResult:
     """Differentiable k-means of the rows of `weights` (docs/design.md §1).
 
     weights: (M, d) or (G, M, d) for G independent problems; float16/bfloat16/float32 (math in
@@ -95,6 +96,10 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
     backend: 'auto', 'reference', 'torch', 'triton' or 'cpu'.
     deterministic: bit-identical results run to run; None follows
         torch.are_deterministic_algorithms_enabled().
+    uniquify: for float16/bfloat16 weights with d = 1, run DKM over their distinct values with
+        counts (docs/design.md §10): the same result up to the order of summation, O(M + U k) per
+        pass instead of O(M k). None: where it applies and backend is 'auto' (a named backend
+        runs its own passes); True: wherever it applies; False: never.
     """
     _check_tensors(weights, centroids)
     tau = _check_number("tau", tau, 0.0, strict=True)
@@ -102,6 +107,8 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
     check_count("max_iter", max_iter)  # the op checks its upper bound
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    if uniquify is not None and not isinstance(uniquify, bool):
+        raise ValueError(f"uniquify must be True, False or None, got {uniquify!r}")
     name = backends.resolve(backend, weights.device, weights.dtype)
 
     grouped = weights.dim() == 3
@@ -113,6 +120,9 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
     if name == "reference":
         check_inputs(w, c, tau, max_iter, epsilon)  # the op checks its own
         out, final, iterations = dkm_reference(w, c, tau, max_iter, epsilon)
+    elif (backend == "auto" if uniquify is None else uniquify) and unique.applies(w):
+        out, history, _, iterations = unique.dkm_unique_forward(w, c, tau, max_iter, epsilon)
+        final = history[-1]
     else:
         out, history, _, iterations = dkm_forward(w, c, tau, max_iter, epsilon,
                                                   bool(deterministic), name)

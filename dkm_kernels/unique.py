@@ -1,0 +1,285 @@
+"""Exact uniquification of scalar (d = 1) palettes of 16-bit weights (docs/design.md §10).
+
+A float16 or bfloat16 weight holds at most 65,536 distinct values, and a large one repeats each
+of them many times. DKM's sums over rows become count-weighted sums over the U distinct values,
+so every pass costs O(U k) instead of O(M k); only one count, one scatter and one gather per step
+touch the M weights:
+
+    forward    distinct values u_v and counts n_v (the bit pattern is the value's index: a
+               bincount, no sort); the recurrence on the U values weighted by n_v; the output
+               table out_v gathered back to the M weights.
+    backward   g_v = sum_{i: v(i)=v} G~_i (one scatter-add); the recurrence's backward on the U
+               values weighted by n_v, fed the mean gradient g_v / n_v (dA, dS and the sums that
+               cross rows are affine in a row's G~, so a value's n_v rows sum to n_v times its
+               mean row); each weight's gradient a_v(i) + G~_i b_v(i) from two per-value tables.
+
+The result equals the row-by-row computation up to the order of summation. The op saves what
+the plain op saves (W, the centroid history, the masses, the counts; §2): the distinct values
+are recomputed from W in O(M) in the backward, so nothing of size M is kept.
+
+The passes over the distinct values are plain PyTorch (`CountedPasses`): at most 65,536 rows
+per group, so a fused kernel would save little, and every device runs them.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from . import recurrence
+from ._ops import check_backward_inputs, check_inputs
+from .recurrence import compute_dtype
+
+SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+PATTERNS = 2**16
+# Transient memory of one chunk of distinct values in a pass.
+WORKSPACE_BYTES = 64 * 2**20
+# Groups of at least this many weights find their distinct values by counting bit patterns in a
+# table of 65,536 entries per group (no larger than the weights); smaller ones by a sort.
+TABLE_MIN_ROWS = PATTERNS
+
+
+def applies(weights: Tensor) -> bool:
+    """Whether the op can run on the distinct values of these grouped weights (G, M, d): scalar
+    rows (d = 1) of a 16-bit dtype, and at least one group."""
+    return weights.dtype in SIXTEEN_BIT and weights.shape[-1] == 1 and weights.shape[0] > 0
+
+
+class Distinct(NamedTuple):
+    """The distinct values of each group, padded to the largest group's count U.
+
+    values (G, U, 1) in the weights' dtype, ascending by bit pattern, padded with zeros;
+    counts (G, U) in float32, zero for padding; index (G * M,) int32, each weight's slot in a table
+    of `table_size` entries, and `slots` (G * U,) the slot of each distinct value there (None
+    when the table is the (G, U) values themselves).
+    """
+
+    values: Tensor
+    counts: Tensor
+    index: Tensor
+    slots: Tensor | None
+    table_size: int
+
+    def expand(self, table: Tensor) -> Tensor:
+        """A per-value table (G, U) -> its entry for every weight, (G * M,)."""
+        flat = table.reshape(-1)
+        if self.slots is not None:
+            flat = flat.new_zeros(self.table_size).index_copy_(0, self.slots, flat)
+        return flat.index_select(0, self.index)
+
+    def gather_sums(self, values: Tensor) -> Tensor:
+        """sum over each distinct value's weights of `values` (G * M,) -> (G, U) float64."""
+        sums = torch.bincount(self.index, weights=values.double(), minlength=self.table_size)
+        if self.slots is not None:
+            sums = sums.index_select(0, self.slots)
+        return sums.view(self.counts.shape)
+
+
+def bit_patterns(weights: Tensor) -> Tensor:
+    """Each 16-bit weight's bit pattern as an int32 from 0 to 65535: (G, M, 1) -> (G, M)."""
+    return weights.view(torch.uint16).to(torch.int32).squeeze(-1)
+
+
+def pattern_values(dtype: torch.dtype, device) -> Tensor:
+    """The 16-bit value of every pattern 0 .. 65535."""
+    return torch.arange(PATTERNS, dtype=torch.int32, device=device).to(torch.uint16).view(dtype)
+
+
+def distinct(weights: Tensor) -> Distinct:
+    """The distinct values and counts of each group of 16-bit weights (G, M, 1).
+
+    With tables of G * 65,536 counts no larger than the weights, a bincount over the bit patterns
+    finds them (O(M), no sort); with many small groups (a palette per few channels) a sort of the
+    (group, pattern) keys does, so that no table outgrows the weights. Both give the same result.
+    """
+    groups, m, _ = weights.shape
+    patterns = bit_patterns(weights)
+    offsets = torch.arange(groups, dtype=torch.int32, device=weights.device) * PATTERNS
+    if m >= TABLE_MIN_ROWS:
+        keys = (patterns + offsets[:, None]).view(-1) if groups > 1 else patterns.view(-1)
+        counts = torch.bincount(keys, minlength=groups * PATTERNS).view(groups, PATTERNS)
+        present = counts > 0
+        sizes = present.sum(dim=1)
+        unique_keys = present.view(-1).nonzero().squeeze(1)
+        index, slots, table_size = keys, unique_keys, groups * PATTERNS
+        unique_counts = counts.view(-1).index_select(0, unique_keys)
+    else:
+        keys = (patterns.long() + offsets[:, None].long()).view(-1)
+        unique_keys, inverse, unique_counts = torch.unique(keys, sorted=True, return_inverse=True,
+                                                           return_counts=True)
+        sizes = torch.bincount(unique_keys // PATTERNS, minlength=groups)
+        index, slots = inverse, None
+    width = int(sizes.max())  # the one host read: the tables' shape depends on it
+    group = (unique_keys // PATTERNS)
+    start = torch.cumsum(sizes, 0) - sizes
+    position = group * width + torch.arange(unique_keys.numel(), device=weights.device) - start[group]
+    values = weights.new_zeros(groups * width)
+    values[position] = pattern_values(weights.dtype, weights.device)[unique_keys % PATTERNS]
+    counts = torch.zeros(groups * width, dtype=torch.float32, device=weights.device)
+    counts[position] = unique_counts.float()
+    if slots is None:  # index the padded table directly
+        index, table_size = position.index_select(0, index), groups * width
+    else:  # the slot of padded entry p: padding points to a slot no weight reads
+        full = torch.full((groups * width,), groups * PATTERNS, dtype=torch.int64,
+                          device=weights.device)
+        full[position] = slots
+        slots, table_size = full, groups * PATTERNS + 1
+    return Distinct(values.view(groups, width, 1), counts.view(groups, width),
+                    index.to(torch.int32), slots, table_size)
+
+
+class CountedPasses:
+    """recurrence.Passes over the distinct values (G, U, 1), each row standing for `counts` rows.
+
+    Every sum across rows is count-weighted, so the recurrence runs unchanged: the forward's
+    centroid updates and masses, and, fed the mean upstream gradient of each value, the backward's
+    G_L and G_t. The gradient pass also splits each value's gradient into a_v (accumulated into
+    grad_weights, as for any Passes) and b_v, the coefficient of a weight's own upstream gradient
+    (kept in `grad_scale`; it enters only through the output's term, in the first step).
+    """
+
+    def __init__(self, values: Tensor, counts: Tensor, tau: float):
+        self.weights = values
+        self.tau = tau
+        self.w = values.float()
+        self.counts = counts.unsqueeze(-1)
+        self.grad_scale = torch.zeros_like(self.w)
+
+    def _chunks(self, k: int):
+        # About six (G, rows, k) float32 tensors are alive at once: within WORKSPACE_BYTES.
+        size = max(1, WORKSPACE_BYTES // (self.w.shape[0] * 6 * k * 4))
+        for start in range(0, self.w.shape[1], size):
+            rows = slice(start, start + size)
+            yield rows, self.w[:, rows], self.counts[:, rows]
+
+    def _attention(self, w: Tensor, centroids: Tensor) -> Tensor:
+        """softmax_j(-(w_i - c_j)^2 / tau), (G, R, k): d = 1, so the difference is exact."""
+        return torch.softmax((w - centroids.transpose(1, 2)).square_().div_(-self.tau), dim=-1)
+
+    def attention_sums(self, values, centroids, active):
+        weighted_sum = torch.zeros_like(centroids)
+        mass = centroids.new_zeros(centroids.shape[:2])
+        for rows, w, n in self._chunks(centroids.shape[1]):
+            attention = self._attention(w, centroids) * n
+            weighted_sum += torch.bmm(attention.transpose(1, 2), values[:, rows].float())
+            mass += attention.sum(dim=1)
+        return weighted_sum, mass
+
+    def output(self, attention_centroids, final_centroids):
+        out = torch.empty_like(self.weights)
+        for rows, w, _ in self._chunks(final_centroids.shape[1]):
+            attention = self._attention(w, attention_centroids)
+            out[:, rows] = torch.bmm(attention, final_centroids).to(out.dtype)
+        return out
+
+    def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
+                 active, grad_weights):
+        sum_ds_diff = torch.zeros_like(centroids)
+        scale = 2.0 / self.tau
+        for rows, w, n in self._chunks(centroids.shape[1]):
+            attention = self._attention(w, centroids)
+            grad_a = w * grad_over_mass.transpose(1, 2) - grad_dot_next.unsqueeze(1)
+            grad_s = attention * (grad_a - (attention * grad_a).sum(dim=-1, keepdim=True))
+            diff = centroids.transpose(1, 2) - w  # c_j - w_i, (G, R, k)
+            grad_w = (attention * grad_over_mass.transpose(1, 2)).sum(dim=-1, keepdim=True)
+            grad_w += scale * (grad_s * diff).sum(dim=-1, keepdim=True)
+            grad_weights[:, rows] += torch.where(active[:, None, None], grad_w, 0.0)
+            if grad_out is not None:
+                # The output's term, per unit of a row's own upstream gradient:
+                # dS_ij = A_ij (C_L,j - W~_i), which gives b_v, and enters the sums weighted by
+                # the value's summed upstream gradient n_v * mean.
+                final = final_centroids.transpose(1, 2)
+                out = (attention * final).sum(dim=-1, keepdim=True)
+                grad_s_out = attention * (final - out)
+                self.grad_scale[:, rows] = scale * (grad_s_out * diff).sum(dim=-1, keepdim=True)
+                grad_s = grad_s + grad_s_out * grad_out[:, rows].float()
+            sum_ds_diff -= (grad_s * diff * n).sum(dim=1).unsqueeze(-1)
+        return sum_ds_diff
+
+
+@torch.library.custom_op("dkm_kernels::dkm_unique_forward", mutates_args=())
+def dkm_unique_forward(weights: Tensor, centroids: Tensor, tau: float, max_iter: int,
+                       epsilon: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dkm_forward (same outputs) computed over the distinct values of 16-bit scalar weights."""
+    check_inputs(weights, centroids, tau, max_iter, epsilon)
+    _check_applies(weights)
+    found = distinct(weights.contiguous())
+    passes = CountedPasses(found.values, found.counts, tau)
+    with torch.no_grad():
+        table, history, masses, iterations = recurrence.forward(
+            passes, centroids.contiguous(), max_iter, epsilon)
+    out = found.expand(table.view(table.shape[:2]))
+    return out.view(weights.shape), history, masses, iterations
+
+
+@dkm_unique_forward.register_fake
+def _(weights, centroids, tau, max_iter, epsilon):
+    check_inputs(weights, centroids, tau, max_iter, epsilon)
+    _check_applies(weights)
+    groups, _, dim = weights.shape
+    k = centroids.shape[1]
+    cdtype = compute_dtype(weights.dtype)
+    return (
+        torch.empty_like(weights, memory_format=torch.contiguous_format),
+        weights.new_empty((max_iter + 1, groups, k, dim), dtype=cdtype),
+        weights.new_empty((max_iter, groups, k), dtype=cdtype),
+        weights.new_empty((groups,), dtype=torch.int64),
+    )
+
+
+@torch.library.custom_op("dkm_kernels::dkm_unique_backward", mutates_args=())
+def dkm_unique_backward(grad_out: Tensor, weights: Tensor, centroid_history: Tensor,
+                        masses: Tensor, iterations: Tensor, tau: float) -> Tensor:
+    check_backward_inputs(grad_out, weights, centroid_history, masses, iterations, tau)
+    _check_applies(weights)
+    found = distinct(weights.contiguous())
+    grad_out = grad_out.to(weights.dtype).contiguous().view(-1)
+    sums = found.gather_sums(grad_out)
+    mean = (sums / found.counts.double().clamp_min(1.0)).float().unsqueeze(-1)
+    passes = CountedPasses(found.values, found.counts, tau)
+    with torch.no_grad():
+        grad = recurrence.backward(passes, mean, centroid_history.contiguous(),
+                                   masses.contiguous(), iterations.contiguous(), tau)
+    offset = found.expand(grad.view(grad.shape[:2]))
+    slope = found.expand(passes.grad_scale.view(grad.shape[:2]))
+    return torch.addcmul(offset, grad_out.float(), slope).to(weights.dtype).view(weights.shape)
+
+
+@dkm_unique_backward.register_fake
+def _(grad_out, weights, centroid_history, masses, iterations, tau):
+    check_backward_inputs(grad_out, weights, centroid_history, masses, iterations, tau)
+    return torch.empty_like(weights, memory_format=torch.contiguous_format)
+
+
+def _check_applies(weights: Tensor) -> None:
+    if not applies(weights):
+        raise ValueError(f"uniquified DKM takes float16 or bfloat16 weights (G >= 1, M, d=1), got "
+                         f"{weights.dtype} weights of shape {tuple(weights.shape)}; use "
+                         f"dkm_kernels.dkm(..., uniquify=False) for them")
+
+
+def _setup_context(ctx, inputs, output):
+    weights, _, tau, _, _ = inputs
+    _, centroid_history, masses, iterations = output
+    ctx.mark_non_differentiable(centroid_history, masses, iterations)
+    # The same as the plain op: W and O(L k) values. The distinct values are recomputed.
+    ctx.save_for_backward(weights, centroid_history, masses, iterations)
+    ctx.tau = tau
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, *unused_grads):
+    if grad_out is None or not ctx.needs_input_grad[0]:
+        return (None,) * 5
+    weights, centroid_history, masses, iterations = ctx.saved_tensors
+    grad = dkm_unique_backward(grad_out, weights, centroid_history, masses, iterations, ctx.tau)
+    return (grad,) + (None,) * 4
+
+
+def _no_double_backward(ctx, grad):
+    raise RuntimeError("DKM supports first derivatives only: its backward is not differentiable")
+
+
+dkm_unique_forward.register_autograd(_backward, setup_context=_setup_context)
+dkm_unique_backward.register_autograd(_no_double_backward)
