@@ -69,8 +69,14 @@ class Distinct(NamedTuple):
         return flat.index_select(0, self.index)
 
     def gather_sums(self, values: Tensor) -> Tensor:
-        """sum over each distinct value's weights of `values` (G * M,) -> (G, U) float64."""
-        sums = torch.bincount(self.index, weights=values.double(), minlength=self.table_size)
+        """sum over each distinct value's weights of `values` (G * M,) -> (G, U) float32 (summed in
+        float32, as every backend sums across rows)."""
+        sums = values.new_zeros(self.table_size, dtype=torch.float32)
+        if values.is_cuda and torch.are_deterministic_algorithms_enabled():
+            # index_add_ adds with atomics on CUDA; this sorts first (bit-reproducible).
+            sums.index_put_((self.index,), values.float(), accumulate=True)
+        else:
+            sums.index_add_(0, self.index, values.float())
         if self.slots is not None:
             sums = sums.index_select(0, self.slots)
         return sums.view(self.counts.shape)
@@ -236,14 +242,14 @@ def dkm_unique_backward(grad_out: Tensor, weights: Tensor, centroid_history: Ten
     found = distinct(weights.contiguous())
     grad_out = grad_out.to(weights.dtype).contiguous().view(-1)
     sums = found.gather_sums(grad_out)
-    mean = (sums / found.counts.double().clamp_min(1.0)).float().unsqueeze(-1)
+    mean = (sums / found.counts.clamp_min(1.0)).unsqueeze(-1)
     passes = CountedPasses(found.values, found.counts, tau)
     with torch.no_grad():
         grad = recurrence.backward(passes, mean, centroid_history.contiguous(),
                                    masses.contiguous(), iterations.contiguous(), tau)
     offset = found.expand(grad.view(grad.shape[:2]))
     slope = found.expand(passes.grad_scale.view(grad.shape[:2]))
-    return torch.addcmul(offset, grad_out.float(), slope).to(weights.dtype).view(weights.shape)
+    return torch.addcmul(offset, grad_out, slope).to(weights.dtype).view(weights.shape)
 
 
 @dkm_unique_backward.register_fake
