@@ -32,8 +32,13 @@ from . import export
 from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _in_backward,
                     check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed)
 from .init import SEED_BOUND
-from .modules import CONV_TRANSPOSE_TYPES, CONV_TYPES, clusterable_modules, raw_weight
+from .modules import clusterable_modules, clusterable_type, layer_type, raw_weight
 from .packing import MAX_BITS
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # the progress bar is optional
+    tqdm = None
 
 
 # The paper's protocol for small layers: weights with fewer elements than the threshold are cheap
@@ -144,11 +149,11 @@ def _unsupported(module: nn.Module, config: dict) -> str | None:
     if isinstance(module, nn.Embedding) and module.sparse:
         return ("sparse=True gradients: a parametrized weight gets dense gradients, so build the "
                 "Embedding with sparse=False to cluster it")
-    if isinstance(module, CONV_TRANSPOSE_TYPES) and (config["group_size"] is not None
-                                                      or config["enable_per_channel_scale"]):
-        return ("ConvTranspose keeps its output channels on axis 1 of its weight, and group_size "
-                "and per-channel scales follow axis 0: give it group_size=None and "
-                "enable_per_channel_scale=False to cluster it")
+    axis = clusterable_type(module).output_axis
+    if axis != 0 and (config["group_size"] is not None or config["enable_per_channel_scale"]):
+        return (f"{layer_type(module)} keeps its output channels on axis {axis} of its weight, "
+                f"and group_size and per-channel scales follow axis 0: give it group_size=None "
+                f"and enable_per_channel_scale=False to cluster it")
     return None
 
 
@@ -167,7 +172,8 @@ class DKMCompressor(nn.Module):
     def __init__(self, model: nn.Module, configs: dict[str, LayerConfig],
                  skipped: dict[str, str], milestone: int = 0, backend: str = "auto",
                  lut_dtype: torch.dtype = torch.float16, seed: int | None = None,
-                 tied: Mapping[str, list[str]] | None = None):
+                 tied: Mapping[str, list[str]] | None = None, uniquify: bool = True,
+                 progress: bool | None = None):
         super().__init__()
         if not _is_int(milestone) or milestone < 0:
             raise ValueError(f"milestone must be an integer >= 0, got {milestone!r}")
@@ -196,7 +202,8 @@ class DKMCompressor(nn.Module):
         # registered a second time here.
         self.dkm_layers: dict[str, DKMLayer] = {}
         self.snapped: dict[str, Any] = {}
-        for name, config in self.configs.items():
+        check_bool("uniquify", uniquify)
+        for name, config in _progress(self.configs.items(), progress):
             weight = raw_weight(modules[name])
             layer_generator = generator
             # A meta weight initialises later, on the CPU, from the shared generator.
@@ -211,7 +218,8 @@ class DKMCompressor(nn.Module):
                 group_size=config.group_size,
                 enable_per_channel_scale=config.enable_per_channel_scale,
                 lut_dtype=lut_dtype, generator=layer_generator, keep_weight=False,
-                lazy_init=milestone > 0, auto_advance=False, name=name, _groups=groups)
+                lazy_init=milestone > 0, auto_advance=False, name=name, uniquify=uniquify,
+                _groups=groups)
             # One layer for every module holding this Parameter: one palette, one DKM per forward.
             for member in (name, *self.tied.get(name, ())):
                 # unsafe: registration would otherwise run the layer once (a DKM step) to check it.
@@ -320,6 +328,7 @@ class DKMCompressor(nn.Module):
                     parametrize.remove_parametrizations(modules[member], "weight",
                                                         leave_parametrized=False)
             module.weight.copy_(record.decode())
+            layer._hard_cache = None
             self.snapped[name] = record
 
     @property
@@ -343,6 +352,16 @@ class DKMCompressor(nn.Module):
                 f"lut_dtype={self.lut_dtype}")
 
 
+def _progress(items, enabled: bool | None):
+    """A tqdm bar over the layers being initialised (None: shown on a terminal only)."""
+    if enabled is not None:
+        check_bool("progress", enabled)
+    if tqdm is None or enabled is False:
+        return items
+    return tqdm(list(items), desc="DKM: initialising layers", unit="layer",
+                disable=None if enabled is None else False)
+
+
 def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                    tau: float | str = DEFAULT_TAU,
                    conv_config=None, fc_config=None, skip_first_last: bool = True, *,
@@ -354,7 +373,8 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                    epsilon: float = DEFAULT_EPSILON,
                    init_method: str = "kmeans++", backend: str = "auto",
                    lut_dtype: torch.dtype = torch.float16,
-                   seed: int | None = None) -> DKMCompressor:
+                   seed: int | None = None, uniquify: bool = True,
+                   progress: bool | None = None) -> DKMCompressor:
     """Put DKM on the model's Conv1d/2d/3d, Linear and Embedding weights (the model is modified in
     place) and return the `DKMCompressor` that trains, snaps and exports it.
 
@@ -371,6 +391,10 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
         are then initialised from the weights of that moment.
     backend: the op's backend. lut_dtype: the dtype of exported palettes and scales.
     seed: seeds the centroid initialisation (None: torch's global generator).
+    uniquify: cluster float16/bfloat16 weights with dim=1 over their distinct values (exact up to
+        the order of summation, O(M + U k) per pass; see DKMLayer). False: over every weight.
+    progress: a tqdm progress bar over the layers while they initialise (True: always; None: when
+        stderr is a terminal; False: never).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -437,8 +461,7 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
             else:
                 skipped[name] = f"shares its weight with {owner!r} ({skipped[owner]})"
             continue
-        kind = ("conv" if isinstance(module, CONV_TYPES)
-                else "embedding" if isinstance(module, nn.Embedding) else "fc")
+        kind = clusterable_type(module).kind
         resolved = {**defaults, **by_kind[kind]}
         if name in overrides:
             if overrides[name] is None:
@@ -460,4 +483,5 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                 continue
         configs[name] = _validated(name, resolved, module)
     return DKMCompressor(model, configs, skipped, milestone=milestone, backend=backend,
-                         lut_dtype=lut_dtype, seed=seed, tied=tied)
+                         lut_dtype=lut_dtype, seed=seed, tied=tied, uniquify=uniquify,
+                         progress=progress)
