@@ -35,6 +35,8 @@ SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 PATTERNS = 2**16
 # Transient memory of one chunk of distinct values in a pass.
 WORKSPACE_BYTES = 64 * 2**20
+# Weights per chunk where per-value tables meet the weights (the gradient's scatter and gather).
+CHUNK = 2**20
 # Groups of at least this many weights find their distinct values by counting bit patterns in a
 # table of 65,536 entries per group (no larger than the weights); smaller ones by a sort.
 TABLE_MIN_ROWS = PATTERNS
@@ -61,22 +63,34 @@ class Distinct(NamedTuple):
     slots: Tensor | None
     table_size: int
 
-    def expand(self, table: Tensor) -> Tensor:
+    def table(self, values: Tensor) -> Tensor:
+        """A per-value table (G, U) laid out for `index`: (table_size,)."""
+        flat = values.reshape(-1)
+        if self.slots is None:
+            return flat
+        return flat.new_zeros(self.table_size).index_copy_(0, self.slots, flat)
+
+    def chunks(self):
+        """Slices of the G * M weights, CHUNK at a time: what crosses from values to weights
+        goes chunk by chunk, so that its transients stay O(CHUNK)."""
+        for start in range(0, self.index.numel(), CHUNK):
+            yield slice(start, start + CHUNK)
+
+    def expand(self, values: Tensor) -> Tensor:
         """A per-value table (G, U) -> its entry for every weight, (G * M,)."""
-        flat = table.reshape(-1)
-        if self.slots is not None:
-            flat = flat.new_zeros(self.table_size).index_copy_(0, self.slots, flat)
-        return flat.index_select(0, self.index)
+        return self.table(values).index_select(0, self.index)
 
     def gather_sums(self, values: Tensor) -> Tensor:
         """sum over each distinct value's weights of `values` (G * M,) -> (G, U) float32 (summed in
         float32, as every backend sums across rows)."""
         sums = values.new_zeros(self.table_size, dtype=torch.float32)
-        if values.is_cuda and torch.are_deterministic_algorithms_enabled():
-            # index_add_ adds with atomics on CUDA; this sorts first (bit-reproducible).
-            sums.index_put_((self.index,), values.float(), accumulate=True)
-        else:
-            sums.index_add_(0, self.index, values.float())
+        deterministic_cuda = values.is_cuda and torch.are_deterministic_algorithms_enabled()
+        for part in self.chunks():
+            chunk = values[part].float()
+            if deterministic_cuda:  # index_add_ adds with atomics on CUDA; this sorts first
+                sums.index_put_((self.index[part],), chunk, accumulate=True)
+            else:
+                sums.index_add_(0, self.index[part], chunk)
         if self.slots is not None:
             sums = sums.index_select(0, self.slots)
         return sums.view(self.counts.shape)
@@ -103,7 +117,7 @@ def distinct(weights: Tensor) -> Distinct:
     patterns = bit_patterns(weights)
     offsets = torch.arange(groups, dtype=torch.int32, device=weights.device) * PATTERNS
     if m >= TABLE_MIN_ROWS:
-        keys = (patterns + offsets[:, None]).view(-1) if groups > 1 else patterns.view(-1)
+        keys = patterns.add_(offsets[:, None]).view(-1)  # (group, pattern) -> one slot
         counts = torch.bincount(keys, minlength=groups * PATTERNS).view(groups, PATTERNS)
         present = counts > 0
         sizes = present.sum(dim=1)
@@ -247,9 +261,16 @@ def dkm_unique_backward(grad_out: Tensor, weights: Tensor, centroid_history: Ten
     with torch.no_grad():
         grad = recurrence.backward(passes, mean, centroid_history.contiguous(),
                                    masses.contiguous(), iterations.contiguous(), tau)
-    offset = found.expand(grad.view(grad.shape[:2]))
-    slope = found.expand(passes.grad_scale.view(grad.shape[:2]))
-    return torch.addcmul(offset, grad_out, slope).to(weights.dtype).view(weights.shape)
+    # dW_i = a_v(i) + G~_i b_v(i), chunk by chunk into the output.
+    offset = found.table(grad.view(grad.shape[:2]))
+    slope = found.table(passes.grad_scale.view(grad.shape[:2]))
+    out = torch.empty_like(weights, memory_format=torch.contiguous_format)
+    flat = out.view(-1)
+    for part in found.chunks():
+        index = found.index[part]
+        flat[part] = torch.addcmul(offset.index_select(0, index), grad_out[part],
+                                   slope.index_select(0, index))
+    return out
 
 
 @dkm_unique_backward.register_fake

@@ -19,8 +19,9 @@ SIXTEEN_BIT = [torch.float16, torch.bfloat16]
 @pytest.fixture(params=["table", "sort"])
 def path(request, monkeypatch):
     """Both ways of finding the distinct values: the bit-pattern table (forced for small groups)
-    and the sort (forced for every size)."""
+    and the sort (forced for every size); weights and value tables meet in several chunks."""
     monkeypatch.setattr(unique, "TABLE_MIN_ROWS", 0 if request.param == "table" else 2**62)
+    monkeypatch.setattr(unique, "CHUNK", 777)
     return request.param
 
 
