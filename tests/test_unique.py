@@ -143,3 +143,22 @@ def test_torch_compile_fullgraph():
     compiled(x_compiled).backward()
     loss(x_eager).backward()
     torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=0, atol=0)
+
+
+def test_layer_and_compressor_option(monkeypatch):
+    """DKMLayer and compress_model uniquify by default; uniquify=False runs the plain op."""
+    calls = []
+    real = unique.dkm_unique_forward
+    monkeypatch.setattr(unique, "dkm_unique_forward", lambda *a: calls.append(1) or real(*a))
+    weight = (torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    for kwargs, expected in ((dict(), 1), (dict(uniquify=False), 0)):
+        calls.clear()
+        dkm_kernels.DKMLayer(weight.clone().requires_grad_(True), n_clusters=4, **kwargs)()
+        assert len(calls) == expected, kwargs
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64)).to(torch.bfloat16)
+        dkm_kernels.compress_model(model, bits=2, skip_first_last=False, small_layer_threshold=0,
+                                   **kwargs)
+        model(torch.randn(3, 32, dtype=torch.bfloat16))
+        assert len(calls) == 2 * expected, kwargs
+    with pytest.raises(ValueError, match="uniquify must be True or False"):
+        dkm_kernels.DKMLayer(weight, n_clusters=4, uniquify=None)
