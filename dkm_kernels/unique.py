@@ -52,53 +52,87 @@ class Distinct(NamedTuple):
     """The distinct values of each group, padded to the largest group's count U.
 
     values (G, U, 1) in the weights' dtype, ascending by bit pattern, padded with zeros;
-    counts (G, U) in float32, zero for padding; index (G * M,) int32, each weight's slot in a table
-    of `table_size` entries, and `slots` (G * U,) the slot of each distinct value there (None
-    when the table is the (G, U) values themselves).
+    counts (G, U) in float32, zero for padding. Each weight has a slot in a table of `table_size`
+    entries (`parts` gives them chunk by chunk): its (group, bit pattern) when `patterns` holds
+    the weights' bit patterns (G, M) (the counting path; `slots` (G * U,) then gives each
+    distinct value's slot, and padding a slot no weight reads), else `index` (G * M,) int32, its
+    entry of the padded (G, U) table itself (the sorting path).
     """
 
     values: Tensor
     counts: Tensor
-    index: Tensor
+    patterns: Tensor | None
+    index: Tensor | None
     slots: Tensor | None
     table_size: int
 
     def table(self, values: Tensor) -> Tensor:
-        """A per-value table (G, U) laid out for `index`: (table_size,)."""
+        """A per-value table (G, U) laid out for the weights' slots: (table_size,)."""
         flat = values.reshape(-1)
         if self.slots is None:
             return flat
         return flat.new_zeros(self.table_size).index_copy_(0, self.slots, flat)
 
-    def chunks(self):
-        """Slices of the G * M weights, CHUNK at a time: what crosses from values to weights
-        goes chunk by chunk, so that its transients stay O(CHUNK)."""
-        for start in range(0, self.index.numel(), CHUNK):
-            yield slice(start, start + CHUNK)
+    def parts(self):
+        """(part, slots): a slice of the G * M weights, CHUNK at a time, and their table slots
+        (int32, in a buffer reused from part to part). Whatever crosses between values and
+        weights goes part by part, so that its transients stay O(CHUNK)."""
+        if self.patterns is None:
+            for start in range(0, self.index.numel(), CHUNK):
+                part = slice(start, start + CHUNK)
+                yield part, self.index[part]
+            return
+        yield from _pattern_parts(self.patterns)
 
     def expand(self, values: Tensor) -> Tensor:
         """A per-value table (G, U) -> its entry for every weight, (G * M,)."""
-        return self.table(values).index_select(0, self.index)
+        table = self.table(values)
+        out = table.new_empty(self.counts.shape[0] * self.rows)
+        for part, slots in self.parts():
+            torch.index_select(table, 0, slots, out=out[part])
+        return out
+
+    @property
+    def rows(self) -> int:
+        """M, the weights per group."""
+        if self.patterns is not None:
+            return self.patterns.shape[1]
+        return self.index.numel() // self.counts.shape[0]
 
     def gather_sums(self, values: Tensor) -> Tensor:
         """sum over each distinct value's weights of `values` (G * M,) -> (G, U) float32 (summed in
         float32, as every backend sums across rows)."""
         sums = values.new_zeros(self.table_size, dtype=torch.float32)
         deterministic_cuda = values.is_cuda and torch.are_deterministic_algorithms_enabled()
-        for part in self.chunks():
-            chunk = values[part].float()
+        buffer = values.new_empty(min(CHUNK, values.numel()), dtype=torch.float32)
+        for part, slots in self.parts():
+            chunk = buffer[:slots.numel()].copy_(values[part])
             if deterministic_cuda:  # index_add_ adds with atomics on CUDA; this sorts first
-                sums.index_put_((self.index[part],), chunk, accumulate=True)
+                sums.index_put_((slots.long(),), chunk, accumulate=True)
             else:
-                sums.index_add_(0, self.index[part], chunk)
+                sums.index_add_(0, slots, chunk)
         if self.slots is not None:
             sums = sums.index_select(0, self.slots)
         return sums.view(self.counts.shape)
 
 
+def _pattern_parts(patterns: Tensor):
+    """(part, slots) over (G, M) uint16 bit patterns: slot = g * 65,536 + pattern, computed CHUNK
+    weights at a time into one reused int32 buffer."""
+    groups, m = patterns.shape
+    buffer = torch.empty(min(CHUNK, m), dtype=torch.int32, device=patterns.device)
+    for g in range(groups):
+        for start in range(0, m, CHUNK):
+            stop = min(start + CHUNK, m)
+            slots = buffer[:stop - start].copy_(patterns[g, start:stop])
+            if g:
+                slots.add_(g * PATTERNS)
+            yield slice(g * m + start, g * m + stop), slots
+
+
 def bit_patterns(weights: Tensor) -> Tensor:
-    """Each 16-bit weight's bit pattern as an int32 from 0 to 65535: (G, M, 1) -> (G, M)."""
-    return weights.view(torch.uint16).to(torch.int32).squeeze(-1)
+    """The 16-bit weights' bit patterns, (G, M, 1) -> (G, M) uint16 (a view)."""
+    return weights.view(torch.uint16).squeeze(-1)
 
 
 def pattern_values(dtype: torch.dtype, device) -> Tensor:
@@ -107,46 +141,49 @@ def pattern_values(dtype: torch.dtype, device) -> Tensor:
 
 
 def distinct(weights: Tensor) -> Distinct:
-    """The distinct values and counts of each group of 16-bit weights (G, M, 1).
+    """The distinct values and counts of each group of 16-bit weights (G, M, 1), contiguous.
 
-    With tables of G * 65,536 counts no larger than the weights, a bincount over the bit patterns
-    finds them (O(M), no sort); with many small groups (a palette per few channels) a sort of the
-    (group, pattern) keys does, so that no table outgrows the weights. Both give the same result.
+    Groups of at least TABLE_MIN_ROWS weights count their bit patterns in a table of 65,536
+    entries per group (O(M), no sort, no table larger than the weights), chunk by chunk; smaller
+    groups (a palette per few channels) sort the (group, pattern) keys, so that no table outgrows
+    the weights. Both give the same result.
     """
     groups, m, _ = weights.shape
     patterns = bit_patterns(weights)
-    offsets = torch.arange(groups, dtype=torch.int32, device=weights.device) * PATTERNS
     if m >= TABLE_MIN_ROWS:
-        keys = patterns.add_(offsets[:, None]).view(-1)  # (group, pattern) -> one slot
-        counts = torch.bincount(keys, minlength=groups * PATTERNS).view(groups, PATTERNS)
+        counts = torch.zeros(groups * PATTERNS, dtype=torch.int64, device=weights.device)
+        ones = torch.ones(1, dtype=torch.int64, device=weights.device)
+        for _, slots in _pattern_parts(patterns):
+            counts.index_add_(0, slots, ones.expand(slots.numel()))
         present = counts > 0
-        sizes = present.sum(dim=1)
-        unique_keys = present.view(-1).nonzero().squeeze(1)
-        index, slots, table_size = keys, unique_keys, groups * PATTERNS
-        unique_counts = counts.view(-1).index_select(0, unique_keys)
+        sizes = present.view(groups, PATTERNS).sum(dim=1)
+        unique_keys = present.nonzero().squeeze(1)
+        unique_counts = counts.index_select(0, unique_keys)
+        index = None
     else:
-        keys = (patterns.long() + offsets[:, None].long()).view(-1)
-        unique_keys, inverse, unique_counts = torch.unique(keys, sorted=True, return_inverse=True,
-                                                           return_counts=True)
+        offsets = torch.arange(groups, dtype=torch.int64, device=weights.device) * PATTERNS
+        keys = (patterns.to(torch.int64) + offsets[:, None]).view(-1)
+        unique_keys, index, unique_counts = torch.unique(keys, sorted=True, return_inverse=True,
+                                                         return_counts=True)
         sizes = torch.bincount(unique_keys // PATTERNS, minlength=groups)
-        index, slots = inverse, None
     width = int(sizes.max())  # the one host read: the tables' shape depends on it
-    group = (unique_keys // PATTERNS)
+    group = unique_keys // PATTERNS
     start = torch.cumsum(sizes, 0) - sizes
-    position = group * width + torch.arange(unique_keys.numel(), device=weights.device) - start[group]
+    position = (group * width + torch.arange(unique_keys.numel(), device=weights.device)
+                - start[group])
     values = weights.new_zeros(groups * width)
     values[position] = pattern_values(weights.dtype, weights.device)[unique_keys % PATTERNS]
     counts = torch.zeros(groups * width, dtype=torch.float32, device=weights.device)
     counts[position] = unique_counts.float()
-    if slots is None:  # index the padded table directly
-        index, table_size = position.index_select(0, index), groups * width
-    else:  # the slot of padded entry p: padding points to a slot no weight reads
-        full = torch.full((groups * width,), groups * PATTERNS, dtype=torch.int64,
-                          device=weights.device)
-        full[position] = slots
-        slots, table_size = full, groups * PATTERNS + 1
-    return Distinct(values.view(groups, width, 1), counts.view(groups, width),
-                    index.to(torch.int32), slots, table_size)
+    values, counts = values.view(groups, width, 1), counts.view(groups, width)
+    if index is not None:  # weights index the padded table directly
+        return Distinct(values, counts, None, position.index_select(0, index).to(torch.int32),
+                        None, groups * width)
+    # Padded entries point to one slot past the patterns, which no weight reads.
+    slots = torch.full((groups * width,), groups * PATTERNS, dtype=torch.int64,
+                       device=weights.device)
+    slots[position] = unique_keys
+    return Distinct(values, counts, patterns, None, slots, groups * PATTERNS + 1)
 
 
 class CountedPasses:
@@ -266,10 +303,13 @@ def dkm_unique_backward(grad_out: Tensor, weights: Tensor, centroid_history: Ten
     slope = found.table(passes.grad_scale.view(grad.shape[:2]))
     out = torch.empty_like(weights, memory_format=torch.contiguous_format)
     flat = out.view(-1)
-    for part in found.chunks():
-        index = found.index[part]
-        flat[part] = torch.addcmul(offset.index_select(0, index), grad_out[part],
-                                   slope.index_select(0, index))
+    # Two chunk buffers, reused (no allocation per chunk).
+    term, scale = offset.new_empty((2, min(CHUNK, flat.numel()))).unbind(0)
+    for part, slots in found.parts():
+        a, b = term[:slots.numel()], scale[:slots.numel()]
+        torch.index_select(offset, 0, slots, out=a)
+        torch.index_select(slope, 0, slots, out=b)
+        flat[part] = a.addcmul_(grad_out[part], b)
     return out
 
 
