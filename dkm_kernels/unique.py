@@ -2,8 +2,8 @@
 
 A float16 or bfloat16 weight holds at most 65,536 distinct values, and a large one repeats each
 of them many times. DKM's sums over rows become count-weighted sums over the U distinct values,
-so every pass costs O(U k) instead of O(M k); only one count, one scatter and one gather per step
-touch the M weights:
+so every pass costs O(U k) instead of O(M k); only a count and a gather (forward), and a count,
+a scatter and a gather (backward) touch the M weights, chunk by chunk:
 
     forward    distinct values u_v and counts n_v (the bit pattern is the value's index: a
                bincount, no sort); the recurrence on the U values weighted by n_v; the output
