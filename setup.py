@@ -86,6 +86,7 @@ setup(
     install_requires=["numpy"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "tqdm", "matplotlib",
+                 "transformers",
                  "triton; platform_system == 'Linux'"],
         "triton": ["triton"],
     },

@@ -32,8 +32,13 @@ from . import distributed, export
 from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _in_backward,
                     check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed)
 from .init import SEED_BOUND
-from .modules import CONV_TRANSPOSE_TYPES, CONV_TYPES, clusterable_modules, raw_weight
+from .modules import clusterable_modules, clusterable_type, layer_type, raw_weight
 from .packing import MAX_BITS
+
+try:
+    from tqdm.auto import tqdm
+except ImportError:  # the progress bar is optional
+    tqdm = None
 
 
 # The paper's protocol for small layers: weights with fewer elements than the threshold are cheap
@@ -144,11 +149,11 @@ def _unsupported(module: nn.Module, config: dict) -> str | None:
     if isinstance(module, nn.Embedding) and module.sparse:
         return ("sparse=True gradients: a parametrized weight gets dense gradients, so build the "
                 "Embedding with sparse=False to cluster it")
-    if isinstance(module, CONV_TRANSPOSE_TYPES) and (config["group_size"] is not None
-                                                      or config["enable_per_channel_scale"]):
-        return ("ConvTranspose keeps its output channels on axis 1 of its weight, and group_size "
-                "and per-channel scales follow axis 0: give it group_size=None and "
-                "enable_per_channel_scale=False to cluster it")
+    axis = clusterable_type(module).output_axis
+    if axis != 0 and (config["group_size"] is not None or config["enable_per_channel_scale"]):
+        return (f"{layer_type(module)} keeps its output channels on axis {axis} of its weight, "
+                f"and group_size and per-channel scales follow axis 0: give it group_size=None "
+                f"and enable_per_channel_scale=False to cluster it")
     return None
 
 
@@ -169,7 +174,7 @@ class DKMCompressor(nn.Module):
                  skipped: dict[str, str], milestone: int = 0, backend: str = "auto",
                  lut_dtype: torch.dtype = torch.float16, seed: int | None = None,
                  tied: Mapping[str, list[str]] | None = None, process_group=None,
-                 shard_rows: bool = True):
+                 shard_rows: bool = True, uniquify: bool = True, progress: bool | None = None):
         super().__init__()
         if not _is_int(milestone) or milestone < 0:
             raise ValueError(f"milestone must be an integer >= 0, got {milestone!r}")
@@ -201,7 +206,8 @@ class DKMCompressor(nn.Module):
         # registered a second time here.
         self.dkm_layers: dict[str, DKMLayer] = {}
         self.snapped: dict[str, Any] = {}
-        for name, config in self.configs.items():
+        check_bool("uniquify", uniquify)
+        for name, config in _progress(self.configs.items(), progress):
             weight = raw_weight(modules[name])
             layer_generator = generator
             # A meta weight initialises later, on the CPU, from the shared generator.
@@ -217,7 +223,8 @@ class DKMCompressor(nn.Module):
                 enable_per_channel_scale=config.enable_per_channel_scale,
                 lut_dtype=lut_dtype, generator=layer_generator, keep_weight=False,
                 lazy_init=milestone > 0, auto_advance=False, name=name,
-                process_group=process_group, shard_rows=shard_rows, _groups=groups)
+                process_group=process_group, shard_rows=shard_rows, uniquify=uniquify,
+                _groups=groups)
             # One layer for every module holding this Parameter: one palette, one DKM per forward.
             for member in (name, *self.tied.get(name, ())):
                 # unsafe: registration would otherwise run the layer once (a DKM step) to check it.
@@ -326,6 +333,7 @@ class DKMCompressor(nn.Module):
             record = export.snap_layer(layer, distributed.whole(weight).detach(),
                                         self.configs[name], name=name)
             self.snapped[name] = record
+            layer._hard_cache = None
             if distributed.is_sharded(weight):
                 distributed.assign_whole(weight, record.decode())
                 layer.active = False
@@ -357,6 +365,16 @@ class DKMCompressor(nn.Module):
                 f"lut_dtype={self.lut_dtype}")
 
 
+def _progress(items, enabled: bool | None):
+    """A tqdm bar over the layers being initialised (None: shown on a terminal only)."""
+    if enabled is not None:
+        check_bool("progress", enabled)
+    if tqdm is None or enabled is False:
+        return items
+    return tqdm(list(items), desc="DKM: initialising layers", unit="layer",
+                disable=None if enabled is None else False)
+
+
 def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                    tau: float | str = DEFAULT_TAU,
                    conv_config=None, fc_config=None, skip_first_last: bool = True, *,
@@ -369,7 +387,8 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                    init_method: str = "kmeans++", backend: str = "auto",
                    lut_dtype: torch.dtype = torch.float16,
                    seed: int | None = None, process_group=None,
-                   shard_rows: bool = True) -> DKMCompressor:
+                   shard_rows: bool = True, uniquify: bool = True,
+                   progress: bool | None = None) -> DKMCompressor:
     """Put DKM on the model's Conv1d/2d/3d, Linear and Embedding weights (the model is modified in
     place) and return the `DKMCompressor` that trains, snaps and exports it.
 
@@ -391,6 +410,10 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
         centroids and auto tau are computed on the group's first rank and broadcast; with
         shard_rows, each rank clusters its share of every weight's rows and the clustered rows are
         all-gathered (README "Distributed training").
+    uniquify: cluster float16/bfloat16 weights with dim=1 over their distinct values (exact up to
+        the order of summation, O(M + U k) per pass; see DKMLayer). False: over every weight.
+    progress: a tqdm progress bar over the layers while they initialise (True: always; None: when
+        stderr is a terminal; False: never).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -463,8 +486,7 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
             else:
                 skipped[name] = f"shares its weight with {owner!r} ({skipped[owner]})"
             continue
-        kind = ("conv" if isinstance(module, CONV_TYPES)
-                else "embedding" if isinstance(module, nn.Embedding) else "fc")
+        kind = clusterable_type(module).kind
         resolved = {**defaults, **by_kind[kind]}
         if name in overrides:
             if overrides[name] is None:
@@ -487,4 +509,4 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
         configs[name] = _validated(name, resolved, module)
     return DKMCompressor(model, configs, skipped, milestone=milestone, backend=backend,
                          lut_dtype=lut_dtype, seed=seed, tied=tied, process_group=process_group,
-                         shard_rows=shard_rows)
+                         shard_rows=shard_rows, uniquify=uniquify, progress=progress)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import backends
+from . import backends, unique
 from ._ops import WEIGHT_DTYPES, check_inputs, dkm_forward
 from .recurrence import compute_dtype
 from .reference import dkm_reference
@@ -98,7 +98,7 @@ def _check_tensors(weights, centroids, sharded: bool = False) -> None:
 
 def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsilon: float = 1e-4,
         backend: str = "auto", deterministic: bool | None = None,
-        process_group=None) -> DKMResult:
+        process_group=None, uniquify: bool | None = None) -> DKMResult:
     """Differentiable k-means of the rows of `weights` (docs/design.md §1).
 
     weights: (M, d) or (G, M, d) for G independent problems; float16/bfloat16/float32 (math in
@@ -116,6 +116,11 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
         iterations the global ones, identical on every rank, and the gradient of this rank's rows
         is that of the whole problem, whose upstream gradient is every rank's in turn. Every rank
         must call with the same G, k, d, options and backward.
+    uniquify: for float16/bfloat16 weights with d = 1, run DKM over their distinct values with
+        counts (docs/design.md §10): the same result up to the order of summation, O(M + U k) per
+        pass instead of O(M k). None: where it applies and backend is 'auto' (a named backend
+        runs its own passes); True: wherever it applies; False: never. Not across a process
+        group (each rank's distinct values differ): there the rows run through the backend.
     """
     name = group_name(process_group)
     _check_tensors(weights, centroids, sharded=bool(name))
@@ -124,6 +129,8 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
     check_count("max_iter", max_iter)  # the op checks its upper bound
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    if uniquify is not None and not isinstance(uniquify, bool):
+        raise ValueError(f"uniquify must be True, False or None, got {uniquify!r}")
     backend_name = backends.resolve(backend, weights.device, weights.dtype)
 
     grouped = weights.dim() == 3
@@ -138,6 +145,9 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
                              "process_group; use backend='auto', 'torch', 'cpu' or 'triton'")
         check_inputs(w, c, tau, max_iter, epsilon)  # the op checks its own
         out, final, iterations = dkm_reference(w, c, tau, max_iter, epsilon)
+    elif (backend == "auto" if uniquify is None else uniquify) and unique.applies(w) and not name:
+        out, history, _, iterations = unique.dkm_unique_forward(w, c, tau, max_iter, epsilon)
+        final = history[-1]
     else:
         out, history, _, iterations = dkm_forward(w, c, tau, max_iter, epsilon,
                                                   bool(deterministic), backend_name, name)

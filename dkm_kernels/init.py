@@ -47,6 +47,31 @@ def _uniform(generator, device, dtype) -> Tensor:
     return torch.rand((), generator=generator, device=device, dtype=dtype)
 
 
+def _draw(weight: Tensor, generator) -> Tensor:
+    """One index drawn with probability proportional to `weight` (>= 0, not all 0): inverse CDF."""
+    cumulative = torch.cumsum(weight, dim=0)
+    u = _uniform(generator, weight.device, weight.dtype)
+    index = torch.searchsorted(cumulative, (u * cumulative[-1]).unsqueeze(0), right=True)
+    return index.clamp_max(weight.shape[0] - 1)[0]
+
+
+def _counted_kmeans_plus_plus_single(w: Tensor, k: int, generator, counts: Tensor) -> Tensor:
+    """k-means++ over distinct rows, row v standing for counts[v] weights: the same distribution
+    as k-means++ over the weights (row v is drawn with probability n_v D_v^2 / sum n D^2), in
+    O(U k) instead of O(M k). Rows with a count of 0 (padding) are never drawn."""
+    counts = counts.to(w.dtype)
+    centroids = w.new_empty((k, w.shape[1]))
+    centroids[0] = w[_draw(counts, generator)]
+    nearest = (w - centroids[0]).square().sum(dim=1)
+    for j in range(1, k):
+        weight = nearest * counts
+        # When every weight already sits on a centroid, any weight will do.
+        weight = torch.where(weight.sum() > 0, weight, counts)
+        centroids[j] = w[_draw(weight, generator)]
+        nearest = torch.minimum(nearest, (w - centroids[j]).square().sum(dim=1))
+    return centroids
+
+
 def _kmeans_plus_plus_single(w: Tensor, k: int, generator) -> Tensor:
     m = w.shape[0]
     centroids = w.new_empty((k, w.shape[1]))
@@ -67,10 +92,22 @@ def _kmeans_plus_plus_single(w: Tensor, k: int, generator) -> Tensor:
     return centroids
 
 
-def kmeans_plus_plus(weights: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+def kmeans_plus_plus(weights: Tensor, k: int, generator: torch.Generator | None = None,
+                     counts: Tensor | None = None) -> Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii): each centroid is a row drawn with probability
-    proportional to its squared distance to the nearest centroid chosen so far."""
-    return _per_group(_kmeans_plus_plus_single, weights, k, generator)
+    proportional to its squared distance to the nearest centroid chosen so far.
+
+    counts ((M,) or (G, M), optional): row i stands for counts[i] weights (distinct values with
+    their counts, `dkm_kernels.unique.distinct`); rows of count 0 are never drawn.
+    """
+    if counts is None:
+        return _per_group(_kmeans_plus_plus_single, weights, k, generator)
+    if counts.shape != weights.shape[:-1]:
+        raise ValueError(f"counts {tuple(counts.shape)} must have the shape of the weights' rows "
+                         f"{tuple(weights.shape[:-1])}")
+    rows = iter(counts.reshape(-1, counts.shape[-1]).unbind(0))
+    return _per_group(lambda w, k, gen: _counted_kmeans_plus_plus_single(w, k, gen, next(rows)),
+                      weights, k, generator)
 
 
 def _random_single(w: Tensor, k: int, generator) -> Tensor:

@@ -28,14 +28,15 @@ where checking would wait for the device).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor, nn
 
-from . import backends, distributed
+from . import backends, distributed, unique
 from ._ops import MAX_ITER_LIMIT
 from .functional import check_count, dkm
-from .init import INIT_METHODS, SEED_BOUND, init_centroids
+from .init import INIT_METHODS, SEED_BOUND, init_centroids, kmeans_plus_plus
 from .kmeans import nearest_centroids, nearest_centroids_checked, lloyd_kmeans
 
 # tau="auto": tau = AUTO_TAU_FRACTION * (mean squared distance of the weight vectors to their
@@ -131,7 +132,10 @@ def check_layer_options(shape: tuple, n_clusters, tau, dim, max_iter, epsilon, i
 
 
 def _in_backward() -> bool:
-    """True while autograd runs a backward pass (where checkpointing recomputes forwards)."""
+    """True while autograd runs a backward pass (where checkpointing recomputes forwards); never
+    inside a compiled graph, which torch.compile builds from a forward."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
@@ -180,6 +184,9 @@ class DKMLayer(nn.Module):
             (distributed.split_sizes) with `dkm(..., process_group=)`, and the clustered rows are
             all-gathered: 1/R of the clustering work per rank, for one all-gather of the clustered
             weight forward and one reduce-scatter of its gradient backward.
+        uniquify: with dim=1 and a float16/bfloat16 weight, cluster its distinct values with
+            their counts (docs/design.md §10): the same result up to the order of summation, at
+            O(M + U k) per pass instead of O(M k). False runs the op on every weight.
 
     State: `centroids` is the committed warm start; a training call records its final centroids
     in `pending_centroids`, and `advance()` commits them. Both are buffers, so a state dict taken
@@ -195,7 +202,7 @@ class DKMLayer(nn.Module):
                  generator: torch.Generator | None = None, seed: int | None = None,
                  keep_weight: bool = True, lazy_init: bool = False, auto_advance: bool = True,
                  name: str | None = None, process_group=None, shard_rows: bool = False,
-                 _groups: int | None = None):
+                 uniquify: bool = True, _groups: int | None = None):
         super().__init__()
         if not isinstance(weight_tensor, Tensor):
             raise TypeError(f"weight_tensor must be a torch.Tensor, "
@@ -210,7 +217,8 @@ class DKMLayer(nn.Module):
                 check_lut_dtype(lut_dtype)
                 check_seed(seed)
                 for flag, value in (("keep_weight", keep_weight), ("lazy_init", lazy_init),
-                                    ("auto_advance", auto_advance), ("shard_rows", shard_rows)):
+                                    ("auto_advance", auto_advance), ("shard_rows", shard_rows),
+                                    ("uniquify", uniquify)):
                     check_bool(flag, value)
                 distributed.check_group(process_group)
         self.n_clusters = n_clusters
@@ -229,6 +237,7 @@ class DKMLayer(nn.Module):
         self.auto_advance = auto_advance
         self.process_group = process_group
         self.shard_rows = shard_rows and process_group is not None
+        self.uniquify = uniquify
         # Compress_model switches this off before its milestone step: the weight passes unchanged.
         self.active = True
         # A meta weight has no values to draw from: its generator lives on the CPU until the
@@ -258,6 +267,9 @@ class DKMLayer(nn.Module):
         # hooks switch it on for the duration of each forward.
         self.caching = False
         self._cache: tuple | None = None
+        # The evaluation-mode (hard) weight, kept until the weight or the centroids change
+        # (see _cached_hard_weight), so that evaluating before snapping costs what it costs after.
+        self._hard_cache: tuple | None = None
         if not lazy_init and not weight_tensor.is_meta:
             self.initialize(weight_tensor)
 
@@ -315,18 +327,30 @@ class DKMLayer(nn.Module):
         if not bool(torch.isfinite(weight).all()):  # once per layer: a sync is fine here
             raise ValueError(self._where() + "the weight contains NaN or Inf; the centroids "
                              "cannot be initialised from it (check the loaded or trained values)")
-        rows = self.rows(self.normalized(weight)[0]).float()
+        rows = self.rows(self.normalized(weight)[0])
+        counts = None
+        if self.uniquify and unique.applies(rows):
+            # The distinct values with their counts stand for the weights: O(U k), not O(M k).
+            found = unique.distinct(rows)
+            rows, counts = found.values, found.counts
+        rows = rows.float()
         generator = self.generator
         if generator is not None and generator.device.type != rows.device.type:
             # The model moved since the generator was made: continue its stream on the new device.
             seed = int(torch.randint(SEED_BOUND, (), generator=generator,
                                      device=generator.device))
             generator = self.generator = torch.Generator(device=rows.device).manual_seed(seed)
-        centroids = init_centroids(rows, self.n_clusters, self.init_method, generator)
+        if counts is not None and self.init_method == "kmeans++":
+            centroids = kmeans_plus_plus(rows, self.n_clusters, generator, counts=counts)
+        else:
+            full = rows if counts is None else self.rows(self.normalized(weight)[0]).float()
+            centroids = init_centroids(full, self.n_clusters, self.init_method, generator)
         if self.auto_tau:
             nearest = nearest_centroids(rows, centroids)
             chosen = torch.gather(centroids, 1, nearest.unsqueeze(-1).expand(-1, -1, self.dim))
-            mean_sq = (rows - chosen).square().sum(-1).mean().item()
+            distance = (rows - chosen).square().sum(-1)
+            mean_sq = (distance.mean() if counts is None
+                       else (distance * counts).sum() / counts.sum()).item()
             self._tau = max(AUTO_TAU_FRACTION * mean_sq, MIN_AUTO_TAU)
         if self.process_group is not None:  # every rank starts from the first rank's
             distributed.broadcast_(centroids, self.process_group)
@@ -417,7 +441,7 @@ class DKMLayer(nn.Module):
         with torch.no_grad():
             self.initialized.fill_(self._initialized)
             self.tau_value.fill_(self._tau)
-        self._cache = None
+        self._cache = self._hard_cache = None
         return result
 
     # -- clustering -------------------------------------------------------------------------------
@@ -454,12 +478,17 @@ class DKMLayer(nn.Module):
         if not self._initialized:
             self.initialize(weight)
         if self.training:
-            # Checkpointing must not count this clustering's saved tensors: a read served from the
-            # cache in the forward runs the clustering again when backward recomputes it.
-            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+            self._hard_cache = None  # training moves the centroids: free the evaluation weight
+            if torch.compiler.is_compiling():  # no cache there, and the hooks do not trace
                 clustered = self._soft_weight(weight)
+            else:
+                # Checkpointing must not count this clustering's saved tensors: a read served
+                # from the cache in the forward runs the clustering again when backward
+                # recomputes it.
+                with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                    clustered = self._soft_weight(weight)
         else:
-            clustered = self.hard_weight(weight)
+            clustered = self._cached_hard_weight(weight)
         if use_cache:
             self._cache = (self.cache_key(weight), clustered)
         return clustered
@@ -474,7 +503,7 @@ class DKMLayer(nn.Module):
         with self._naming_errors():
             result = dkm(rows if group is None else distributed.local_rows(rows, group),
                          centroids, self._tau, self.max_iter, self.epsilon,
-                         backend=self.backend, process_group=group)
+                         backend=self.backend, process_group=group, uniquify=self.uniquify)
         with torch.no_grad():  # committed by advance(): the warm start of the next step
             self.pending_centroids.copy_(result.centroids.reshape(self.centroids.shape))
         self._has_pending = True
@@ -516,6 +545,28 @@ class DKMLayer(nn.Module):
         """The centroids, (k, d) or (G, k, d), fp32 (a copy)."""
         self._settled()
         return self.centroids.clone()
+
+    def _hard_weight_key(self, weight: Tensor) -> tuple:
+        """What the hard weight depends on: the weight (the same tensor, unmodified: its version
+        counts in-place updates such as an optimizer's), the centroids (their version counts
+        every copy into them: a training step, a loaded state dict, initialisation), dtype and
+        device."""
+        return (weight.data_ptr(), weight._version, weight.dtype, weight.device,
+                self.centroids.data_ptr(),
+                self.centroids._version, self._initialized)
+
+    def _cached_hard_weight(self, weight: Tensor) -> Tensor:
+        """hard_weight(weight), computed once until the weight or the centroids change."""
+        if torch.compiler.is_compiling():
+            return self.hard_weight(weight)
+        self._settled()
+        if self._hard_cache is not None:
+            ref, key, value = self._hard_cache
+            if ref() is weight and key == self._hard_weight_key(weight):
+                return value
+        value = self.hard_weight(weight)
+        self._hard_cache = (weakref.ref(weight), self._hard_weight_key(weight), value)
+        return value
 
     @torch.no_grad()
     def hard_weight(self, weight: Tensor | None = None) -> Tensor:

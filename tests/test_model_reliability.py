@@ -141,7 +141,8 @@ def test_a_training_forward_reads_nothing_from_the_device(monkeypatch):
     compressor(torch.randn(2, 16))  # before the milestone
     compressor(torch.randn(2, 16))  # initialises the centroids (a one-time read)
 
-    def fake_dkm(weights, centroids, tau, max_iter, epsilon, backend="auto", process_group=None):
+    def fake_dkm(weights, centroids, tau, max_iter, epsilon, backend="auto", process_group=None,
+                 uniquify=None):
         assert isinstance(tau, float)
         return dkm_kernels.DKMResult(weights * 1.0, centroids.clone(), torch.tensor(1))
 
