@@ -86,7 +86,10 @@ setup(
     install_requires=["numpy"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "tqdm", "matplotlib",
-                 "triton; platform_system == 'Linux'"],
+                 "triton; platform_system == 'Linux'",
+                 # Core ML conversion (converts and saves ML programs on Linux and macOS)
+                 "coremltools; platform_system != 'Windows'"],
+        "coreml": ["coremltools"],
         "triton": ["triton"],
     },
     ext_modules=cpu_extension(),

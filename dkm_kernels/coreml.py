@@ -1,0 +1,299 @@
+"""Core ML deployment: the learned palettes and indices as Core ML lookup-table (LUT) weights.
+
+coremltools' PyTorch frontend reads, for each module weight, buffers named
+`_COREML_/weight/<key>` (and a root `_COREML_/metadata_version`) and turns the weight into a
+`constexpr_lut_to_dense` op:
+
+    compression_type      [2] (palettization)
+    lut                   (G, 1, ..., 1, k, d): one palette per block of G consecutive output
+                          channels, the weight's rank + 2 dimensions
+    vector_axis           the weight axis along which a d-vector lies (only when d > 1)
+    palettization_scale   (O, 1, ..., 1) per-output-channel scales, applied after the lookup
+
+It does not take indices: it recomputes them as the nearest LUT entry of every weight (vector)
+it is given, ties to the lowest index. `finalize()` snaps the model first, so every weight is
+exactly a palette entry (times its channel scale: a float16 entry times a float16 scale is exact
+in float32, so the division gives the entry back), and the nearest entry is the snapped one: the
+indices Core ML stores are the export's, bit for bit.
+
+Core ML's constraints, checked when a compressor targets Core ML (`compress_model(...,
+target="coreml")`) and again by `finalize()`:
+  - indices of 1, 2, 3, 4, 6 or 8 bits: 5- and 7-bit palettes are padded to 6 and 8 bits with
+    copies of their first entry (a weight on that value is the first entry's: ties go to the
+    lowest index, so no weight uses a padding entry); more than 8 bits cannot be deployed;
+  - palettes in float16 or float32 (coremltools rejects bfloat16);
+  - a vector of d weights lies along one axis: `vector_axis="output"` (d consecutive output
+    channels) always does, the flattened layout only when the weight's last axis of size > 1
+    holds a multiple of d (a Linear's input features, not a 3x3 kernel).
+Grouped, vector and scaled palettes need minimum_deployment_target iOS18 or later (before it,
+coremltools silently keeps the weights dense), which `to_coreml` enforces.
+
+coremltools is imported only by `to_coreml` and `read_palettes`; finalize() needs only torch.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .modules import CONV_TRANSPOSE_TYPES, raw_weight
+
+# Index widths of Core ML's constexpr_lut_to_dense.
+INDEX_BITS = (1, 2, 3, 4, 6, 8)
+# Palette dtypes Core ML stores (of the ones dkm_kernels trains with).
+LUT_DTYPES = (torch.float16, torch.float32)
+# coremltools' buffer names and values.
+PREFIX = "_COREML_"
+PALETTIZATION = 2
+METADATA_VERSION = 1
+INSTALL_HINT = "pip install coremltools (it converts and saves ML programs on Linux and macOS)"
+
+
+def index_bits(bits: int) -> int:
+    """The Core ML index width that holds `bits`-bit indices (5 -> 6, 7 -> 8)."""
+    for width in INDEX_BITS:
+        if width >= bits:
+            return width
+    raise ValueError(f"bits={bits}: Core ML palettes have at most {INDEX_BITS[-1]}-bit indices "
+                     f"(widths {', '.join(map(str, INDEX_BITS))}); use bits <= {INDEX_BITS[-1]}")
+
+
+def coreml_vector_axis(shape, dim: int, vector_axis: str = "flat") -> int | None:
+    """The weight axis Core ML lays the layer's d-vectors along (None for scalar palettes).
+
+    Raises ValueError when no Core ML axis expresses the layout."""
+    if dim == 1:
+        return None
+    if vector_axis == "output":
+        return 0
+    # d consecutive elements of weight.reshape(-1) lie along the last axis that is not 1 long,
+    # and stay on it only if that axis holds a multiple of d.
+    axis = max((a for a, size in enumerate(shape) if size > 1), default=len(shape) - 1)
+    if shape[axis] % dim:
+        raise ValueError(
+            f"dim={dim} with vector_axis='flat' groups {dim} consecutive weights of "
+            f"weight.reshape(-1), which for shape {tuple(shape)} run across axis {axis} "
+            f"({shape[axis]} long): no Core ML vector axis expresses that; use "
+            f"vector_axis='output' ({dim} consecutive output channels) or a dim dividing "
+            f"{shape[axis]}")
+    return axis
+
+
+def check_deployable(name: str, module: nn.Module, config, lut_dtype: torch.dtype) -> None:
+    """ValueError naming the layer unless Core ML can hold its palette (see the module doc)."""
+    try:
+        index_bits(config.bits)
+        if lut_dtype not in LUT_DTYPES:
+            raise ValueError(f"lut_dtype={lut_dtype}: Core ML palettes are float16 or float32 "
+                             f"(coremltools rejects bfloat16); compress with "
+                             f"lut_dtype=torch.float16")
+        shape = tuple(raw_weight(module).shape)
+        coreml_vector_axis(shape, config.dim, config.vector_axis)
+        if isinstance(module, CONV_TRANSPOSE_TYPES) and config.dim > 1:
+            raise ValueError("a ConvTranspose's vector palette: coremltools converts its weight "
+                             "transposed, so the vectors would change axis; use dim=1")
+    except ValueError as error:
+        raise ValueError(f"layer {name!r} cannot be deployed to Core ML: {error}") from None
+
+
+def layer_buffers(record, weight_rank: int) -> dict[str, Tensor]:
+    """The `_COREML_/weight/*` buffers of one snapped layer (a snapping.SnappedLayer)."""
+    codebook = record.codebook  # (G, k, d)
+    groups, k, dim = codebook.shape
+    width = 2 ** index_bits(record.bits)
+    if width > k:  # copies of entry 0 after it: a tie goes to the lowest index, never to these
+        padding = codebook[:, :1].expand(groups, width - k, dim)
+        codebook = torch.cat([codebook, padding], dim=1)
+    buffers = {
+        "compression_type": torch.tensor([PALETTIZATION]),
+        "lut": codebook.reshape((groups,) + (1,) * (weight_rank - 1) + (width, dim)).clone(),
+    }
+    axis = coreml_vector_axis(record.shape, dim, record.vector_axis)
+    if axis is not None:
+        buffers["vector_axis"] = torch.tensor(axis)
+    if record.scale is not None:
+        buffers["palettization_scale"] = record.scale.reshape(
+            (-1,) + (1,) * (weight_rank - 1)).clone()
+    return buffers
+
+
+@torch.no_grad()
+def finalize(compressor) -> nn.Module:
+    """Snap the compressor's model and attach coremltools' palettization buffers; returns the
+    model, ready for torch.jit.trace and coremltools.convert.
+
+    The buffers are not persistent: the model's state_dict (and the export) are unchanged, while
+    a traced model carries them to the converter. Raises ValueError naming the layer for a palette
+    Core ML cannot hold. Calling it again refreshes the buffers.
+    """
+    modules = dict(compressor.model.named_modules())
+    for name, config in compressor.configs.items():
+        check_deployable(name, modules[name], config, compressor.lut_dtype)
+    compressor.snap_weights()
+    for name, record in compressor.snapped.items():
+        buffers = layer_buffers(record, len(record.shape))
+        for member in (name, *compressor.tied.get(name, ())):
+            module = modules[member]
+            for key in [key for key in module._buffers if key.startswith(f"{PREFIX}/weight/")]:
+                del module._buffers[key]  # a scale or vector axis of an earlier call must go
+            for key, value in buffers.items():
+                module.register_buffer(f"{PREFIX}/weight/{key}",
+                                       value.to(module.weight.device), persistent=False)
+    compressor.model.register_buffer(f"{PREFIX}/metadata_version",
+                                     torch.tensor(METADATA_VERSION), persistent=False)
+    return compressor.model
+
+
+def _coremltools():
+    try:
+        import coremltools
+    except ImportError as error:
+        raise ImportError(f"Core ML conversion needs coremltools ({error}): {INSTALL_HINT}") \
+            from error
+    return coremltools
+
+
+def _check_scaled_output_vectors(compressor) -> None:
+    """Before iOS26, coremltools folds per-channel scales into one palette per output channel,
+    which vectors along the output channels straddle: its conversion fails, so say why first."""
+    modules = dict(compressor.model.named_modules())
+    for name, config in compressor.configs.items():
+        shape = tuple(raw_weight(modules[name]).shape)
+        if (config.enable_per_channel_scale and config.dim > 1
+                and coreml_vector_axis(shape, config.dim, config.vector_axis) == 0):
+            raise ValueError(
+                f"layer {name!r}: a vector palette along the output channels with per-channel "
+                f"scales converts only for minimum_deployment_target=ct.target.iOS26 or later "
+                f"(for earlier targets coremltools folds the scales into one palette per output "
+                f"channel, which the {config.dim}-channel vectors straddle); pass that target, or "
+                f"compress with enable_per_channel_scale=False")
+
+
+def to_coreml(compressor, example_inputs, path=None, **convert_kwargs):
+    """finalize(), torch.jit.trace(model, example_inputs) and coremltools.convert; returns the
+    MLModel and saves it to `path` (an .mlpackage) when given.
+
+    convert_kwargs go to coremltools.convert. minimum_deployment_target defaults to iOS18 and must
+    be iOS18 / macOS15 or later (earlier targets silently drop grouped, vector and scaled
+    palettes); the model is converted to an ML program; `inputs` defaults to one TensorType per
+    example input, at its shape; with float32 palettes compute_precision defaults to FLOAT32 (the
+    converter would otherwise round them to float16).
+    """
+    ct = _coremltools()
+    target = convert_kwargs.pop("minimum_deployment_target", None)
+    target = ct.target.iOS18 if target is None else target
+    if not isinstance(target, ct.target) or target < ct.target.iOS18:
+        raise ValueError(f"minimum_deployment_target={target!r}: palettes with groups, vectors "
+                         f"or per-channel scales need iOS18 / macOS15 or later (before it "
+                         f"coremltools keeps the weights dense); use ct.target.iOS18 or later")
+    if convert_kwargs.get("convert_to", "mlprogram") != "mlprogram":
+        raise ValueError(f"convert_to={convert_kwargs['convert_to']!r}: palettized weights are "
+                         f"an ML program feature; use convert_to='mlprogram'")
+    if target < ct.target.iOS26:
+        _check_scaled_output_vectors(compressor)
+    if compressor.lut_dtype == torch.float32:  # else the converter rounds the palettes to float16
+        convert_kwargs.setdefault("compute_precision", ct.precision.FLOAT32)
+    examples = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if not examples or not all(isinstance(x, Tensor) for x in examples):
+        raise ValueError("example_inputs must be a tensor or a tuple of tensors, the inputs of "
+                         "one forward of the model")
+    model = finalize(compressor)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            traced = torch.jit.trace(model, tuple(x.cpu() for x in examples))
+    finally:
+        model.train(was_training)
+    convert_kwargs.setdefault("inputs", [ct.TensorType(shape=tuple(x.shape)) for x in examples])
+    mlmodel = ct.convert(traced, minimum_deployment_target=target, convert_to="mlprogram",
+                         **{k: v for k, v in convert_kwargs.items() if k != "convert_to"})
+    if path is not None:
+        mlmodel.save(os.fspath(path))
+    return mlmodel
+
+
+# -- reading a converted model back --------------------------------------------------------------
+
+class CoreMLPalette(NamedTuple):
+    """One palettized weight of an ML program, as stored.
+
+    lut: (B0, ..., k, d) palettes (blocks of the weight axes); indices: uint array, one index
+    per vector, the weight's shape with vector_axis divided by d; scale: (O, 1, ...) or None;
+    scale_on_lut: whether the scale multiplies the LUT entries (coremltools stores that form for
+    targets before iOS26, with one palette per output channel) rather than the dense weight.
+    """
+
+    lut: np.ndarray
+    indices: np.ndarray
+    index_bits: int
+    vector_axis: int | None
+    scale: np.ndarray | None
+    scale_on_lut: bool
+
+    def dense(self) -> np.ndarray:
+        """The weight the op produces (float32)."""
+        lut = self.lut.astype(np.float32)
+        if self.scale is not None and self.scale_on_lut:
+            lut = lut * self.scale.astype(np.float32)[..., None, None]
+        *blocks, k, dim = lut.shape
+        indices = self.indices.astype(np.int64)
+        axis = self.vector_axis
+        shape = list(indices.shape)
+        if dim > 1:
+            shape[axis] *= dim
+        out = np.empty(shape, dtype=np.float32)
+        # Block b of axis a covers shape[a] / blocks[a] consecutive entries.
+        for block in np.ndindex(*blocks):
+            where = tuple(slice(b * (n // m), (b + 1) * (n // m))
+                          for b, n, m in zip(block, indices.shape, blocks))
+            values = lut[block][indices[where]]  # (..., d)
+            if dim > 1:
+                values = np.moveaxis(values, -1, axis + 1)
+                values = values.reshape(values.shape[:axis] + (-1,) + values.shape[axis + 2:])
+            else:
+                values = values[..., 0]
+            out_where = tuple(slice(b * (n // m), (b + 1) * (n // m))
+                              for b, n, m in zip(block, shape, blocks))
+            out[out_where] = values
+        if self.scale is not None and not self.scale_on_lut:
+            out = out * self.scale.astype(np.float32)
+        return out
+
+
+def read_palettes(mlmodel) -> dict[str, CoreMLPalette]:
+    """The palettized weights of a converted MLModel (its in-memory MIL program), keyed by the
+    weight's name in the program (coremltools writes "features.0.weight" as
+    "features_0_weight")."""
+    ct = _coremltools()
+    from coremltools.converters.mil.mil import types
+
+    program = getattr(mlmodel, "_mil_program", None)
+    if program is None:
+        raise ValueError("the MLModel holds no MIL program (a model loaded from disk): read the "
+                         "one coremltools.convert returned")
+    del ct
+    found = {}
+    for function in program.functions.values():
+        for op in function.operations:
+            if op.op_type != "constexpr_lut_to_dense":
+                continue
+            lut_op = op.lut.op
+            scale, on_lut, name = None, False, op.outputs[0].name
+            if lut_op is not None and lut_op.op_type == "constexpr_blockwise_shift_scale":
+                lut, scale, on_lut = lut_op.data.val, lut_op.scale.val, True
+                scale = scale.reshape(scale.shape[:-2])  # (O, 1, ..., 1) of the weight's rank
+                # The weight's name is on the first op of the pair (the op it converted to).
+                name = lut_op.outputs[0].name
+            else:
+                lut = op.lut.val
+                children = op.outputs[0].child_ops
+                if len(children) == 1 and children[0].op_type == "constexpr_blockwise_shift_scale":
+                    scale = children[0].scale.val
+            vector_axis = None if op.vector_axis is None else int(op.vector_axis.val)
+            bits = int(types.builtin_to_string(op.indices.dtype).removeprefix("uint"))
+            found[name] = CoreMLPalette(lut, op.indices.val, bits, vector_axis, scale, on_lut)
+    return found
