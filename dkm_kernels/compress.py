@@ -482,8 +482,12 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
         except (re.error, TypeError) as error:
             raise ValueError(f"{where}: not a regular expression ({error})") from None
         name_patterns.append((compiled, _config_choices(value, where)))
-    type_configs = {key: _config_choices(value, f"module_type_configs[{key!r}]")
-                    for key, value in (module_type_configs or {}).items()}
+    type_configs = {}
+    for key, value in (module_type_configs or {}).items():
+        if not isinstance(key, (str, type)):
+            raise ValueError(f"module_type_configs: a key is a module class or its name (such as "
+                             f"nn.Conv2d or 'Conv2d'), got {key!r}")
+        type_configs[key] = _config_choices(value, f"module_type_configs[{key!r}]")
 
     candidates = clusterable_modules(model)
     lazy = [name for name, module in candidates
@@ -531,7 +535,7 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                 skipped[name] = "layer_configs: None"
                 continue
             resolved.update(_as_dict(overrides[name], f"layer_configs[{name!r}]"))
-            resolved.pop("weight_threshold", None)  # named explicitly: clustered whatever its size
+            resolved.pop("weight_threshold", None)  # named: clustered whatever its size
             reason = _unsupported(module, resolved)
             if reason is not None:  # named explicitly: a skip would go unnoticed
                 raise ValueError(f"layer_configs[{name!r}]: {reason}")
@@ -543,7 +547,7 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
             else:
                 found, choices = _type_choices(type_configs, module)
                 source = f"module_type_configs[{type(module).__name__!r}]" if found else None
-                choices = choices if found else [{}]
+                choices = choices if found else [resolved]  # its own threshold, if any
             if choices is None:
                 skipped[name] = f"{source}: None"
                 continue
@@ -557,9 +561,9 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                 skipped[name] = f"weight_threshold: {numel} weights, not more than {lowest}"
                 continue
             resolved.update(chosen)
-            resolved.pop("weight_threshold", None)
             if named is None and numel < small_layer_threshold:
                 resolved.update(small)
+            resolved.pop("weight_threshold", None)
             reason = _unsupported(module, resolved)
             if reason is not None:
                 skipped[name] = reason

@@ -297,3 +297,181 @@ def read_palettes(mlmodel) -> dict[str, CoreMLPalette]:
             bits = int(types.builtin_to_string(op.indices.dtype).removeprefix("uint"))
             found[name] = CoreMLPalette(lut, op.indices.val, bits, vector_axis, scale, on_lut)
     return found
+
+
+# -- coremltools' DKMPalettizerConfig -------------------------------------------------------------
+
+# coremltools' per-module defaults (ModuleDKMPalettizerConfig) for the options translated here.
+CT_DEFAULTS = {"n_bits": None, "weight_threshold": 2048, "granularity": "per_tensor",
+               "group_size": None, "enable_per_channel_scale": False, "milestone": 0,
+               "cluster_dim": None, "lut_dtype": "f32", "palett_tau": 1e-4,
+               "palett_epsilon": 1e-4, "kmeans_max_iter": 3, "kmeans_init": "auto"}
+# Options that change the result and that dkm_kernels does not implement: only their defaults.
+CT_FIXED = {"channel_axis": 0, "quantize_activations": False, "palett_mode": "dkm",
+            "cluster_permute": None, "palett_lambda": 0.0, "add_extra_centroid": False,
+            "enforce_zero": False, "palett_cluster_tol": 0.0, "percentage_palett_enable": 1.0,
+            "kmeans_error_bnd": 0.0}
+# Options about how coremltools computes (memory, sharding, activation quantization, its
+# k-means restarts), or deprecated aliases: nothing to translate.
+CT_IGNORED = ("palett_max_mem", "palett_min_tsize", "palett_unique", "palett_shard",
+              "palett_batch_mode", "palett_dist", "kmeans_batch_threshold",
+              "kmeans_opt1d_threshold", "kmeans_n_init", "zero_threshold", "prune_threshold",
+              "quant_min", "quant_max", "dtype", "per_channel_scaling_factor_scheme",
+              "partition_size", "cluster_dtype")
+CT_LUT_DTYPES = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}
+CT_KMEANS_INITS = ("auto", "kmeans++", "cpu.kmeans++")
+# The bits coremltools uses when n_bits is None: 4 for Linear, 2 for the other modules.
+CT_DEFAULT_BITS = {"Linear": 4, "Conv1d": 2, "Conv2d": 2, "Conv3d": 2, "Embedding": 2}
+# Module types coremltools palettizes that dkm_kernels does not cluster.
+CT_OTHER_TYPES = ("LayerNorm", "MultiheadAttention")
+
+
+def _plain(value):
+    """An enum of coremltools' config (granularity) as its string."""
+    return getattr(value, "value", value)
+
+
+def _module_config_dict(config, where: str) -> dict:
+    if hasattr(config, "as_dict"):  # a ModuleDKMPalettizerConfig
+        config = config.as_dict()
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: a module config is a ModuleDKMPalettizerConfig or its dict, "
+                         f"got {type(config).__name__}")
+    known = set(CT_DEFAULTS) | set(CT_FIXED) | set(CT_IGNORED)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown coremltools option(s) {unknown}")
+    return {key: _plain(value) for key, value in config.items()}
+
+
+def _translate_module_config(config, where: str, shared: dict):
+    """One coremltools module config (or None, or a list) as compress_model config dict(s);
+    `shared` collects the options that are one per model in dkm_kernels (milestone, lut_dtype)."""
+    if config is None:
+        return None
+    if isinstance(config, (list, tuple)):
+        return [_translate_module_config(item, f"{where}[{i}]", shared)
+                for i, item in enumerate(config)]
+    options = {**CT_DEFAULTS, **CT_FIXED, **_module_config_dict(config, where)}
+    changed = sorted(key for key, default in CT_FIXED.items() if options[key] != default)
+    if changed:
+        raise ValueError(f"{where}: {', '.join(f'{k}={options[k]!r}' for k in changed)}: not "
+                         f"supported by dkm_kernels (leave {'it' if len(changed) == 1 else 'them'}"
+                         f" at coremltools' default)")
+    lut = options["lut_dtype"]
+    if lut not in CT_LUT_DTYPES:
+        raise ValueError(f"{where}: lut_dtype={lut!r}: integer (i8, u8) palettes are not "
+                         f"supported by dkm_kernels; use 'f16' (or 'f32')")
+    if options["kmeans_init"] not in CT_KMEANS_INITS:
+        raise ValueError(f"{where}: kmeans_init={options['kmeans_init']!r}: dkm_kernels "
+                         f"initialises with k-means++; use one of {list(CT_KMEANS_INITS)}")
+    for key, value in (("milestone", options["milestone"]), ("lut_dtype", CT_LUT_DTYPES[lut])):
+        if shared.setdefault(key, value) != value:
+            raise ValueError(f"{where}: {key}={options[key]!r}, while another module config "
+                             f"has {shared[key]!r}: dkm_kernels has one {key} per model")
+    granularity = options["granularity"]
+    if granularity not in ("per_tensor", "per_grouped_channel"):
+        raise ValueError(f"{where}: granularity={granularity!r} is not supported")
+    translated = {
+        "weight_threshold": options["weight_threshold"],
+        "group_size": options["group_size"] if granularity == "per_grouped_channel" else None,
+        "enable_per_channel_scale": options["enable_per_channel_scale"],
+        "tau": options["palett_tau"], "epsilon": options["palett_epsilon"],
+        "max_iter": options["kmeans_max_iter"], "init_method": "kmeans++",
+    }
+    if options["n_bits"] is not None:  # else the module type's default (CT_DEFAULT_BITS)
+        translated["bits"] = options["n_bits"]
+    if options["cluster_dim"] is not None:
+        translated["dim"] = options["cluster_dim"]
+        # coremltools' vectors run along the output channels (its vector_ch_axis 0).
+        translated["vector_axis"] = "output" if options["cluster_dim"] > 1 else "flat"
+    return translated
+
+
+def from_coremltools_config(config) -> dict:
+    """compress_model settings equivalent to a coremltools DKMPalettizerConfig (or its dict):
+    `compress_model(model, **from_coremltools_config(config))`.
+
+    Translated: n_bits, weight_threshold, granularity / group_size, cluster_dim (vectors along
+    the output channels, as coremltools lays them), enable_per_channel_scale (dkm_kernels' scale
+    is max |w| per channel, coremltools' "abs" scheme), milestone (steps; one per model),
+    lut_dtype (f16, f32, bf16; one per model), palett_tau, palett_epsilon, kmeans_max_iter,
+    module_name_configs (regular expressions matching whole names), module_type_configs, and the
+    global config; lists of configs by weight_threshold too. With none of the three, coremltools'
+    default scheme (4-bit Linear, 2-bit Conv and Embedding, weight_threshold 2048). Options about
+    how coremltools computes (memory, sharding, k-means restarts) have nothing to translate;
+    options that change the result and that dkm_kernels lacks (integer palettes, activation
+    quantization, enforce_zero, cluster_permute, ...) raise a ValueError naming them.
+    The settings target Core ML (target="coreml"), with no first/last or small-layer rule.
+    """
+    if hasattr(config, "module_type_configs"):  # a DKMPalettizerConfig
+        parts = {"global_config": config.global_config,
+                 "module_type_configs": dict(config.module_type_configs),
+                 "module_name_configs": dict(config.module_name_configs)}
+    elif isinstance(config, dict):
+        unknown = sorted(set(config) - {"global_config", "module_type_configs",
+                                        "module_name_configs"})
+        if unknown:
+            raise ValueError(f"config: unknown key(s) {unknown}; a DKMPalettizerConfig has "
+                             f"global_config, module_type_configs and module_name_configs")
+        parts = {"global_config": config.get("global_config"),
+                 "module_type_configs": dict(config.get("module_type_configs") or {}),
+                 "module_name_configs": dict(config.get("module_name_configs") or {})}
+    else:
+        raise ValueError(f"config must be a coremltools DKMPalettizerConfig or its dict, got "
+                         f"{type(config).__name__}")
+    if parts["global_config"] is None and not parts["module_type_configs"] \
+            and not parts["module_name_configs"]:
+        parts["module_type_configs"] = {name: {"n_bits": bits}
+                                        for name, bits in CT_DEFAULT_BITS.items()}
+    shared: dict = {}
+    type_configs = {}
+    for key, value in parts["module_type_configs"].items():
+        name = key if isinstance(key, str) else getattr(key, "__name__", repr(key))
+        if name in CT_OTHER_TYPES:
+            if value is not None and config_is_explicit(config, key):
+                raise ValueError(f"module_type_configs[{name!r}]: dkm_kernels clusters Conv, "
+                                 f"Linear and Embedding weights, not {name}; set it to None")
+            continue
+        type_configs[key] = _translate_module_config(value, f"module_type_configs[{name!r}]",
+                                                     shared)
+    global_config = _translate_module_config(parts["global_config"], "global_config", shared)
+    # Modules no name or type config covers get the global config (None: not clustered); the
+    # transposed convolutions coremltools does not palettize.
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Embedding):
+        if cls not in type_configs and cls.__name__ not in type_configs:
+            type_configs[cls] = global_config
+    for cls in CONV_TRANSPOSE_TYPES:
+        type_configs.setdefault(cls, None)
+    name_configs = {pattern: _translate_module_config(value, f"module_name_configs[{pattern!r}]",
+                                                      shared)
+                    for pattern, value in parts["module_name_configs"].items()}
+    return {
+        "conv_config": {"bits": CT_DEFAULT_BITS["Conv2d"], "dim": 1},
+        "fc_config": {"bits": CT_DEFAULT_BITS["Linear"], "dim": 1},
+        "embedding_config": {"bits": CT_DEFAULT_BITS["Embedding"], "dim": 1},
+        "module_type_configs": type_configs,
+        "module_name_configs": name_configs,
+        "milestone": shared.get("milestone", 0),
+        "lut_dtype": shared.get("lut_dtype", CT_LUT_DTYPES[CT_DEFAULTS["lut_dtype"]]),
+        "skip_first_last": False,
+        "small_layer_threshold": 0,
+        "target": "coreml",
+    }
+
+
+def config_is_explicit(config, key) -> bool:
+    """Whether module_type_configs[key] was given, rather than coremltools' default scheme."""
+    return not (hasattr(config, "module_type_configs") and config.global_config is None
+                and not config.module_name_configs
+                and _plain_default_scheme(config.module_type_configs))
+
+
+def _plain_default_scheme(type_configs) -> bool:
+    """Whether type_configs is coremltools' default scheme (filled in when nothing was given)."""
+    try:
+        from coremltools.optimize.torch.palettization.palettization_config import (
+            _default_module_type_configs)
+    except ImportError:
+        return False
+    return dict(type_configs) == dict(_default_module_type_configs)
