@@ -422,7 +422,7 @@ def from_coremltools_config(config) -> dict:
                          f"{type(config).__name__}")
     if parts["global_config"] is None and not parts["module_type_configs"] \
             and not parts["module_name_configs"]:
-        parts["module_type_configs"] = {name: {"n_bits": bits}
+        parts["module_type_configs"] = {name: {"n_bits": bits, "cluster_dim": 1}
                                         for name, bits in CT_DEFAULT_BITS.items()}
     shared: dict = {}
     type_configs = {}
