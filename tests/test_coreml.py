@@ -14,7 +14,7 @@ from dkm_kernels import compress_model
 from dkm_kernels.coreml import check_deployable, coreml_vector_axis, index_bits
 from dkm_kernels.export import export_bytes, unpack_indices
 from dkm_kernels.layer import weight_rows
-from shared_models import seeded
+from shared_models import TiedLM, seeded
 
 
 class Net(nn.Module):
@@ -232,3 +232,19 @@ def test_saved_weight_file_is_the_palettes_indices_and_biases(ct, tmp_path):
     # framing: at most 128 bytes per tensor and the 64-byte header.
     blobs = 3 * len(export["layer_configs"])
     assert export_bytes(export) * 0.95 < size <= export_bytes(export) + 128 * blobs + 64
+
+
+def test_a_tied_weight_is_one_lut_op_for_both_modules(ct):
+    model = seeded(TiedLM)
+    compressor = compress_model(model, bits=3, skip_first_last=False, small_layer_threshold=0,
+                                seed=0, target="coreml")
+    assert compressor.tied == {"emb": ["head"]}
+    export = compressor.export_compressed()
+    mlmodel = compressor.to_coreml(torch.randint(40, (1, 6)))
+    operations = mlmodel._mil_program.functions["main"].operations
+    lut_ops = [op for op in operations if op.op_type == "constexpr_lut_to_dense"]
+    assert sorted(op.outputs[0].name for op in lut_ops) == ["emb_weight", "mid_weight"]
+    users = {child.op_type for op in lut_ops if op.outputs[0].name == "emb_weight"
+             for child in op.outputs[0].child_ops}
+    assert users == {"gather", "matmul"}  # the embedding and the head read the same palette
+    check_program(model, compressor, export, mlmodel)
