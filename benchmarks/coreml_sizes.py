@@ -18,10 +18,11 @@ speed: one training step (forward, backward, SGD step; for coremltools also pale
 with coremltools' DKMPalettizer and with dkm_kernels at the same configuration (its
 DKMPalettizerConfig translated by from_coremltools_config: same bits, vector size, tau
 (palett_tau 1e-4), iterations (kmeans_max_iter 3)), each in a fresh process: the median step time
-of --repeats steps after two warm-up steps (the first enables palettization), and the process's
+of --repeats steps after two warm-up steps (palettized already: milestone 0), and the process's
 resident high-water mark over the timed steps above its resident set before them (harness.py's
-ResidentPeak), on --threads threads (default 1, steadier on a shared machine). Cases: "layer", one 512x512x3x3 convolution at 8/8 (k = 256, d = 8) on a
-(1, 512, 8, 8) input; "digits", the main job's DigitsCNN at 2 bits on a batch of 64.
+ResidentPeak), on --threads threads (default 1, steadier on a shared machine). Cases: "layer",
+one 512x512x3x3 convolution at 8/8 (k = 256, d = 8) on a (1, 512, 8, 8) input; "digits", the
+main job's DigitsCNN at 2 bits on a batch of 64.
 """
 from __future__ import annotations
 

@@ -34,8 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import export
-from . import coreml
+from . import coreml, export
 from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _in_backward,
                     check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed)
 from .init import SEED_BOUND
@@ -258,8 +257,9 @@ class DKMCompressor(nn.Module):
                 init_method=config.init_method, backend=backend,
                 group_size=config.group_size,
                 enable_per_channel_scale=config.enable_per_channel_scale,
-                lut_dtype=lut_dtype, vector_axis=config.vector_axis, generator=layer_generator, keep_weight=False,
-                lazy_init=milestone > 0, auto_advance=False, name=name, _groups=groups)
+                lut_dtype=lut_dtype, vector_axis=config.vector_axis,
+                generator=layer_generator, keep_weight=False, lazy_init=milestone > 0,
+                auto_advance=False, name=name, _groups=groups)
             # One layer for every module holding this Parameter: one palette, one DKM per forward.
             for member in (name, *self.tied.get(name, ())):
                 # unsafe: registration would otherwise run the layer once (a DKM step) to check it.

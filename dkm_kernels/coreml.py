@@ -200,7 +200,8 @@ def to_coreml(compressor, example_inputs, path=None, **convert_kwargs):
     if not examples or not all(isinstance(x, Tensor) for x in examples):
         raise ValueError("example_inputs must be a tensor or a tuple of tensors, the inputs of "
                          "one forward of the model")
-    off_cpu = sorted({str(t.device) for t in compressor.model.parameters() if t.device.type != "cpu"})
+    off_cpu = sorted({str(t.device) for t in compressor.model.parameters()
+                      if t.device.type != "cpu"})
     if off_cpu:
         raise ValueError(f"the model has parameters on {off_cpu}: coremltools converts from the "
                          f"CPU; move it there first (compressor.cpu())")
