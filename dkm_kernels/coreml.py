@@ -273,14 +273,13 @@ def read_palettes(mlmodel) -> dict[str, CoreMLPalette]:
     """The palettized weights of a converted MLModel (its in-memory MIL program), keyed by the
     weight's name in the program (coremltools writes "features.0.weight" as
     "features_0_weight")."""
-    ct = _coremltools()
+    _coremltools()  # a clear error when it is missing
     from coremltools.converters.mil.mil import types
 
     program = getattr(mlmodel, "_mil_program", None)
     if program is None:
         raise ValueError("the MLModel holds no MIL program (a model loaded from disk): read the "
                          "one coremltools.convert returned")
-    del ct
     found = {}
     for function in program.functions.values():
         for op in function.operations:
@@ -431,10 +430,11 @@ def from_coremltools_config(config) -> dict:
                                         for name, bits in CT_DEFAULT_BITS.items()}
     shared: dict = {}
     type_configs = {}
+    default_scheme = _is_default_scheme(config)
     for key, value in parts["module_type_configs"].items():
         name = key if isinstance(key, str) else getattr(key, "__name__", repr(key))
         if name in CT_OTHER_TYPES:
-            if value is not None and config_is_explicit(config, key):
+            if value is not None and not default_scheme:
                 raise ValueError(f"module_type_configs[{name!r}]: dkm_kernels clusters Conv, "
                                  f"Linear and Embedding weights, not {name}; set it to None")
             continue
@@ -465,18 +465,12 @@ def from_coremltools_config(config) -> dict:
     }
 
 
-def config_is_explicit(config, key) -> bool:
-    """Whether module_type_configs[key] was given, rather than coremltools' default scheme."""
-    return not (hasattr(config, "module_type_configs") and config.global_config is None
-                and not config.module_name_configs
-                and _plain_default_scheme(config.module_type_configs))
-
-
-def _plain_default_scheme(type_configs) -> bool:
-    """Whether type_configs is coremltools' default scheme (filled in when nothing was given)."""
-    try:
-        from coremltools.optimize.torch.palettization.palettization_config import (
-            _default_module_type_configs)
-    except ImportError:
+def _is_default_scheme(config) -> bool:
+    """Whether a DKMPalettizerConfig holds only the default scheme coremltools fills in when no
+    config is given (it includes LayerNorm and MultiheadAttention, which are skipped here)."""
+    if not hasattr(config, "module_type_configs") or config.global_config is not None \
+            or config.module_name_configs:
         return False
-    return dict(type_configs) == dict(_default_module_type_configs)
+    from coremltools.optimize.torch.palettization.palettization_config import (
+        _default_module_type_configs)
+    return dict(config.module_type_configs) == dict(_default_module_type_configs)
