@@ -125,8 +125,8 @@ def test_untranslatable_options_are_named(config, match):
 
 
 def test_a_coremltools_config_object_trains_and_converts(tmp_path):
-    ct = pytest.importorskip("coremltools", reason="the config object needs coremltools "
-                                                   "(pip install coremltools)")
+    pytest.importorskip("coremltools", reason="the config object needs coremltools "
+                                              "(pip install coremltools)")
     from coremltools.optimize.torch.palettization import DKMPalettizerConfig
 
     class Net(nn.Module):

@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 
 from dkm_kernels import compress_model
-from dkm_kernels.coreml import check_deployable, coreml_vector_axis, index_bits
+from dkm_kernels.coreml import coreml_vector_axis, index_bits
 from dkm_kernels.export import export_bytes, unpack_indices
-from dkm_kernels.layer import weight_rows
 from shared_models import TiedLM, seeded
 
 
