@@ -203,7 +203,9 @@ def measure_speed(args) -> list[dict]:
         theirs, ours = (next(r for r in rows if r["case"] == name and r["impl"] == impl)
                         for impl in IMPLEMENTATIONS)
         if "step_s" in ours and "error" in theirs:
-            ours["speedup_vs_coremltools"] = f"more than {args.case_timeout / ours['step_s']:.0f}x"
+            # Its steps are not timed one by one (its first includes its k-means initialisation):
+            # only the whole run's bound is known.
+            ours["coremltools_run_s"] = f"more than {args.case_timeout:.0f}"
         if "step_s" in theirs and "step_s" in ours:
             ours["speedup_vs_coremltools"] = theirs["step_s"] / ours["step_s"]
             ours["peak_ratio_vs_coremltools"] = theirs["peak_bytes"] / max(ours["peak_bytes"], 1)
