@@ -87,7 +87,10 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "scikit-learn", "tqdm", "matplotlib",
                  "transformers",
-                 "triton; platform_system == 'Linux'"],
+                 "triton; platform_system == 'Linux'",
+                 # Core ML conversion (converts and saves ML programs on Linux and macOS)
+                 "coremltools; platform_system != 'Windows'"],
+        "coreml": ["coremltools"],
         "triton": ["triton"],
     },
     ext_modules=cpu_extension(),

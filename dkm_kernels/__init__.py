@@ -5,6 +5,8 @@
     dkm_kernels.DKMLayer(weight, n_clusters)   one clustered weight (layer.py)
     dkm_kernels.compress_model(model, bits)    DKM on a whole model -> DKMCompressor (compress.py)
     dkm_kernels.load_compressed(path, model)   a plain model from an export (export.py)
+    compressor.to_coreml(example_inputs, path) the learned palettes as a Core ML model (coreml.py)
+    dkm_kernels.from_coremltools_config(cfg)   compress_model settings from a DKMPalettizerConfig
 """
 from . import backends
 from .functional import DKMResult, dkm, vectorize
@@ -12,11 +14,13 @@ from .init import init_centroids, kmeans_plus_plus, random_rows
 from .layer import DKMLayer
 from .compress import DKMCompressor, LayerConfig, compress_model
 from .export import export_compressed, load_compressed, save_compressed
+from .coreml import from_coremltools_config
 from .utils import print_compression_summary
 
 backends.load_all()
 
 __all__ = ["DKMResult", "dkm", "vectorize", "init_centroids", "kmeans_plus_plus", "random_rows",
            "DKMLayer", "DKMCompressor", "LayerConfig", "compress_model", "export_compressed",
-           "save_compressed", "load_compressed", "print_compression_summary"]
+           "save_compressed", "load_compressed", "print_compression_summary",
+           "from_coremltools_config"]
 __version__ = "0.1.0"

@@ -2,20 +2,26 @@
 
     demo (default)   train a small CNN on scikit-learn's digits, then compress it at several
                      palette configurations with DKM (fine-tuning with DKM in the loop) and with
-                     post-training k-means (same palettes, no training); print accuracy and size
+                     post-training k-means (same palettes, no training); print accuracy and size;
+                     with coremltools installed, also write the DKM model of one configuration
+                     as a Core ML model (palettized ML program) and print its size
     info PATH        summarise a file written by save_compressed / export_compressed
 """
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import tempfile
 import time
 
 import torch
 from torch import nn
 
 DEFAULT_CONFIGS = "1/1,2/1,3/1,4/4,4/8"
+# The DKM configuration written as a Core ML model (the first of --configs when absent).
+DEFAULT_COREML_CONFIG = "2/1"
 # --quick: enough epochs to run every step once, and the extreme palettes of the default set.
 QUICK_EPOCHS, QUICK_DKM_EPOCHS, QUICK_CONFIGS = 2, 1, "1/1,4/8"
 # scikit-learn's digits are 8x8 images of intensities 0..16.
@@ -110,6 +116,9 @@ def run_demo(args) -> list[dict]:
     torch.manual_seed(args.seed)
     train_data, test_data = load_digits_split(args.seed)
     configs = _parse_configs(args.configs)
+    deployed = _parse_configs(args.coreml_config)[0]
+    deployed = deployed if deployed in configs else configs[0]
+    deployment = None
     total_epochs = args.epochs + len(configs) * args.dkm_epochs
     progress = tqdm(total=total_epochs, desc="training", unit="epoch", file=sys.stderr,
                     disable=args.no_progress)
@@ -151,10 +160,41 @@ def run_demo(args) -> list[dict]:
             rows.append({"method": method, "config": notation, "bits_per_weight": bits / dim,
                          "accuracy": accuracy(compressor, test_data),
                          "bytes": info["compressed_bytes"], "ratio": info["compression_ratio"]})
+            if method == "DKM" and (bits, dim) == deployed:
+                deployment = (notation, compressor, info["compressed_bytes"])
     progress.close()
     elapsed = time.perf_counter() - started
     print_table(rows, train_data, test_data, args, elapsed)
+    if not args.no_coreml:
+        write_coreml(*deployment, args)
     return rows
+
+
+def weight_file_bytes(mlpackage: str) -> int:
+    """Bytes of the weight file of a saved ML program (the palettes, indices and dense tensors)."""
+    return os.path.getsize(os.path.join(mlpackage, "Data", "com.apple.CoreML", "weights",
+                                        "weight.bin"))
+
+
+def write_coreml(notation: str, compressor, export_bytes: int, args) -> str | None:
+    """Convert the DKM model of `notation` to Core ML, save it and print its size; returns the
+    path (None when coremltools is missing or the palettes cannot be laid out in Core ML)."""
+    try:
+        import coremltools  # noqa: F401
+    except ImportError:
+        print("Core ML: pip install coremltools to also write the DKM model as a Core ML model")
+        return None
+    path = args.coreml or os.path.join(tempfile.gettempdir(),
+                                       f"dkm_digits_{notation.replace('/', '_')}.mlpackage")
+    example = torch.zeros(1, 1, 8, 8)
+    try:
+        compressor.to_coreml(example, path)
+    except ValueError as error:
+        print(f"Core ML: DKM {notation} not written: {' '.join(str(error).split())}")
+        return None
+    print(f"Core ML: DKM {notation} written to {path}, weight file {weight_file_bytes(path)} B "
+          f"(palettized, float16 biases; the export above: {export_bytes} B)")
+    return path
 
 
 def print_table(rows, train_data, test_data, args, elapsed: float) -> None:
@@ -229,6 +269,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's own choice)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--coreml", default=None, metavar="PATH",
+                        help="where to write the Core ML model (.mlpackage; default: in the "
+                             "temporary directory); needs coremltools")
+    parser.add_argument("--coreml-config", default=DEFAULT_COREML_CONFIG,
+                        help=f"the DKM configuration written as a Core ML model (default "
+                             f"{DEFAULT_COREML_CONFIG}, else the first of --configs)")
+    parser.add_argument("--no-coreml", action="store_true", help="do not write a Core ML model")
 
 
 def main(argv=None) -> int:

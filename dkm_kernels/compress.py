@@ -10,13 +10,19 @@ DKMLayer, registered on each of them (`DKMCompressor.tied`).
 
 Per-layer configuration, most specific first:
   1. `layer_configs[module_name]`: a config, or None to leave that module uncompressed;
-  2. the small-layer rule: a weight with fewer than `small_layer_threshold` elements gets
+  2. `module_name_configs[pattern]`: the first regular expression that matches the whole name;
+  3. the small-layer rule: a weight with fewer than `small_layer_threshold` elements gets
      `small_layer_config` (the paper's protocol: 8-bit scalar, k=256, d=1);
-  3. `conv_config` for Conv1d/2d/3d, `fc_config` for Linear, `embedding_config` for Embedding;
-  4. the defaults given as arguments (bits, dim, tau, group_size, ...).
-A config is a dict with any of the keys of `LayerConfig`, or a string "bits/dim" ("6/8").
+  4. `module_type_configs[type]` (a module class or its name, such as "Conv2d");
+  5. `conv_config` for Conv1d/2d/3d, `fc_config` for Linear, `embedding_config` for Embedding;
+  6. the defaults given as arguments (bits, dim, tau, group_size, ...).
+A config is a dict with any of the keys of `LayerConfig` (and "weight_threshold"), or a string
+"bits/dim" ("6/8"). A weight with at most `weight_threshold` elements is left uncompressed unless
+`layer_configs` names it; in module_name_configs and module_type_configs a list of configs picks
+the one with the largest weight_threshold below the weight's size (coremltools' rule).
 With `skip_first_last`, the first and last eligible modules (in registration order) are left
-uncompressed unless `layer_configs` names them.
+uncompressed unless `layer_configs` names them. `target="coreml"` checks that every clustered
+layer can be deployed to Core ML (dkm_kernels.coreml) before anything is trained.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import distributed, export
+from . import coreml, distributed, export
 from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _in_backward,
                     check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed)
 from .init import SEED_BOUND
@@ -59,6 +65,7 @@ class LayerConfig:
     max_iter: int = DEFAULT_MAX_ITER
     epsilon: float = DEFAULT_EPSILON
     init_method: str = "kmeans++"
+    vector_axis: str = "flat"
 
     @property
     def n_clusters(self) -> int:
@@ -71,6 +78,9 @@ class LayerConfig:
 
 
 CONFIG_KEYS = tuple(field.name for field in dataclasses.fields(LayerConfig))
+# A config may also say which weights it is for (not a clustering option: resolved away).
+SELECTION_KEYS = ("weight_threshold",)
+TARGETS = (None, "coreml")
 
 
 def parse_config(text: str) -> dict:
@@ -106,11 +116,43 @@ def _as_dict(config, where: str) -> dict:
         return dataclasses.asdict(config)
     if not isinstance(config, Mapping):
         raise ValueError(f"{where}: a config is a dict or a 'bits/dim' string, got {config!r}")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    unknown = sorted(set(config) - set(CONFIG_KEYS + SELECTION_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; "
-                         f"the options are {list(CONFIG_KEYS)}")
+                         f"the options are {list(CONFIG_KEYS + SELECTION_KEYS)}")
+    threshold = config.get("weight_threshold", 0)
+    if not _is_int(threshold) or threshold < 0:
+        raise ValueError(f"{where}: weight_threshold must be an integer >= 0, got {threshold!r}")
     return dict(config)
+
+
+def _config_choices(value, where: str) -> list[dict] | None:
+    """A module_name_configs / module_type_configs value: None (leave uncompressed), or its
+    configs as dicts, largest weight_threshold first."""
+    if value is None:
+        return None
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        raise ValueError(f"{where}: an empty list; give a config, a list of configs or None")
+    configs = [_as_dict(item, where) for item in items]
+    return sorted(configs, key=lambda c: c.get("weight_threshold", 0), reverse=True)
+
+
+def _pick(choices: list[dict], numel: int, default_threshold: int) -> dict | None:
+    """The config of the largest weight_threshold that the weight's size exceeds, if any."""
+    for choice in choices:
+        if numel > choice.get("weight_threshold", default_threshold):
+            return choice
+    return None
+
+
+def _type_choices(module_type_configs, module: nn.Module):
+    """module_type_configs' entry for `module` (its class, or its class's name), or absent."""
+    cls = type(module)
+    for key in (cls, cls.__name__):
+        if key in module_type_configs:
+            return True, module_type_configs[key]
+    return False, None
 
 
 def _is_int(value) -> bool:
@@ -129,7 +171,8 @@ def _validated(name: str, config: dict, module: nn.Module) -> LayerConfig:
     try:
         check_layer_options(tuple(weight.shape), 2**bits, config["tau"], config["dim"],
                             config["max_iter"], config["epsilon"], config["init_method"],
-                            config["group_size"], config["enable_per_channel_scale"])
+                            config["group_size"], config["enable_per_channel_scale"],
+                            config["vector_axis"])
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     return LayerConfig(**config)
@@ -154,6 +197,10 @@ def _unsupported(module: nn.Module, config: dict) -> str | None:
         return (f"{layer_type(module)} keeps its output channels on axis {axis} of its weight, "
                 f"and group_size and per-channel scales follow axis 0: give it group_size=None "
                 f"and enable_per_channel_scale=False to cluster it")
+    if axis != 0 and config["vector_axis"] != "flat":
+        return (f"{layer_type(module)} keeps its output channels on axis {axis} of its weight, "
+                f"and vector_axis='output' follows axis 0: give it vector_axis='flat' to "
+                f"cluster it")
     return None
 
 
@@ -174,7 +221,8 @@ class DKMCompressor(nn.Module):
                  skipped: dict[str, str], milestone: int = 0, backend: str = "auto",
                  lut_dtype: torch.dtype = torch.float16, seed: int | None = None,
                  tied: Mapping[str, list[str]] | None = None, process_group=None,
-                 shard_rows: bool = True, uniquify: bool = True, progress: bool | None = None):
+                 shard_rows: bool = True, uniquify: bool = True, progress: bool | None = None,
+                 target: str | None = None):
         super().__init__()
         if not _is_int(milestone) or milestone < 0:
             raise ValueError(f"milestone must be an integer >= 0, got {milestone!r}")
@@ -191,6 +239,7 @@ class DKMCompressor(nn.Module):
         self.tied = {name: list(others) for name, others in (tied or {}).items() if others}
         self.milestone = milestone
         self.lut_dtype = lut_dtype
+        self.target = target  # "coreml": the layers were checked to deploy there
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
         self._step = 0  # host mirror of `step`: a forward never reads the device
         self._depth = 0  # nested calls of the model's forward (only the outermost is a step)
@@ -221,10 +270,10 @@ class DKMCompressor(nn.Module):
                 init_method=config.init_method, backend=backend,
                 group_size=config.group_size,
                 enable_per_channel_scale=config.enable_per_channel_scale,
-                lut_dtype=lut_dtype, generator=layer_generator, keep_weight=False,
-                lazy_init=milestone > 0, auto_advance=False, name=name,
-                process_group=process_group, shard_rows=shard_rows, uniquify=uniquify,
-                _groups=groups)
+                lut_dtype=lut_dtype, vector_axis=config.vector_axis,
+                generator=layer_generator, keep_weight=False, lazy_init=milestone > 0,
+                auto_advance=False, name=name, process_group=process_group,
+                shard_rows=shard_rows, uniquify=uniquify, _groups=groups)
             # One layer for every module holding this Parameter: one palette, one DKM per forward.
             for member in (name, *self.tied.get(name, ())):
                 # unsafe: registration would otherwise run the layer once (a DKM step) to check it.
@@ -360,6 +409,18 @@ class DKMCompressor(nn.Module):
         """Per-layer bits and sizes and the whole model's compression ratio (dkm_kernels.export)."""
         return export.compression_info(self)
 
+    # -- Core ML (dkm_kernels.coreml) ----------------------------------------------------------
+
+    def finalize(self) -> nn.Module:
+        """Snap, then attach the Core ML palettization metadata to the model (returned):
+        coremltools.convert of the traced model then stores the learned palettes and indices."""
+        return coreml.finalize(self)
+
+    def to_coreml(self, example_inputs, path=None, **convert_kwargs):
+        """finalize(), torch.jit.trace and coremltools.convert (minimum_deployment_target iOS18
+        unless given); saves the ML program to `path` when given; returns the MLModel."""
+        return coreml.to_coreml(self, example_inputs, path, **convert_kwargs)
+
     def extra_repr(self) -> str:
         return (f"milestone={self.milestone}, layers={len(self.dkm_layers)}, "
                 f"lut_dtype={self.lut_dtype}")
@@ -386,18 +447,27 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                    epsilon: float = DEFAULT_EPSILON,
                    init_method: str = "kmeans++", backend: str = "auto",
                    lut_dtype: torch.dtype = torch.float16,
-                   seed: int | None = None, process_group=None,
+                   seed: int | None = None, vector_axis: str = "flat",
+                   module_name_configs: Mapping[str, Any] | None = None,
+                   module_type_configs: Mapping[Any, Any] | None = None,
+                   weight_threshold: int = 0, target: str | None = None, process_group=None,
                    shard_rows: bool = True, uniquify: bool = True,
                    progress: bool | None = None) -> DKMCompressor:
     """Put DKM on the model's Conv1d/2d/3d, Linear and Embedding weights (the model is modified in
     place) and return the `DKMCompressor` that trains, snaps and exports it.
 
-    bits, dim, tau, group_size, enable_per_channel_scale, max_iter, epsilon, init_method: the
-        defaults of every layer config. tau: a number > 0 or "auto" (see dkm_kernels.layer).
+    bits, dim, tau, group_size, enable_per_channel_scale, max_iter, epsilon, init_method,
+        vector_axis: the defaults of every layer config. tau: a number > 0 or "auto";
+        vector_axis: "flat" or "output" (see dkm_kernels.layer).
     conv_config / fc_config / embedding_config: the configs of Conv, Linear and Embedding layers
         (dict or "bits/dim"); embedding_config defaults to fc_config.
     config: the paper's notation, "cv:6/8,fc:6/4" (sets conv_config and fc_config; "emb:..." too).
     layer_configs: {module name: config or None}; None leaves the module uncompressed.
+    module_name_configs: {regular expression: config, list of configs, or None}; the first that
+        matches a whole module name applies (as coremltools' module_name_configs).
+    module_type_configs: {module class or class name: config, list of configs, or None}.
+    weight_threshold: weights with at most this many elements stay uncompressed (0: none), unless
+        layer_configs names them; a config's own "weight_threshold" overrides it.
     skip_first_last: leave the first and last eligible modules uncompressed.
     small_layer_threshold / small_layer_config: weights with fewer elements get this config
         (default 8-bit scalar, k=256, d=1); 0 turns the rule off.
@@ -405,6 +475,8 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
         are then initialised from the weights of that moment.
     backend: the op's backend. lut_dtype: the dtype of exported palettes and scales.
     seed: seeds the centroid initialisation (None: torch's global generator).
+    target: None, or "coreml" to raise, naming the layer, for any palette Core ML cannot hold
+        (more than 8 bits, bfloat16 palettes, vectors it cannot lay out; dkm_kernels.coreml).
     process_group: the torch.distributed group the model trains across (DDP's, or an FSDP2
         mesh's `mesh.get_group()`; apply fully_shard after compress_model). Every layer's initial
         centroids and auto tau are computed on the group's first rank and broadcast; with
@@ -424,7 +496,8 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
         embedding_config = parsed.get("emb", embedding_config)
     defaults = _as_dict(dict(bits=bits, dim=dim, tau=tau, group_size=group_size,
                              enable_per_channel_scale=enable_per_channel_scale,
-                             max_iter=max_iter, epsilon=epsilon, init_method=init_method),
+                             max_iter=max_iter, epsilon=epsilon, init_method=init_method,
+                             vector_axis=vector_axis),
                         "defaults")
     by_kind = {
         "conv": _as_dict(conv_config, "conv_config"),
@@ -441,6 +514,24 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
     check_backend(backend)
     check_seed(seed)
     check_bool("skip_first_last", skip_first_last)
+    if not _is_int(weight_threshold) or weight_threshold < 0:
+        raise ValueError(f"weight_threshold must be an integer >= 0, got {weight_threshold!r}")
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    name_patterns = []
+    for pattern, value in (module_name_configs or {}).items():
+        where = f"module_name_configs[{pattern!r}]"
+        try:
+            compiled = re.compile(pattern)
+        except (re.error, TypeError) as error:
+            raise ValueError(f"{where}: not a regular expression ({error})") from None
+        name_patterns.append((compiled, _config_choices(value, where)))
+    type_configs = {}
+    for key, value in (module_type_configs or {}).items():
+        if not isinstance(key, (str, type)):
+            raise ValueError(f"module_type_configs: a key is a module class or its name (such as "
+                             f"nn.Conv2d or 'Conv2d'), got {key!r}")
+        type_configs[key] = _config_choices(value, f"module_type_configs[{key!r}]")
 
     candidates = clusterable_modules(model)
     lazy = [name for name, module in candidates
@@ -493,20 +584,45 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                 skipped[name] = "layer_configs: None"
                 continue
             resolved.update(_as_dict(overrides[name], f"layer_configs[{name!r}]"))
+            resolved.pop("weight_threshold", None)  # named: clustered whatever its size
             reason = _unsupported(module, resolved)
             if reason is not None:  # named explicitly: a skip would go unnoticed
                 raise ValueError(f"layer_configs[{name!r}]: {reason}")
         else:
-            if skip_first_last and index in (0, len(candidates) - 1):
+            named = next(((compiled, choices) for compiled, choices in name_patterns
+                          if compiled.fullmatch(name)), None)
+            if named is not None:
+                source, choices = f"module_name_configs[{named[0].pattern!r}]", named[1]
+            else:
+                found, choices = _type_choices(type_configs, module)
+                source = f"module_type_configs[{type(module).__name__!r}]" if found else None
+                choices = choices if found else [resolved]  # its own threshold, if any
+            if choices is None:
+                skipped[name] = f"{source}: None"
+                continue
+            if named is None and skip_first_last and index in (0, len(candidates) - 1):
                 skipped[name] = "first layer" if index == 0 else "last layer"
                 continue
-            if raw_weight(module).numel() < small_layer_threshold:
+            numel = raw_weight(module).numel()
+            chosen = _pick(choices, numel, weight_threshold)
+            if chosen is None:
+                lowest = choices[-1].get("weight_threshold", weight_threshold)
+                skipped[name] = f"weight_threshold: {numel} weights, not more than {lowest}"
+                continue
+            resolved.update(chosen)
+            if named is None and numel < small_layer_threshold:
                 resolved.update(small)
+            resolved.pop("weight_threshold", None)
             reason = _unsupported(module, resolved)
             if reason is not None:
                 skipped[name] = reason
                 continue
         configs[name] = _validated(name, resolved, module)
+    if target == "coreml":
+        modules = dict(candidates)
+        for name, layer_config in configs.items():
+            coreml.check_deployable(name, modules[name], layer_config, lut_dtype)
     return DKMCompressor(model, configs, skipped, milestone=milestone, backend=backend,
-                         lut_dtype=lut_dtype, seed=seed, tied=tied, process_group=process_group,
-                         shard_rows=shard_rows, uniquify=uniquify, progress=progress)
+                         lut_dtype=lut_dtype, seed=seed, tied=tied, target=target,
+                         process_group=process_group, shard_rows=shard_rows, uniquify=uniquify,
+                         progress=progress)

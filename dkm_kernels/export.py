@@ -16,12 +16,14 @@ Format of `export_compressed()` (a dict of plain Python values and tensors, so t
     format          "dkm_kernels.compressed/1"
     lut_dtype       "float16" (default), "bfloat16" or "float32": the dtype of palettes and scales
     layer_configs   {name: {"shape", "dtype", "bits", "dim", "n_clusters", "groups", "group_size",
-                            "per_channel_scale", "n_vectors"[, "tied"]}}; "tied" lists the other
-                    modules that share this layer's weight (written once, loaded into each)
+                            "per_channel_scale", "n_vectors"[, "tied"][, "vector_axis"]}};
+                    "tied" lists the other modules that share this layer's weight (written
+                    once, loaded into each); "vector_axis": "output" marks vectors of d
+                    consecutive output channels (absent: d consecutive flattened weights)
     codebooks       {name: (G, k, d) tensor in lut_dtype}: the palettes (G = 1 without group_size)
     assignments     {name: uint8 tensor of ceil(n_vectors * bits / 8) bytes}: the palette index of
                     every weight vector, `bits` bits each, least significant bit first, vectors in
-                    the order of weight.reshape(G, -1, d)
+                    the order of dkm_kernels.layer.weight_rows (weight.reshape(G, -1, d) when flat)
     scales          {name: (out_channels,) tensor in lut_dtype} for layers with per-channel scale
     uncompressed    {state_dict key: tensor}: biases, norms, buffers, skipped layers, as they are
 
@@ -58,8 +60,8 @@ LUT_DTYPES = ("float16", "bfloat16", "float32")
 WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 LAYER_FIELDS = ("shape", "dtype", "bits", "dim", "n_clusters", "groups", "group_size",
                 "per_channel_scale", "n_vectors")
-# Written only for a layer whose weight other modules share.
-OPTIONAL_LAYER_FIELDS = ("tied",)
+# Written only for a layer whose weight other modules share, and for vectors along the output axis.
+OPTIONAL_LAYER_FIELDS = ("tied", "vector_axis")
 # The fields that are dicts: layer configs by layer name, and the tensor tables.
 DICT_FIELDS = ("layer_configs",) + TENSOR_TABLES
 FIELDS = ("format", "lut_dtype") + DICT_FIELDS
@@ -110,6 +112,8 @@ def export_compressed(compressor) -> dict:
         }
         if tied.get(name):
             meta["tied"] = list(tied[name])
+        if record.vector_axis != "flat":
+            meta["vector_axis"] = record.vector_axis
         export["layer_configs"][name] = meta
         export["codebooks"][name] = record.codebook.clone()
         export["assignments"][name] = pack_indices(record.indices, record.bits)
@@ -140,7 +144,7 @@ class CheckedLayer(NamedTuple):
 
     def decode(self) -> Tensor:
         return decode_weight(self.codebook, self.indices, self.scale, self.meta["shape"],
-                             self.dtype)
+                             self.dtype, self.meta.get("vector_axis", "flat"))
 
 
 def read_export(source, map_location="cpu") -> dict:
@@ -280,6 +284,12 @@ def _check_layer(export: dict, name: str, meta) -> CheckedLayer:
     if not isinstance(meta["per_channel_scale"], bool):
         raise fail("per_channel_scale", f"must be true or false, got "
                                         f"{meta['per_channel_scale']!r}")
+    vector_axis = meta.get("vector_axis", "flat")
+    if vector_axis not in ("flat", "output") or (
+            vector_axis == "output" and (channels // groups) % dim):
+        raise fail("vector_axis", f"must be 'output' with dim dividing the {channels // groups} "
+                                  f"output channels of each palette (or absent), got "
+                                  f"{vector_axis!r}")
     tied = meta.get("tied", [])
     if not isinstance(tied, list) or not all(isinstance(other, str) for other in tied):
         raise fail("tied", f"must be a list of module names, got {tied!r}")

@@ -10,6 +10,10 @@ Linear or Embedding, filters of a Conv). With `group_size=None` the whole tensor
 `weight.reshape(-1, dim)`, exactly as the public implementation reshapes it. With `group_size=g`,
 the output channels are split into `out_channels / g` consecutive groups, each with its own palette
 (Core ML's per-grouped-channel granularity), and all groups run in one call of the op.
+A vector of d weights is, by default (`vector_axis="flat"`), d consecutive elements of the
+flattened weight; `vector_axis="output"` takes d consecutive output channels at the same position
+instead (coremltools' layout, which Core ML can deploy for any convolution). Only how the weight
+becomes rows differs (`weight_rows` / `rows_to_weight`); the op is the same.
 
 Per-channel scale (`enable_per_channel_scale=True`): every output channel is divided by its scale
 `s_o = max |W[o, ...]|` (at least the smallest normal number of `lut_dtype`, then rounded to
@@ -50,6 +54,9 @@ MIN_AUTO_TAU = 1e-12
 # make that history larger than this is a mistake, not a setting (the paper runs 5 iterations).
 MAX_CENTROID_HISTORY_BYTES = 2**30
 LUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# How d weights form a vector: d consecutive elements of weight.reshape(-1), or d consecutive
+# output channels (axis 0) at the same position of the other axes.
+VECTOR_AXES = ("flat", "output")
 # Defaults of the public implementation and the paper: tau for 2-bit ResNet-18 on ImageNet, five
 # DKM iterations per step, stopping early once no centroid moves more than epsilon.
 DEFAULT_TAU = 2e-5
@@ -77,6 +84,24 @@ def check_seed(seed) -> int | None:
     return seed
 
 
+def weight_rows(weight: Tensor, groups: int, dim: int, vector_axis: str = "flat") -> Tensor:
+    """(G, M, d): the clustering problems of a weight, G consecutive blocks of output channels."""
+    if vector_axis == "flat":
+        return weight.reshape(groups, -1, dim)
+    # (G, O/(G d), d, rest) -> vectors ordered by (channel block, position): Core ML's order.
+    blocks = weight.reshape(groups, weight.shape[0] // (groups * dim), dim, -1)
+    return blocks.transpose(2, 3).reshape(groups, -1, dim)
+
+
+def rows_to_weight(rows: Tensor, shape, vector_axis: str = "flat") -> Tensor:
+    """The inverse of weight_rows: (G, M, d) back to a weight of `shape`."""
+    if vector_axis == "flat":
+        return rows.reshape(shape)
+    groups, _, dim = rows.shape
+    blocks = rows.reshape(groups, shape[0] // (groups * dim), -1, dim)
+    return blocks.transpose(2, 3).reshape(shape)
+
+
 def check_backend(backend) -> str:
     if backend not in backends.BACKENDS:
         raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
@@ -84,7 +109,7 @@ def check_backend(backend) -> str:
 
 
 def check_layer_options(shape: tuple, n_clusters, tau, dim, max_iter, epsilon, init_method,
-                        group_size, enable_per_channel_scale=False) -> int:
+                        group_size, enable_per_channel_scale=False, vector_axis="flat") -> int:
     """Validate the clustering options of a weight of `shape`; returns the number of palettes.
 
     Raises a ValueError naming the option (compress_model adds the layer's name).
@@ -120,6 +145,12 @@ def check_layer_options(shape: tuple, n_clusters, tau, dim, max_iter, epsilon, i
         where = "the weight's" if groups == 1 else f"each group's (group_size={group_size})"
         raise ValueError(f"dim={dim} does not divide {where} {per_group} elements "
                          f"(weight shape {tuple(shape)})")
+    if vector_axis not in VECTOR_AXES:
+        raise ValueError(f"vector_axis must be one of {VECTOR_AXES}, got {vector_axis!r}")
+    if vector_axis == "output" and (out_channels // groups) % dim:
+        raise ValueError(f"dim={dim} does not divide the {out_channels // groups} output channels "
+                         f"of each palette (vector_axis='output' takes {dim} consecutive output "
+                         f"channels); use a dim dividing it, or vector_axis='flat'")
     history = (max_iter + 1) * groups * n_clusters * dim * torch.float32.itemsize
     if history > MAX_CENTROID_HISTORY_BYTES:
         most = MAX_CENTROID_HISTORY_BYTES // (groups * n_clusters * dim * torch.float32.itemsize)
@@ -164,6 +195,8 @@ class DKMLayer(nn.Module):
         group_size: output channels per palette (None: one palette for the whole tensor).
         enable_per_channel_scale: cluster weight / scale per output channel (see the module doc).
         lut_dtype: the dtype palettes and scales are exported in; snapping rounds to it.
+        vector_axis: "flat" (d consecutive weights of the flattened weight) or "output" (d
+            consecutive output channels at the same position); see the module doc.
         generator / seed: the source of the initialisation's random numbers (seed builds a
             generator on the weight's device).
         keep_weight: hold `weight_tensor` as `self.weight`, so that `layer()` clusters it (the
@@ -198,7 +231,7 @@ class DKMLayer(nn.Module):
                  epsilon: float = DEFAULT_EPSILON,
                  init_method: str = "kmeans++", backend: str = "auto",
                  group_size: int | None = None, enable_per_channel_scale: bool = False,
-                 lut_dtype: torch.dtype = torch.float16,
+                 lut_dtype: torch.dtype = torch.float16, vector_axis: str = "flat",
                  generator: torch.Generator | None = None, seed: int | None = None,
                  keep_weight: bool = True, lazy_init: bool = False, auto_advance: bool = True,
                  name: str | None = None, process_group=None, shard_rows: bool = False,
@@ -212,7 +245,7 @@ class DKMLayer(nn.Module):
             with self._naming_errors():
                 _groups = check_layer_options(
                     tuple(weight_tensor.shape), n_clusters, tau, dim, max_iter, epsilon,
-                    init_method, group_size, enable_per_channel_scale)
+                    init_method, group_size, enable_per_channel_scale, vector_axis)
                 check_backend(backend)
                 check_lut_dtype(lut_dtype)
                 check_seed(seed)
@@ -231,6 +264,7 @@ class DKMLayer(nn.Module):
         self.groups = _groups
         self.enable_per_channel_scale = enable_per_channel_scale
         self.lut_dtype = lut_dtype
+        self.vector_axis = vector_axis
         self.original_shape = tuple(weight_tensor.shape)
         self.n_vectors = weight_tensor.numel() // dim
         self.auto_tau = tau == "auto"
@@ -309,7 +343,7 @@ class DKMLayer(nn.Module):
 
     def rows(self, weight: Tensor) -> Tensor:
         """(G, M, d): the clustering problems of a weight (already normalised)."""
-        return weight.reshape(self.groups, -1, self.dim)
+        return weight_rows(weight, self.groups, self.dim, self.vector_axis)
 
     def _grouped_centroids(self) -> Tensor:
         return self.centroids if self.groups > 1 else self.centroids.unsqueeze(0)
@@ -510,7 +544,7 @@ class DKMLayer(nn.Module):
         clustered = result.weights
         if group is not None:
             clustered = distributed.gather_rows(clustered, rows.shape[1], group)
-        clustered = clustered.reshape(weight.shape)
+        clustered = rows_to_weight(clustered, weight.shape, self.vector_axis)
         return clustered if scale is None else clustered * scale.to(clustered.dtype)
 
     @torch.no_grad()
@@ -577,7 +611,7 @@ class DKMLayer(nn.Module):
         values = torch.gather(centroids, 1, indices.unsqueeze(-1).expand(-1, -1, self.dim))
         if not _reads_are_free(weight.device):
             values = torch.where(finite.unsqueeze(-1), values, float("nan"))
-        values = values.reshape(weight.shape)
+        values = rows_to_weight(values, weight.shape, self.vector_axis)
         if scale is not None:
             values = values * scale
         return values.to(weight.dtype)
@@ -602,6 +636,8 @@ class DKMLayer(nn.Module):
             text += f", group_size={self.group_size}, groups={self.groups}"
         if self.enable_per_channel_scale:
             text += ", per_channel_scale=True"
+        if self.vector_axis != "flat":
+            text += f", vector_axis={self.vector_axis!r}"
         return text
 
 

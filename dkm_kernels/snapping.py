@@ -13,19 +13,20 @@ import torch
 from torch import Tensor
 
 from .kmeans import nearest_centroids
-from .layer import DKMLayer
+from .layer import DKMLayer, rows_to_weight
 
 # What to suggest when a palette dtype is too narrow for a layer's values.
 WIDER_LUT_HINT = "compress with lut_dtype=torch.bfloat16 or lut_dtype=torch.float32"
 
 
 def decode_weight(codebook: Tensor, indices: Tensor, scale: Tensor | None, shape,
-                  dtype: torch.dtype) -> Tensor:
-    """The clustered weight: codebook (G, k, d), indices (G, M) -> tensor of `shape`, `dtype`."""
+                  dtype: torch.dtype, vector_axis: str = "flat") -> Tensor:
+    """The clustered weight: codebook (G, k, d), indices (G, M) -> tensor of `shape`, `dtype`
+    (vectors laid out along `vector_axis`, see dkm_kernels.layer)."""
     table = codebook.float()
     groups, _, dim = table.shape
     values = torch.gather(table, 1, indices.reshape(groups, -1, 1).expand(-1, -1, dim))
-    values = values.reshape(shape)
+    values = rows_to_weight(values, shape, vector_axis)
     if scale is not None:
         values = values * scale.float().reshape((-1,) + (1,) * (len(shape) - 1))
     return values.to(dtype)
@@ -43,9 +44,11 @@ class SnappedLayer:
     codebook: Tensor  # (G, k, d), lut dtype
     indices: Tensor  # (G, M) int64
     scale: Tensor | None  # (out_channels,), lut dtype
+    vector_axis: str = "flat"  # how the indices' vectors lie in the weight
 
     def decode(self) -> Tensor:
-        return decode_weight(self.codebook, self.indices, self.scale, self.shape, self.dtype)
+        return decode_weight(self.codebook, self.indices, self.scale, self.shape, self.dtype,
+                             self.vector_axis)
 
 
 def _check_finite(tensor: Tensor, where: str, what: str, consequence: str) -> None:
@@ -104,4 +107,5 @@ def snap_layer(layer: DKMLayer, weight: Tensor, config, name: str | None = None)
     return SnappedLayer(
         shape=tuple(weight.shape), dtype=weight.dtype, bits=config.bits, dim=config.dim,
         group_size=config.group_size, codebook=codebook.cpu(), indices=indices.cpu(),
-        scale=None if scale is None else scale.reshape(-1).to(layer.lut_dtype).cpu())
+        scale=None if scale is None else scale.reshape(-1).to(layer.lut_dtype).cpu(),
+        vector_axis=layer.vector_axis)

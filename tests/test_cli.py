@@ -11,13 +11,22 @@ from dkm_kernels import cli
 from export_files import NOT_EXPORTS, save_small_export
 
 
-def test_quick_demo_prints_the_table(capsys):
+def test_quick_demo_prints_the_table(capsys, tmp_path):
     threads = torch.get_num_threads()
+    mlpackage = tmp_path / "digits.mlpackage"
     try:
-        assert cli.main(["--quick", "--configs", "1/1", "--no-progress", "--threads", "1"]) == 0
+        assert cli.main(["--quick", "--configs", "1/1", "--no-progress", "--threads", "1",
+                         "--coreml", str(mlpackage)]) == 0
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
+    try:
+        import coremltools  # noqa: F401
+    except ImportError:
+        assert "pip install coremltools" in out
+    else:  # the DKM model is written as a Core ML model, its weight file's size printed
+        size = cli.weight_file_bytes(str(mlpackage))
+        assert f"Core ML: DKM 1/1 written to {mlpackage}, weight file {size} B" in out
     rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line
             for line in out.splitlines() if line.startswith("| ")}
     assert {("float32", "-"), ("k-means", "1/1"), ("DKM", "1/1")} <= set(rows)
