@@ -125,9 +125,8 @@ def dkm_forward(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, e
         return recurrence.forward(passes, centroids.contiguous(), max_iter, epsilon, group)
 
 
-@dkm_forward.register_fake
-def _(weights, centroids, tau, max_iter, epsilon, deterministic, backend, group_name=""):
-    check_inputs(weights, centroids, tau, max_iter, epsilon, sharded=bool(group_name))
+def empty_forward_outputs(weights: Tensor, centroids: Tensor, max_iter: int):
+    """Uninitialised (out, centroid_history, masses, iterations) of a forward: the fakes' result."""
     groups, _, dim = weights.shape
     k = centroids.shape[1]
     cdtype = compute_dtype(weights.dtype)
@@ -137,6 +136,12 @@ def _(weights, centroids, tau, max_iter, epsilon, deterministic, backend, group_
         weights.new_empty((max_iter, groups, k), dtype=cdtype),
         weights.new_empty((groups,), dtype=torch.int64),
     )
+
+
+@dkm_forward.register_fake
+def _(weights, centroids, tau, max_iter, epsilon, deterministic, backend, group_name=""):
+    check_inputs(weights, centroids, tau, max_iter, epsilon, sharded=bool(group_name))
+    return empty_forward_outputs(weights, centroids, max_iter)
 
 
 @torch.library.custom_op("dkm_kernels::dkm_backward", mutates_args=())

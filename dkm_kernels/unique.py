@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 
 from . import recurrence
-from ._ops import check_backward_inputs, check_inputs
-from .recurrence import compute_dtype
+from ._ops import check_backward_inputs, check_inputs, empty_forward_outputs
 
 SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 PATTERNS = 2**16
@@ -274,15 +273,7 @@ def dkm_unique_forward(weights: Tensor, centroids: Tensor, tau: float, max_iter:
 def _(weights, centroids, tau, max_iter, epsilon):
     check_inputs(weights, centroids, tau, max_iter, epsilon)
     _check_applies(weights)
-    groups, _, dim = weights.shape
-    k = centroids.shape[1]
-    cdtype = compute_dtype(weights.dtype)
-    return (
-        torch.empty_like(weights, memory_format=torch.contiguous_format),
-        weights.new_empty((max_iter + 1, groups, k, dim), dtype=cdtype),
-        weights.new_empty((max_iter, groups, k), dtype=cdtype),
-        weights.new_empty((groups,), dtype=torch.int64),
-    )
+    return empty_forward_outputs(weights, centroids, max_iter)
 
 
 @torch.library.custom_op("dkm_kernels::dkm_unique_backward", mutates_args=())
