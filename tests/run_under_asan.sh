@@ -17,9 +17,8 @@ cp -r "$repo/setup.py" "$repo/README.md" "$repo/csrc" "$repo/dkm_kernels" "$repo
 cd "$scratch"
 DKM_KERNELS_SANITIZE=address python setup.py -q build_ext --inplace --force >build.log 2>&1 || {
     cat build.log; exit 1; }
-# libstdc++ is preloaded too, so that ASan finds the exception functions it intercepts.
 # libstdc++ is preloaded too, so that ASan finds the C++ exception functions it intercepts.
 libasan="$(${CXX:-c++} -print-file-name=libasan.so)"
 export LD_PRELOAD="$libasan $(${CXX:-c++} -print-file-name=libstdc++.so)" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1"
-python -m pytest -q -p no:cacheprovider tests/test_cpu_backend.py tests/test_op_contract.py \
-    tests/test_backends.py -k "cpu or op or contract" "$@"
+python -m pytest -q -p no:cacheprovider tests/test_cpu_backend.py tests/test_cpu_numerics.py \
+    tests/test_op_contract.py tests/test_backends.py -k "cpu or op or contract or numerics" "$@"
