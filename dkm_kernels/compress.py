@@ -36,7 +36,8 @@ from torch.nn.utils import parametrize
 
 from . import coreml, distributed, export
 from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _in_backward,
-                    check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed)
+                    check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed,
+                    check_uniquify)
 from .init import SEED_BOUND
 from .modules import clusterable_modules, clusterable_type, layer_type, raw_weight
 from .packing import MAX_BITS
@@ -221,7 +222,7 @@ class DKMCompressor(nn.Module):
                  skipped: dict[str, str], milestone: int = 0, backend: str = "auto",
                  lut_dtype: torch.dtype = torch.float16, seed: int | None = None,
                  tied: Mapping[str, list[str]] | None = None, process_group=None,
-                 shard_rows: bool = True, uniquify: bool = True, progress: bool | None = None,
+                 shard_rows: bool = True, uniquify: bool | str = True, progress: bool | None = None,
                  target: str | None = None):
         super().__init__()
         if not _is_int(milestone) or milestone < 0:
@@ -255,7 +256,7 @@ class DKMCompressor(nn.Module):
         # registered a second time here.
         self.dkm_layers: dict[str, DKMLayer] = {}
         self.snapped: dict[str, Any] = {}
-        check_bool("uniquify", uniquify)
+        check_uniquify(uniquify)
         for name, config in _progress(self.configs.items(), progress):
             weight = raw_weight(modules[name])
             layer_generator = generator
@@ -451,7 +452,7 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                    module_name_configs: Mapping[str, Any] | None = None,
                    module_type_configs: Mapping[Any, Any] | None = None,
                    weight_threshold: int = 0, target: str | None = None, process_group=None,
-                   shard_rows: bool = True, uniquify: bool = True,
+                   shard_rows: bool = True, uniquify: bool | str = True,
                    progress: bool | None = None) -> DKMCompressor:
     """Put DKM on the model's Conv1d/2d/3d, Linear and Embedding weights (the model is modified in
     place) and return the `DKMCompressor` that trains, snaps and exports it.
@@ -484,6 +485,8 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
         all-gathered (README "Distributed training").
     uniquify: cluster float16/bfloat16 weights with dim=1 over their distinct values (exact up to
         the order of summation, O(M + U k) per pass; see DKMLayer). False: over every weight.
+        "bfloat16": float32 weights with dim=1 too, through their bfloat16 rounding (an
+        approximation; see dkm_kernels.dkm).
     progress: a tqdm progress bar over the layers while they initialise (True: always; None: when
         stderr is a terminal; False: never).
     """

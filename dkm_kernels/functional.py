@@ -96,9 +96,18 @@ def _check_tensors(weights, centroids, sharded: bool = False) -> None:
         )
 
 
+def _rounded_for(weights: Tensor, uniquify) -> Tensor:
+    """The weights the uniquified op clusters: float32 scalar weights rounded to bfloat16 under
+    uniquify="bfloat16" (a differentiable cast: the gradient reaches the float32 weights), else
+    the weights themselves."""
+    if uniquify == "bfloat16" and weights.dtype == torch.float32 and weights.shape[-1] == 1:
+        return weights.to(torch.bfloat16)
+    return weights
+
+
 def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsilon: float = 1e-4,
         backend: str = "auto", deterministic: bool | None = None,
-        process_group=None, uniquify: bool | None = None) -> DKMResult:
+        process_group=None, uniquify: bool | str | None = None) -> DKMResult:
     """Differentiable k-means of the rows of `weights` (docs/design.md §1).
 
     weights: (M, d) or (G, M, d) for G independent problems; float16/bfloat16/float32 (math in
@@ -121,6 +130,10 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
         pass instead of O(M k). None: where it applies and backend is 'auto' (a named backend
         runs its own passes); True: wherever it applies; False: never. Not across a process
         group (each rank's distinct values differ): there the rows run through the backend.
+        "bfloat16": as True, and float32 weights with d = 1 are clustered through their bfloat16
+        rounding, an approximation (as coremltools' fast k-means mode) that buys the uniquified
+        speed: the clustering sees weights rounded to 8 significant bits, the returned weights are
+        rounded to bfloat16 (returned as float32), and so is their gradient.
     """
     name = group_name(process_group)
     _check_tensors(weights, centroids, sharded=bool(name))
@@ -129,8 +142,8 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
     check_count("max_iter", max_iter)  # the op checks its upper bound
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    if uniquify is not None and not isinstance(uniquify, bool):
-        raise ValueError(f"uniquify must be True, False or None, got {uniquify!r}")
+    if not (uniquify is None or isinstance(uniquify, bool) or uniquify == "bfloat16"):
+        raise ValueError(f"uniquify must be True, False, None or 'bfloat16', got {uniquify!r}")
     backend_name = backends.resolve(backend, weights.device, weights.dtype)
 
     grouped = weights.dim() == 3
@@ -145,9 +158,11 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
                              "process_group; use backend='auto', 'torch', 'cpu' or 'triton'")
         check_inputs(w, c, tau, max_iter, epsilon)  # the op checks its own
         out, final, iterations = dkm_reference(w, c, tau, max_iter, epsilon)
-    elif (backend == "auto" if uniquify is None else uniquify) and unique.applies(w) and not name:
-        out, history, _, iterations = unique.dkm_unique_forward(w, c, tau, max_iter, epsilon)
-        final = history[-1]
+    elif (backend == "auto" if uniquify is None else bool(uniquify)) and not name and \
+            unique.applies(distinct_source := _rounded_for(w, uniquify)):
+        out, history, _, iterations = unique.dkm_unique_forward(distinct_source, c, tau,
+                                                                max_iter, epsilon)
+        out, final = out.to(w.dtype), history[-1]
     else:
         out, history, _, iterations = dkm_forward(w, c, tau, max_iter, epsilon,
                                                   bool(deterministic), backend_name, name)

@@ -71,6 +71,13 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_uniquify(value):
+    """True, False, or "bfloat16" (float32 weights clustered through their bfloat16 rounding)."""
+    if not (isinstance(value, bool) or value == "bfloat16"):
+        raise ValueError(f"uniquify must be True, False or 'bfloat16', got {value!r}")
+    return value
+
+
 def check_lut_dtype(lut_dtype) -> torch.dtype:
     if lut_dtype not in LUT_DTYPES:
         raise ValueError(f"lut_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
@@ -220,6 +227,9 @@ class DKMLayer(nn.Module):
         uniquify: with dim=1 and a float16/bfloat16 weight, cluster its distinct values with
             their counts (docs/design.md §10): the same result up to the order of summation, at
             O(M + U k) per pass instead of O(M k). False runs the op on every weight.
+            "bfloat16": as True, and a float32 weight with dim=1 is clustered through its bfloat16
+            rounding (an approximation: the clustering sees the rounded weight, and the soft
+            weight and its gradient come back rounded to bfloat16; dkm_kernels.dkm).
 
     State: `centroids` is the committed warm start; a training call records its final centroids
     in `pending_centroids`, and `advance()` commits them. Both are buffers, so a state dict taken
@@ -235,7 +245,7 @@ class DKMLayer(nn.Module):
                  generator: torch.Generator | None = None, seed: int | None = None,
                  keep_weight: bool = True, lazy_init: bool = False, auto_advance: bool = True,
                  name: str | None = None, process_group=None, shard_rows: bool = False,
-                 uniquify: bool = True, _groups: int | None = None):
+                 uniquify: bool | str = True, _groups: int | None = None):
         super().__init__()
         if not isinstance(weight_tensor, Tensor):
             raise TypeError(f"weight_tensor must be a torch.Tensor, "
@@ -250,9 +260,9 @@ class DKMLayer(nn.Module):
                 check_lut_dtype(lut_dtype)
                 check_seed(seed)
                 for flag, value in (("keep_weight", keep_weight), ("lazy_init", lazy_init),
-                                    ("auto_advance", auto_advance), ("shard_rows", shard_rows),
-                                    ("uniquify", uniquify)):
+                                    ("auto_advance", auto_advance), ("shard_rows", shard_rows)):
                     check_bool(flag, value)
+                check_uniquify(uniquify)
                 distributed.check_group(process_group)
         self.n_clusters = n_clusters
         self.dim = dim

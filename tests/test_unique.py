@@ -109,7 +109,7 @@ def test_the_option_chooses_the_path(monkeypatch):
     plain = dkm_kernels.dkm(weights, centroids, tau, backend="cpu")
     off = dkm_kernels.dkm(weights, centroids, tau, uniquify=False)
     assert torch.equal(plain.weights, off.weights)
-    with pytest.raises(ValueError, match="uniquify must be True, False or None"):
+    with pytest.raises(ValueError, match="uniquify must be True, False, None or 'bfloat16'"):
         dkm_kernels.dkm(weights, centroids, tau, uniquify=1)
 
 
@@ -160,5 +160,48 @@ def test_layer_and_compressor_option(monkeypatch):
                                    **kwargs)
         model(torch.randn(3, 32, dtype=torch.bfloat16))
         assert len(calls) == 2 * expected, kwargs
-    with pytest.raises(ValueError, match="uniquify must be True or False"):
+    with pytest.raises(ValueError, match="uniquify must be True, False or 'bfloat16'"):
         dkm_kernels.DKMLayer(weight, n_clusters=4, uniquify=None)
+    with pytest.raises(ValueError, match="uniquify must be True, False or 'bfloat16'"):
+        dkm_kernels.compress_model(torch.nn.Sequential(torch.nn.Linear(32, 64)), uniquify="fp16")
+
+
+@pytest.mark.parametrize("groups", [None, 3])
+def test_bfloat16_rounding_of_float32_weights(groups):
+    """uniquify="bfloat16" on float32 weights is the uniquified op on their bfloat16 rounding,
+    exactly: values (returned as float32), centroids, iterations and the gradient reaching the
+    float32 weights; and near the float32 result, as an approximation at bfloat16's precision."""
+    weights, centroids, tau = make_problem(3000, 1, k=16, groups=groups, seed=4, scale=0.02,
+                                           dtype=torch.float32)
+    upstream = torch.randn(weights.shape, generator=torch.Generator().manual_seed(1))
+    w32 = weights.clone().requires_grad_(True)
+    approx = dkm_kernels.dkm(w32, centroids, tau, uniquify="bfloat16")
+    (approx.weights * upstream).sum().backward()
+    w16 = weights.bfloat16().requires_grad_(True)
+    exact16 = dkm_kernels.dkm(w16, centroids, tau, uniquify=True)
+    (exact16.weights.float() * upstream).sum().backward()
+    assert approx.weights.dtype == torch.float32
+    assert torch.equal(approx.weights, exact16.weights.float())
+    assert torch.equal(approx.centroids, exact16.centroids)
+    assert torch.equal(approx.iterations, exact16.iterations)
+    assert torch.equal(w32.grad, w16.grad.float())
+    # bfloat16 keeps 8 significant bits (relative rounding 2^-9); the attention amplifies it a few
+    # times at this tau (0.3 of the squared nearest distances).
+    full = dkm_kernels.dkm(weights, centroids, tau, backend="torch")
+    assert (approx.weights - full.weights).norm() <= 2**-5 * full.weights.norm()
+    # Not for d > 1 (16-bit vectors rarely repeat): the plain op runs, exactly as without it.
+    rows = weights.reshape(*weights.shape[:-2], -1, 2)
+    pairs = centroids.reshape(*centroids.shape[:-2], -1, 2)
+    assert torch.equal(dkm_kernels.dkm(rows, pairs, tau, uniquify="bfloat16").weights,
+                       dkm_kernels.dkm(rows, pairs, tau).weights)
+
+
+def test_bfloat16_rounding_in_the_layer():
+    """A float32 layer with uniquify="bfloat16" runs the uniquified op and trains."""
+    weight = torch.randn(64, 32, generator=torch.Generator().manual_seed(0)) * 0.02
+    layer = dkm_kernels.DKMLayer(weight.clone().requires_grad_(True), n_clusters=4,
+                                 uniquify="bfloat16")
+    out = layer()
+    assert out.dtype == torch.float32
+    out.square().sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
