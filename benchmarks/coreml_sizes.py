@@ -39,10 +39,9 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 from harness import (  # noqa: E402
     ResidentPeak,
-    WorkerFailed,
     machine,
     results_path,
-    run_worker,
+    run_case,
     script_parser,
     serve_worker,
     utc_now_iso,
@@ -193,9 +192,7 @@ def measure_speed(args) -> list[dict]:
                         threads=args.threads)
             print(f"measuring {name} with {impl} ...", flush=True)
             try:
-                rows.append(run_worker(__file__, case, timeout=args.case_timeout))
-            except WorkerFailed as failure:
-                rows.append(dict(case, error=failure.summary))
+                rows.append(run_case(__file__, case, args.case_timeout))
             except subprocess.TimeoutExpired:
                 rows.append(dict(case, error=f"not done after {args.case_timeout} s "
                                              f"({WARMUP_STEPS} warm-up and {args.repeats} steps)"))

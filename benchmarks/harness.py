@@ -252,6 +252,14 @@ class WorkerFailed(RuntimeError):
         self.summary = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}"
 
 
+def run_case(script: str, case: dict, timeout: float | None = None) -> dict:
+    """run_worker on `case`; a worker that fails gives the case with its error instead."""
+    try:
+        return run_worker(script, case, timeout=timeout)
+    except WorkerFailed as failure:
+        return dict(case, error=failure.summary)
+
+
 def run_worker(script: str, payload: dict, timeout: float | None = None,
                separate_mappings: bool = True) -> dict:
     """Run `python script --worker '<payload json>'` in a fresh process and return the dict its
@@ -310,10 +318,7 @@ def measure_case(backend: str, groups: int, m: int, d: int, k: int, max_iter: in
     predicted = naive_peak_bytes(m, k, max_iter, groups)
     if backend == "reference" and predicted > cap_bytes:
         return dict(case, skipped="over cap", predicted_bytes=predicted, cap_bytes=cap_bytes)
-    try:
-        return run_worker(__file__, case, timeout=timeout)
-    except WorkerFailed as failure:
-        return dict(case, error=failure.summary)
+    return run_case(__file__, case, timeout)
 
 
 def _case_worker(case: dict) -> dict:

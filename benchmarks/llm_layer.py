@@ -32,14 +32,13 @@ from harness import (  # noqa: E402
     ITERATIONS,
     PAPER_TAU,
     ResidentPeak,
-    WorkerFailed,
     machine,
     median_times,
     mib,
     naive_attention_bytes,
     naive_peak_bytes,
     results_path,
-    run_worker,
+    run_case,
     script_parser,
     serve_worker,
     time_forward_backward,
@@ -54,10 +53,7 @@ LLAMA_7B_EMBEDDINGS = 2 * 32000 * 4096  # embed_tokens and lm_head (not tied)
 
 
 def measure(case: dict, timeout: float = 3600) -> dict:
-    try:
-        return run_worker(__file__, case, timeout=timeout)
-    except WorkerFailed as failure:
-        return dict(case, error=failure.summary)
+    return run_case(__file__, case, timeout)
 
 
 def _case_worker(case: dict) -> dict:

@@ -250,3 +250,14 @@ def assert_matches_reference(backend: str, weights, centroids, tau, max_iter=5, 
         return assert_matches_reference_float64(backend, weights, centroids, tau, max_iter,
                                                 epsilon, **kwargs)
     return assert_float32_close(backend, weights, centroids, tau, max_iter, epsilon, **kwargs)
+
+
+def assert_compiled_gradient_equals_eager(loss, weights) -> None:
+    """torch.compile(loss, fullgraph=True) traces (no graph break) and its gradient with respect
+    to `weights` equals eager's bit for bit."""
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    x_compiled = weights.clone().requires_grad_(True)
+    x_eager = weights.clone().requires_grad_(True)
+    compiled(x_compiled).backward()
+    loss(x_eager).backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=0, atol=0)

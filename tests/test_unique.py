@@ -10,7 +10,8 @@ import torch
 
 import dkm_kernels
 from dkm_kernels import unique
-from oracle import assert_low_precision_close, make_problem, pick_tau, run
+from oracle import (assert_compiled_gradient_equals_eager, assert_low_precision_close, make_problem,
+                    pick_tau, run)
 from test_memory import exact_bytes, saved_bytes
 
 SIXTEEN_BIT = [torch.float16, torch.bfloat16]
@@ -137,12 +138,7 @@ def test_torch_compile_fullgraph():
     def loss(x):
         return dkm_kernels.dkm(x, centroids, tau, 3, 0.0, uniquify=True).weights.float().square().sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    x_compiled = weights.clone().requires_grad_(True)
-    x_eager = weights.clone().requires_grad_(True)
-    compiled(x_compiled).backward()
-    loss(x_eager).backward()
-    torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=0, atol=0)
+    assert_compiled_gradient_equals_eager(loss, weights)
 
 
 def test_layer_and_compressor_option(monkeypatch):
