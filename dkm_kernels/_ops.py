@@ -34,6 +34,23 @@ WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_ITER_LIMIT = 10_000
 
 
+class ErrorPrefix:
+    """Re-raises a ValueError / TypeError with `prefix` in front (say, which layer or problem the
+    error is about); no cost otherwise, and "" adds nothing."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if not self.prefix or kind is None or not issubclass(kind, (ValueError, TypeError)):
+            return False
+        raise (ValueError if issubclass(kind, ValueError) else TypeError)(
+            f"{self.prefix}{error}") from error
+
+
 def _check_tau(tau: float) -> None:
     if not (tau > 0 and tau < float("inf")):
         raise ValueError(f"tau must be finite and > 0, got {tau}")

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 
 from . import backends, unique
-from ._ops import WEIGHT_DTYPES, check_inputs, dkm_forward
+from ._ops import WEIGHT_DTYPES, ErrorPrefix, check_inputs, dkm_forward
+from .many import dkm_many_forward
 from .recurrence import compute_dtype
 from .reference import dkm_reference
 
@@ -96,6 +97,32 @@ def _check_tensors(weights, centroids, sharded: bool = False) -> None:
         )
 
 
+class DKMProblem(NamedTuple):
+    """One problem of `dkm_many`: the arguments `dkm` takes for it (see there)."""
+
+    weights: Tensor
+    centroids: Tensor
+    tau: float
+    max_iter: int = 5
+    epsilon: float = 1e-4
+
+
+def _prepared(problem: DKMProblem, sharded: bool = False):
+    """The checked problem as the op takes it: (weights (G, M, d), detached centroids (G, k, d)
+    in the compute dtype, tau, epsilon). The op checks the rest, max_iter's upper bound included."""
+    weights, centroids, tau, max_iter, epsilon = problem
+    _check_tensors(weights, centroids, sharded)
+    tau = _check_number("tau", tau, 0.0, strict=True)
+    epsilon = _check_number("epsilon", epsilon, 0.0, strict=False)
+    check_count("max_iter", max_iter)
+    grouped = weights.dim() == 3
+    w = weights if grouped else weights.unsqueeze(0)
+    c = (centroids if grouped else centroids.unsqueeze(0)).detach()
+    if weights.dtype in WEIGHT_DTYPES:
+        c = c.to(compute_dtype(weights.dtype))
+    return w, c, tau, epsilon
+
+
 def _rounded_for(weights: Tensor, uniquify) -> Tensor:
     """The weights the uniquified op clusters: float32 scalar weights rounded to bfloat16 under
     uniquify="bfloat16" (a differentiable cast: the gradient reaches the float32 weights), else
@@ -136,21 +163,13 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
         rounded to bfloat16 (returned as float32), and so is their gradient.
     """
     name = group_name(process_group)
-    _check_tensors(weights, centroids, sharded=bool(name))
-    tau = _check_number("tau", tau, 0.0, strict=True)
-    epsilon = _check_number("epsilon", epsilon, 0.0, strict=False)
-    check_count("max_iter", max_iter)  # the op checks its upper bound
+    w, c, tau, epsilon = _prepared(DKMProblem(weights, centroids, tau, max_iter, epsilon),
+                                   sharded=bool(name))
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if not (uniquify is None or isinstance(uniquify, bool) or uniquify == "bfloat16"):
         raise ValueError(f"uniquify must be True, False, None or 'bfloat16', got {uniquify!r}")
     backend_name = backends.resolve(backend, weights.device, weights.dtype)
-
-    grouped = weights.dim() == 3
-    w = weights if grouped else weights.unsqueeze(0)
-    c = (centroids if grouped else centroids.unsqueeze(0)).detach()
-    if weights.dtype in WEIGHT_DTYPES:
-        c = c.to(compute_dtype(weights.dtype))
 
     if backend_name == "reference":
         if name:
@@ -167,6 +186,61 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
         out, history, _, iterations = dkm_forward(w, c, tau, max_iter, epsilon,
                                                   bool(deterministic), backend_name, name)
         final = history[-1]  # a group that stopped early repeats its last centroids
-    if not grouped:
+    return _ungrouped(weights, out, final, iterations)
+
+
+def _ungrouped(weights: Tensor, out: Tensor, final: Tensor, iterations: Tensor) -> DKMResult:
+    """The result in the shapes of the caller's `weights`: (M, d) gives (M, d), (k, d) and ()."""
+    if weights.dim() == 2:
         out, final, iterations = out[0], final[0], iterations[0]
     return DKMResult(out, final.detach(), iterations)
+
+
+def dkm_many(problems, backend: str = "auto", deterministic: bool | None = None
+             ) -> list[DKMResult]:
+    """Many independent DKM problems in one call (docs/design.md §12): a whole model's layers.
+
+    problems: a sequence of `DKMProblem(weights, centroids, tau, max_iter=5, epsilon=1e-4)` (or
+        tuples of those fields), each as `dkm` takes it, with its own M, d, k, groups and options.
+    Returns one DKMResult per problem, equal to `dkm(*problem, backend=backend)` (forward
+    bit-identical; backward too where problems share d), with gradients to every problem's
+    weights. Problems run through one recurrence per device, compute dtype and backend: its host
+    work and its one host sync per iteration serve them all, where one `dkm` call per problem
+    pays them per problem. No uniquification (§10) and no process group: use `dkm` for those.
+    """
+    if not isinstance(problems, (list, tuple)):
+        problems = list(problems)
+    if not problems:
+        raise ValueError("problems must hold at least one DKMProblem")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    prepared, calls = [], {}
+    for p, problem in enumerate(problems):
+        with ErrorPrefix(f"problems[{p}]: "):
+            if not isinstance(problem, DKMProblem):
+                if not isinstance(problem, (tuple, list)):
+                    raise TypeError(f"a problem is a DKMProblem(weights, centroids, tau, "
+                                    f"max_iter, epsilon) or a tuple of those, got "
+                                    f"{type(problem).__name__}")
+                problem = DKMProblem(*problem)
+            prepared.append(_prepared(problem) + (problem.max_iter,))
+            w = problem.weights
+            name = backends.resolve(backend, w.device, w.dtype)
+        calls.setdefault((w.device, compute_dtype(w.dtype), name), []).append(p)
+
+    results: list[DKMResult | None] = [None] * len(problems)
+    for (_, _, name), members in calls.items():
+        w, c, tau, epsilon, max_iter = (list(field) for field in
+                                        zip(*(prepared[p] for p in members)))
+        if name == "reference":
+            for p in members:
+                w_p, c_p, tau_p, epsilon_p, max_iter_p = prepared[p]
+                with ErrorPrefix(f"problems[{p}]: "):
+                    check_inputs(w_p, c_p, tau_p, max_iter_p, epsilon_p)
+                results[p] = dkm_reference(w_p, c_p, tau_p, max_iter_p, epsilon_p)
+            continue
+        outs, histories, _, iterations = dkm_many_forward(w, c, tau, max_iter, epsilon,
+                                                          bool(deterministic), name)
+        for p, out, history, count in zip(members, outs, histories, iterations):
+            results[p] = (out, history[-1], count)
+    return [_ungrouped(problem[0], *result) for problem, result in zip(problems, results)]

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, distributed, unique
-from ._ops import MAX_ITER_LIMIT
+from ._ops import MAX_ITER_LIMIT, ErrorPrefix
 from .functional import check_count, dkm
 from .init import INIT_METHODS, SEED_BOUND, init_centroids, kmeans_plus_plus
 from .kmeans import nearest_centroids, nearest_centroids_checked, lloyd_kmeans
@@ -334,7 +334,7 @@ class DKMLayer(nn.Module):
         return self._initialized
 
     def _naming_errors(self):
-        return _NamedErrors(self.name)
+        return ErrorPrefix(self._where())
 
     def channel_scale(self, weight: Tensor) -> Tensor:
         """Per-output-channel scale, shaped to broadcast against the weight (fp32, no gradient)."""
@@ -649,19 +649,3 @@ class DKMLayer(nn.Module):
         if self.vector_axis != "flat":
             text += f", vector_axis={self.vector_axis!r}"
         return text
-
-
-class _NamedErrors:
-    """Re-raises a ValueError / TypeError with the layer's name in front (no cost otherwise)."""
-
-    def __init__(self, name: str | None):
-        self.name = name
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if self.name is None or kind is None or not issubclass(kind, (ValueError, TypeError)):
-            return False
-        raise (ValueError if issubclass(kind, ValueError) else TypeError)(
-            f"layer {self.name!r}: {error}") from error

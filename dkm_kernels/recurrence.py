@@ -85,18 +85,21 @@ def _all_reduce(process_group, *partials: Tensor) -> tuple[Tensor, ...]:
                  for piece, partial in zip(flat.split(sizes), partials))
 
 
-def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float,
-            process_group=None):
+def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float | Tensor,
+            process_group=None, limits: Tensor | None = None):
     """Iterate from the warm start `centroids` (G, k, d, compute dtype), then the output pass.
 
     Returns (W~, history (max_iter + 1, G, k, d), masses (max_iter, G, k), iterations (G,)):
     history[t] = C_t, and a group that stopped after L iterations repeats C_L in history[t > L]
     and has zero masses for t >= L. `process_group`: the group whose ranks hold the other rows.
+    Many problems in one call (docs/design.md §12) give `epsilon` per group, (G,), and `limits`,
+    each group's own max_iter (G,) int64, at most `max_iter`.
     """
     groups, k, d = centroids.shape
     history = centroids.new_empty((max_iter + 1, groups, k, d))
     masses = centroids.new_zeros((max_iter, groups, k))
-    iterations = torch.full((groups,), max_iter, dtype=torch.int64, device=centroids.device)
+    iterations = (torch.full((groups,), max_iter, dtype=torch.int64, device=centroids.device)
+                  if limits is None else limits.clone())
     active = torch.ones(groups, dtype=torch.bool, device=centroids.device)
     history[0] = centroids
     for t in range(max_iter):
@@ -114,6 +117,8 @@ def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float,
         converged = active & ((c_next - c).abs().amax(dim=(1, 2)) <= epsilon)
         iterations[converged] = t + 1
         active &= ~converged
+        if limits is not None:
+            active &= limits > t + 1  # a group at its own max_iter stops with that count
         if t == 0:
             # A NaN or Inf weight (or centroid) turns its row's attention, and so these sums, into
             # NaN; so does a squared distance beyond the compute dtype's range. Checked here, on
@@ -147,21 +152,32 @@ def _backward_steps(iterations: Tensor, max_iter: int) -> int:
     return high
 
 
+def _zeros_like_weights(weights: Tensor | list[Tensor], dtype: torch.dtype):
+    """The gradient accumulator: zeros shaped as the weights (a list of them for many problems)."""
+    if isinstance(weights, Tensor):
+        return torch.zeros(weights.shape, dtype=dtype, device=weights.device)
+    return [_zeros_like_weights(w, dtype) for w in weights]
+
+
 def backward(passes: Passes, grad_out: Tensor, history: Tensor, masses: Tensor,
-             iterations: Tensor, tau: float, process_group=None) -> Tensor:
+             iterations: Tensor, tau: float | Tensor, process_group=None) -> Tensor:
     """dLoss/dW (G, M, d, compute dtype) through every iteration, from G~ = grad_out.
 
     Groups are aligned at their last iteration: backward step p (1, 2, ...) handles iteration
     t = L_g - p of every group that ran at least p iterations, so the output's term (which needs
-    G~) enters every group in the first step.
+    G~) enters every group in the first step. Many problems in one call give `tau` per group as a
+    float64 tensor (G, 1, 1), and W, G~ and the result are lists (docs/design.md §12).
     """
-    weights = passes.weights
-    groups = weights.shape[0]
-    group = torch.arange(groups, device=weights.device)
+    groups = history.shape[1]
+    group = torch.arange(groups, device=history.device)
     steps = _backward_steps(iterations, masses.shape[0])
     c_final = history[iterations, group]
-    grad_weights = torch.zeros(weights.shape, dtype=history.dtype, device=weights.device)
-    everyone = torch.ones(groups, dtype=torch.bool, device=weights.device)
+    grad_weights = _zeros_like_weights(passes.weights, history.dtype)
+    everyone = torch.ones(groups, dtype=torch.bool, device=history.device)
+    # 2/tau rounded once to the compute dtype, as a Python float is when it multiplies a tensor.
+    two_over_tau = 2.0 / tau
+    if isinstance(two_over_tau, Tensor):
+        two_over_tau = two_over_tau.to(history.dtype)
     # G_L = A_{L-1}^T G~: the gradient reaching the final centroids through the output.
     grad_c, _ = passes.attention_sums(grad_out, history[iterations - 1, group], everyone)
     grad_c, = _all_reduce(process_group, grad_c)
@@ -174,7 +190,7 @@ def backward(passes: Passes, grad_out: Tensor, history: Tensor, masses: Tensor,
         sum_ds_diff, = _all_reduce(process_group, passes.gradient(
             grad_out if p == 1 else None, c, grad_over_mass, grad_dot_next, c_final, active,
             grad_weights))
-        grad_c_t = (2.0 / tau) * sum_ds_diff
+        grad_c_t = two_over_tau * sum_ds_diff
         # A centroid without mass is carried over unchanged: its gradient passes through.
         grad_c_t = grad_c_t + torch.where(has_mass(mass).unsqueeze(-1), 0.0, grad_c)
         grad_c = torch.where(active[:, None, None], grad_c_t, grad_c)

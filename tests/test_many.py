@@ -1,0 +1,166 @@
+"""Many problems in one call (docs/design.md §12): `dkm_many` against one `dkm` call per problem.
+
+The packed recurrence must not change any problem's result: forward bit-identical, backward
+bit-identical where the problems share d (else within float32 rounding of one dot product), for
+every backend, dtype, shape, option and stop iteration. `dkm` itself is checked against the
+float64 reference elsewhere (test_backends.py); here the float64 problems are also compared with
+the reference directly.
+"""
+import pytest
+import torch
+
+import dkm_kernels
+from dkm_kernels import DKMProblem, dkm, dkm_many
+from oracle import FUSED_BACKENDS, make_problem
+
+
+def problems(dtype, dims=(1, 4, 8), seed=0):
+    """Three problems with their own M, d, k, groups, tau, max_iter and epsilon: ungrouped, two
+    groups and three groups, one of which is already clustered and stops at its first iteration."""
+    shapes = [(None, 120, 4, 5, 1e-4), (2, 90, 16, 3, 0.0), (3, 60, 7, 7, 1e-3)]
+    found = []
+    for index, ((groups, m, k, max_iter, epsilon), d) in enumerate(zip(shapes, dims)):
+        weights, centroids, tau = make_problem(m, d, k, groups=groups, seed=seed + index)
+        if groups == 3:
+            # every weight and centroid the same point: the centroids stay put, so it stops at once
+            weights[1], centroids[1] = centroids[1, 0], centroids[1, 0]
+        weights = weights.to(dtype)
+        centroids = centroids.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        if groups == 3:
+            centroids[1] = weights[1, 0]  # as rounded to the weights' dtype
+        found.append(DKMProblem(weights, centroids, tau, max_iter, epsilon))
+    return found
+
+
+def forward_backward(call, weights: list, seed=3):
+    """Runs `call(leaves)` (a list of DKMResult), backward with fixed random upstream gradients;
+    returns the results and the weights' gradients."""
+    leaves = [w.detach().clone().requires_grad_(True) for w in weights]
+    results = call(leaves)
+    gen = torch.Generator().manual_seed(seed)
+    upstream = [torch.randn(r.weights.shape, generator=gen).to(r.weights.dtype) for r in results]
+    torch.autograd.backward([r.weights for r in results], upstream)
+    return results, [leaf.grad for leaf in leaves]
+
+
+def one_by_one(problems, backend):
+    return forward_backward(
+        lambda leaves: [dkm(w, *p[1:], backend=backend, uniquify=False)
+                        for w, p in zip(leaves, problems)],
+        [p.weights for p in problems])
+
+
+def together(problems, backend):
+    return forward_backward(
+        lambda leaves: dkm_many([p._replace(weights=w) for w, p in zip(leaves, problems)],
+                                backend=backend),
+        [p.weights for p in problems])
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_each_problem_as_if_alone(backend, dtype):
+    if backend == "triton" and dtype != torch.float32:
+        pytest.skip("triton: float32 here (its interpreter is slow; its dtypes are covered by "
+                    "test_triton_backend.py, and this test is about the packing)")
+    found = problems(dtype, dims=(4, 4, 4))
+    (alone, grads_alone), (many, grads_many) = one_by_one(found, backend), together(found, backend)
+    assert many[2].iterations[1] == 1 < many[2].iterations[0]  # stops on its own
+    for index, (a, b, ga, gb) in enumerate(zip(alone, many, grads_alone, grads_many)):
+        for name, x, y in (("values", a.weights, b.weights), ("centroids", a.centroids,
+                           b.centroids), ("iterations", a.iterations, b.iterations),
+                           ("gradients", ga, gb)):
+            assert x.shape == y.shape and x.dtype == y.dtype, (index, name)
+            assert torch.equal(x, y), f"problem {index}: {name} differ"
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_different_dimensions(backend):
+    """With d = 1, 4 and 8 in one call, the forward is still bit-identical; the backward agrees to
+    float32 rounding (its sum over d runs over d_max terms)."""
+    found = problems(torch.float32)
+    (alone, grads_alone), (many, grads_many) = one_by_one(found, backend), together(found, backend)
+    for a, b, ga, gb in zip(alone, many, grads_alone, grads_many):
+        assert torch.equal(a.weights, b.weights) and torch.equal(a.centroids, b.centroids)
+        assert torch.equal(a.iterations, b.iterations)
+        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6 * ga.abs().max().item())
+
+
+def test_float64_against_the_reference():
+    found = problems(torch.float64)
+    (exact, grads_exact), (many, grads_many) = (
+        forward_backward(lambda leaves: [dkm(w, *p[1:], backend="reference")
+                                         for w, p in zip(leaves, found)],
+                         [p.weights for p in found]),
+        together(found, "cpu"))
+    for a, b, ga, gb in zip(exact, many, grads_exact, grads_many):
+        assert torch.equal(a.iterations, b.iterations)
+        torch.testing.assert_close(b.weights, a.weights, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b.centroids, a.centroids, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-12 * ga.abs().max().item())
+
+
+def test_mixed_dtypes_and_the_reference_backend():
+    """float32 and float64 problems in one list run as two calls; backend='reference' too."""
+    found = problems(torch.float32)
+    found[1] = problems(torch.float64)[1]
+    for backend in ("cpu", "reference"):
+        (alone, grads_alone), (many, grads_many) = (one_by_one(found, backend),
+                                                    together(found, backend))
+        for a, b, ga, gb in zip(alone, many, grads_alone, grads_many):
+            assert b.weights.dtype == a.weights.dtype
+            assert torch.equal(a.weights, b.weights) and torch.equal(ga, gb)
+
+
+def test_an_unused_problem_gets_no_gradient():
+    found = problems(torch.float32, dims=(2, 2, 2))
+    leaves = [p.weights.clone().requires_grad_(True) for p in found]
+    results = dkm_many([p._replace(weights=w) for w, p in zip(leaves, found)], backend="cpu")
+    results[1].weights.sum().backward()
+    assert leaves[0].grad is None and leaves[2].grad is None
+    alone = leaves[1].detach().clone().requires_grad_(True)
+    dkm(alone, *found[1][1:], backend="cpu").weights.sum().backward()
+    assert torch.equal(alone.grad, leaves[1].grad)
+
+
+def test_bad_arguments_name_the_problem():
+    good = problems(torch.float32)
+    with pytest.raises(ValueError, match="at least one"):
+        dkm_many([])
+    with pytest.raises(ValueError, match=r"problems\[1\]: tau must be finite and > 0"):
+        dkm_many([good[0], good[1]._replace(tau=-1.0)])
+    with pytest.raises(TypeError, match=r"problems\[0\]: a problem is a DKMProblem"):
+        dkm_many([object()])
+    with pytest.raises(ValueError, match=r"problems\[2\]: centroids have dimension"):
+        dkm_many([good[0], good[1], good[2]._replace(centroids=good[1].centroids[:3])])
+    ops = torch.ops.dkm_kernels
+    w = [p.weights if p.weights.dim() == 3 else p.weights[None] for p in good]
+    c = [p.centroids if p.centroids.dim() == 3 else p.centroids[None] for p in good]
+    with pytest.raises(ValueError, match="one length"):
+        ops.dkm_many_forward(w, c, [1.0], [3, 3, 3], [0.0] * 3, True, "cpu")
+    with pytest.raises(ValueError, match=r"problem 1: max_iter"):
+        ops.dkm_many_forward(w, c, [1.0] * 3, [3, 0, 3], [0.0] * 3, True, "cpu")
+    with pytest.raises(ValueError, match="one device and compute dtype"):
+        ops.dkm_many_forward([w[0], w[1].double()], [c[0], c[1].double()], [1.0] * 2, [3, 3],
+                             [0.0] * 2, True, "cpu")
+
+
+def test_opcheck():
+    found = problems(torch.float32, dims=(2, 3, 2))
+    w = [(p.weights if p.weights.dim() == 3 else p.weights[None]).requires_grad_(True)
+         for p in found]
+    c = [p.centroids if p.centroids.dim() == 3 else p.centroids[None] for p in found]
+    args = (w, c, [p.tau for p in found], [2, 3, 2], [1e-4] * 3, True, "torch")
+    torch.library.opcheck(torch.ops.dkm_kernels.dkm_many_forward.default, args)
+    _, histories, masses, iterations = torch.ops.dkm_kernels.dkm_many_forward(*args)
+    grads = [torch.randn(x.shape) for x in w]
+    torch.library.opcheck(torch.ops.dkm_kernels.dkm_many_backward.default,
+                          (grads, [x.detach() for x in w], histories, masses, iterations,
+                           [p.tau for p in found], True, "torch"))
+
+
+def test_exported_at_the_top_level():
+    assert dkm_kernels.dkm_many is dkm_many and dkm_kernels.DKMProblem is DKMProblem
+    weights, centroids, tau = make_problem(50, 2, 3, dtype=torch.float32)
+    result, = dkm_many([(weights, centroids, tau)], backend="torch")
+    assert torch.equal(result.weights, dkm(weights, centroids, tau, backend="torch").weights)
