@@ -17,7 +17,8 @@ The floor of a case is counted: exponentials, multiply-adds and bytes of W per p
 of passes (harness.counted_work, harness.passes_per_direction), at the card's rates measured at the
 start of the same run (measured_rates; --dry-run uses an H100 SXM's datasheet rates,
 harness.H100_SXM); the floor is the largest of the three times (harness.time_floor).
-`--resnet50` times the whole ResNet-50 8/8 clustering instead, one op call per layer.
+`--resnet50` times the whole ResNet-50 8/8 clustering instead, one op call per layer and all
+layers in one `dkm_many` call.
 The reference's predicted memory, and the cap that skips it, is harness.naive_peak_bytes.
 """
 from __future__ import annotations
@@ -243,10 +244,12 @@ def measure(backend: str, weights, centroids, iterations: int, do_bench,
 
 
 def resnet50_clustering(backend: str, iterations: int, do_bench, rates: Rates,
-                        device=torch.device("cuda"), layers: int | None = None) -> dict:
+                        device=torch.device("cuda"), layers: int | None = None,
+                        one_call: bool = False) -> dict:
     """Every ResNet-50 weight at cv:8/8 fc:8/8 (benchmarks/resnet50_shapes.py), one op call per
-    layer: all forwards, then one backward through all of them; median time, peak memory and the
-    floor summed over the layers."""
+    layer, or all of them in one `dkm_many` call (`one_call`, docs/design.md §12): all forwards,
+    then one backward through all of them; median time, peak memory and the floor summed over
+    the layers."""
     import dkm_kernels
 
     name = "triton" if backend.startswith("triton") else backend
@@ -261,9 +264,14 @@ def resnet50_clustering(backend: str, iterations: int, do_bench, rates: Rates,
         upstream.append(torch.randn(w.shape, device=device, generator=gen))
 
     def forward_backward():
-        outs = [dkm_kernels.dkm(w, c, PAPER_TAU, iterations, 0.0, backend=name,
-                                deterministic=deterministic).weights
-                for w, c in zip(params, centroids)]
+        if one_call:
+            outs = [r.weights for r in dkm_kernels.dkm_many(
+                [(w, c, PAPER_TAU, iterations, 0.0) for w, c in zip(params, centroids)],
+                backend=name, deterministic=deterministic)]
+        else:
+            outs = [dkm_kernels.dkm(w, c, PAPER_TAU, iterations, 0.0, backend=name,
+                                    deterministic=deterministic).weights
+                    for w, c in zip(params, centroids)]
         torch.autograd.backward(outs, upstream)
 
     forward_backward()  # compile and warm up
@@ -272,7 +280,8 @@ def resnet50_clustering(backend: str, iterations: int, do_bench, rates: Rates,
         forward_backward()
     floor_s = sum(floors(layer["m"], layer["d"], layer["k"], iterations, rates)
                   ["forward+backward"]["floor_s"] for layer in plan)
-    return {"backend": backend, "layers": len(plan), "forward+backward_ms": both_ms,
+    return {"backend": backend, "layers": len(plan), "one_call": one_call,
+            "forward+backward_ms": both_ms,
             "peak_bytes": peak.bytes if peak else None, "floor_ms": floor_s * 1e3,
             "x_floor": both_ms / (floor_s * 1e3)}
 
@@ -305,7 +314,9 @@ def self_check(iterations: int) -> int:
         row.update(measure(backend, weights, centroids, iterations, _time_once, device))
         rows.append(row)
     print(markdown_table(rows))
-    print(resnet50_clustering("torch", iterations, _time_once, Rates(**rates), device, layers=1))
+    for one_call in (False, True):
+        print(resnet50_clustering("torch", iterations, _time_once, Rates(**rates), device,
+                                  layers=2, one_call=one_call))
     return 0
 
 
@@ -359,8 +370,10 @@ def main(argv=None) -> int:
         for backend in backends:
             if backend == "reference":
                 continue  # 19 GB and minutes per step: docs/design.md §2 measured it once
-            rows.append(resnet50_clustering(backend, args.iterations, do_bench, measured))
-            print(rows[-1], flush=True)
+            for one_call in (False, True):
+                rows.append(resnet50_clustering(backend, args.iterations, do_bench, measured,
+                                                one_call=one_call))
+                print(rows[-1], flush=True)
         record["resnet50_clustering"] = rows
         write_json(args.out or results_path(f"gpu_resnet50_{_slug(record['device'])}_{stamp}.json"),
                    record)

@@ -44,8 +44,9 @@ if (( SELF_CHECK )); then
     step op_cases 300 "$PYTHON" benchmarks/gpu_bench.py --self-check
     step resnet50_step 300 "$PYTHON" benchmarks/resnet50.py --help
 else
-    step tests 150 "$PYTHON" -m pytest -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-        tests/test_triton_backend.py tests/test_op_contract.py tests/test_memory.py tests/test_backends.py
+    step tests 170 "$PYTHON" -m pytest -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+        tests/test_triton_backend.py tests/test_op_contract.py tests/test_memory.py tests/test_backends.py \
+        tests/test_many.py
     step op_cases 150 "$PYTHON" benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json"
     step resnet50_clustering 60 "$PYTHON" benchmarks/gpu_bench.py --resnet50 \
         --backends torch,triton,triton-deterministic --out "$OUT/gpu_resnet50_clustering.json"

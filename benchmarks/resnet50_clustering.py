@@ -1,6 +1,7 @@
 """The DKM clustering of every ResNet-50 weight at cv:8/8 fc:8/8, forward and backward, no network.
 
-    python benchmarks/resnet50_clustering.py                      # cpu backend; writes results/cpu_resnet50_clustering.json
+    python benchmarks/resnet50_clustering.py                      # cpu backend, per layer and in one
+                                                                  # dkm_many call; writes results/cpu_resnet50_clustering.json
     python benchmarks/resnet50_clustering.py --measure-reference  # also the reference, per layer shape (minutes)
     python benchmarks/resnet50_clustering.py --layers 2 --measure-reference --out /tmp/c.json  # a quick check
 
@@ -78,10 +79,16 @@ def _worker(job: dict) -> dict:
     with ResidentPeak() as peak:
         for _ in range(job["repeats"]):
             params = [rows.detach().requires_grad_(True) for rows, _, _ in layers]
+            if job["one_call"]:  # every layer in one dkm_many call (docs/design.md §12)
+                def forward():
+                    problems = [(p, c, PAPER_TAU, ITERATIONS, 0.0) for p, (_, c, _) in zip(params, layers)]
+                    return [r.weights for r in dkm_kernels.dkm_many(problems, backend=job["backend"])]
+            else:
+                def forward():
+                    return [dkm_kernels.dkm(p, c, PAPER_TAU, ITERATIONS, 0.0, backend=job["backend"]).weights
+                            for p, (_, c, _) in zip(params, layers)]
             timing, outs = time_forward_backward(
-                lambda: [dkm_kernels.dkm(p, c, PAPER_TAU, ITERATIONS, 0.0, backend=job["backend"]).weights
-                         for p, (_, c, _) in zip(params, layers)],
-                lambda outs: torch.autograd.backward(outs, [u for _, _, u in layers]))
+                forward, lambda outs: torch.autograd.backward(outs, [u for _, _, u in layers]))
             runs.append(timing)
             del outs, params
     return dict(
@@ -93,9 +100,11 @@ def _worker(job: dict) -> dict:
     )
 
 
-def run_model(backend: str, repeats: int, threads: int | None, layer_count: int) -> dict:
+def run_model(backend: str, repeats: int, threads: int | None, layer_count: int,
+              one_call: bool = False) -> dict:
     # Without measure_case's separate mappings: the figure in results/ was recorded so.
-    job = dict(backend=backend, repeats=repeats, threads=threads, layer_count=layer_count)
+    job = dict(backend=backend, repeats=repeats, threads=threads, layer_count=layer_count,
+               one_call=one_call)
     return run_worker(__file__, job, separate_mappings=False)
 
 
@@ -144,9 +153,16 @@ def main(argv=None) -> dict:
     result["work"] = dict(passes=passes, exponentials=sum(w["exps"] for w in work),
                           multiply_adds=sum(w["fmas"] for w in work))
 
-    print(f"\n{args.backend}: forward {ours['forward_s']:.2f} s, backward {ours['backward_s']:.2f} s, "
-          f"forward+backward {ours['forward_backward_s']:.2f} s (process CPU {ours['forward_backward_cpu_s']:.2f} s, "
-          f"{ours['threads_used']} threads), peak {mib(ours['peak_bytes'])}")
+    print("measuring the same in one dkm_many call ...", flush=True)
+    together = run_model(args.backend, args.repeats, args.threads, args.layers, one_call=True)
+    result["one_call_result"] = together
+    for label, found in (("one dkm call per layer", ours), ("one dkm_many call", together)):
+        print(f"\n{args.backend}, {label}: forward {found['forward_s']:.2f} s, backward "
+              f"{found['backward_s']:.2f} s, forward+backward {found['forward_backward_s']:.2f} s "
+              f"(process CPU {found['forward_backward_cpu_s']:.2f} s, {found['threads_used']} threads), "
+              f"peak {mib(found['peak_bytes'])}")
+    result["one_call_over_per_layer"] = together["forward_backward_s"] / ours["forward_backward_s"]
+    print(f"one call / per layer, forward+backward: {result['one_call_over_per_layer']:.3f}")
     print(f"reference: keeps >= {attention_bound / 1e9:.1f} GB of attention for backward "
           f"(sum of L*M*k*4 bytes); measured once (docs/design.md §2): {REFERENCE_DESIGN_PEAK_BYTES / 1e9:.1f} GB peak, "
           f"~{REFERENCE_DESIGN_SECONDS} s")

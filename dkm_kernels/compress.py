@@ -35,9 +35,10 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from . import coreml, distributed, export
+from .functional import dkm_many
 from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _in_backward,
                     check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed,
-                    check_uniquify)
+                    check_uniquify, keep_saved)
 from .init import SEED_BOUND
 from .modules import clusterable_modules, clusterable_type, layer_type, raw_weight
 from .packing import MAX_BITS
@@ -52,6 +53,11 @@ except ImportError:  # the progress bar is optional
 # to keep precise, so they get 8-bit scalar palettes whatever the model's config.
 SMALL_LAYER_THRESHOLD = 10_000
 SMALL_LAYER_CONFIG = {"bits": 8, "dim": 1, "group_size": None}
+
+# Weight elements clustered in one dkm_many call at most: until its backward a call holds its
+# layers' upstream gradients and gradient accumulators (compute dtype) at once, which this bounds
+# (about 512 MB in float32) whatever the model's size.
+BATCH_MAX_ELEMENTS = 2**26
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,7 +229,7 @@ class DKMCompressor(nn.Module):
                  lut_dtype: torch.dtype = torch.float16, seed: int | None = None,
                  tied: Mapping[str, list[str]] | None = None, process_group=None,
                  shard_rows: bool = True, uniquify: bool | str = True, progress: bool | None = None,
-                 target: str | None = None):
+                 target: str | None = None, batch_layers: bool = True):
         super().__init__()
         if not _is_int(milestone) or milestone < 0:
             raise ValueError(f"milestone must be an integer >= 0, got {milestone!r}")
@@ -239,6 +245,7 @@ class DKMCompressor(nn.Module):
         # clustered layer name -> the other modules holding the same Parameter (same DKMLayer)
         self.tied = {name: list(others) for name, others in (tied or {}).items() if others}
         self.milestone = milestone
+        self.batch_layers = check_bool("batch_layers", batch_layers)
         self.lut_dtype = lut_dtype
         self.target = target  # "coreml": the layers were checked to deploy there
         self.register_buffer("step", torch.tensor(0, dtype=torch.int64))
@@ -281,6 +288,7 @@ class DKMCompressor(nn.Module):
                 parametrize.register_parametrization(modules[member], "weight", layer,
                                                      unsafe=True)
             self.dkm_layers[name] = layer
+        self._owners = {name: modules[name] for name in self.dkm_layers}
         self._set_active()
         # The step boundary is the model's forward, however it is called (the compressor, or
         # `model(x)` directly as training frameworks do).
@@ -309,6 +317,40 @@ class DKMCompressor(nn.Module):
         for layer in self.dkm_layers.values():
             layer.advance()
             layer.caching = True
+        if self.batch_layers and module.training and torch.is_grad_enabled():
+            self._cluster_in_batches()
+
+    def _cluster_in_batches(self) -> None:
+        """Clusters the step's layers with `dkm_many`, a batch of neighbouring layers per call,
+        each layer's reads then served from its result (DKMLayer.take_batched): one recurrence,
+        and one host sync per iteration, for a whole batch (docs/design.md §12). Results equal
+        one call per layer. Layers that cluster on their own (uniquified, sharded, compiled) are
+        left to do so. On an error nothing is served, so that each layer reports its own."""
+        batch, elements = [], 0
+        for name, layer in self.dkm_layers.items():
+            weight = raw_weight(self._owners[name])
+            found = layer.batched_problem(weight)
+            if found is None:
+                continue
+            if batch and (elements + weight.numel() > BATCH_MAX_ELEMENTS
+                          or layer.backend != batch[0][0].backend):
+                self._cluster_batch(batch)
+                batch, elements = [], 0
+            batch.append((layer, weight, *found))
+            elements += weight.numel()
+        if batch:
+            self._cluster_batch(batch)
+
+    @staticmethod
+    def _cluster_batch(batch) -> None:
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(keep_saved, keep_saved):
+                results = dkm_many([problem for _, _, problem, _ in batch],
+                                   backend=batch[0][0].backend)
+        except (ValueError, TypeError):
+            return
+        for (layer, weight, _, scale), result in zip(batch, results):
+            layer.take_batched(weight, result, scale)
 
     def _after_forward(self, module, args, output) -> None:
         if _in_backward():
@@ -453,7 +495,7 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                    module_type_configs: Mapping[Any, Any] | None = None,
                    weight_threshold: int = 0, target: str | None = None, process_group=None,
                    shard_rows: bool = True, uniquify: bool | str = True,
-                   progress: bool | None = None) -> DKMCompressor:
+                   progress: bool | None = None, batch_layers: bool = True) -> DKMCompressor:
     """Put DKM on the model's Conv1d/2d/3d, Linear and Embedding weights (the model is modified in
     place) and return the `DKMCompressor` that trains, snaps and exports it.
 
@@ -489,6 +531,10 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
         approximation; see dkm_kernels.dkm).
     progress: a tqdm progress bar over the layers while they initialise (True: always; None: when
         stderr is a terminal; False: never).
+    batch_layers: each training step clusters its layers with `dkm_kernels.dkm_many`, batches of
+        neighbouring layers up to BATCH_MAX_ELEMENTS weights per call (the same results as one
+        call per layer, with one recurrence's host work and syncs per batch); False: one `dkm`
+        call per layer as it is read, each layer's backward as soon as its gradient is ready.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -628,4 +674,4 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
     return DKMCompressor(model, configs, skipped, milestone=milestone, backend=backend,
                          lut_dtype=lut_dtype, seed=seed, tied=tied, target=target,
                          process_group=process_group, shard_rows=shard_rows, uniquify=uniquify,
-                         progress=progress)
+                         progress=progress, batch_layers=batch_layers)

@@ -123,13 +123,24 @@ def _prepared(problem: DKMProblem, sharded: bool = False):
     return w, c, tau, epsilon
 
 
+def uniquified(weights: Tensor, backend: str, uniquify) -> bool:
+    """Whether `dkm` (without a process group) clusters these grouped weights uniquified (§10)."""
+    if not (backend == "auto" if uniquify is None else bool(uniquify)):
+        return False
+    # Rounded to bfloat16, float32 scalar rows are what unique.applies takes.
+    return unique.applies(weights) or (_rounds_to_bfloat16(weights, uniquify)
+                                       and weights.shape[0] > 0)
+
+
+def _rounds_to_bfloat16(weights: Tensor, uniquify) -> bool:
+    return uniquify == "bfloat16" and weights.dtype == torch.float32 and weights.shape[-1] == 1
+
+
 def _rounded_for(weights: Tensor, uniquify) -> Tensor:
     """The weights the uniquified op clusters: float32 scalar weights rounded to bfloat16 under
     uniquify="bfloat16" (a differentiable cast: the gradient reaches the float32 weights), else
     the weights themselves."""
-    if uniquify == "bfloat16" and weights.dtype == torch.float32 and weights.shape[-1] == 1:
-        return weights.to(torch.bfloat16)
-    return weights
+    return weights.to(torch.bfloat16) if _rounds_to_bfloat16(weights, uniquify) else weights
 
 
 def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsilon: float = 1e-4,
@@ -177,10 +188,9 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
                              "process_group; use backend='auto', 'torch', 'cpu' or 'triton'")
         check_inputs(w, c, tau, max_iter, epsilon)  # the op checks its own
         out, final, iterations = dkm_reference(w, c, tau, max_iter, epsilon)
-    elif (backend == "auto" if uniquify is None else bool(uniquify)) and not name and \
-            unique.applies(distinct_source := _rounded_for(w, uniquify)):
-        out, history, _, iterations = unique.dkm_unique_forward(distinct_source, c, tau,
-                                                                max_iter, epsilon)
+    elif not name and uniquified(w, backend, uniquify):
+        out, history, _, iterations = unique.dkm_unique_forward(_rounded_for(w, uniquify), c,
+                                                                tau, max_iter, epsilon)
         out, final = out.to(w.dtype), history[-1]
     else:
         out, history, _, iterations = dkm_forward(w, c, tau, max_iter, epsilon,

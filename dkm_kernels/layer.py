@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import backends, distributed, unique
 from ._ops import MAX_ITER_LIMIT, ErrorPrefix
-from .functional import check_count, dkm
+from .functional import DKMProblem, check_count, dkm, uniquified
 from .init import INIT_METHODS, SEED_BOUND, init_centroids, kmeans_plus_plus
 from .kmeans import nearest_centroids, nearest_centroids_checked, lloyd_kmeans
 
@@ -182,7 +182,9 @@ def _reads_are_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _keep(tensor: Tensor) -> Tensor:
+def keep_saved(tensor: Tensor) -> Tensor:
+    """A saved-tensors hook that keeps a clustering's saved tensors as they are: gradient
+    checkpointing must not count them (a recomputed read clusters again)."""
     return tensor
 
 
@@ -518,7 +520,11 @@ class DKMLayer(nn.Module):
         if use_cache:
             key = self.cache_key(weight)
             if self._cache is not None and self._cache[0] == key:
-                return self._cache[1]
+                _, clustered, pending = self._cache
+                if pending is not None:  # clustered in the step's batch: now it counts as read
+                    self._keep_pending(pending)
+                    self._cache = (key, clustered, None)
+                return clustered
         if not self._initialized:
             self.initialize(weight)
         if self.training:
@@ -529,33 +535,73 @@ class DKMLayer(nn.Module):
                 # Checkpointing must not count this clustering's saved tensors: a read served
                 # from the cache in the forward runs the clustering again when backward
                 # recomputes it.
-                with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                with torch.autograd.graph.saved_tensors_hooks(keep_saved, keep_saved):
                     clustered = self._soft_weight(weight)
         else:
             clustered = self._cached_hard_weight(weight)
         if use_cache:
-            self._cache = (self.cache_key(weight), clustered)
+            self._cache = (self.cache_key(weight), clustered, None)
         return clustered
 
-    def _soft_weight(self, weight: Tensor) -> Tensor:
+    def _soft_problem(self, weight: Tensor) -> tuple[DKMProblem, Tensor | None]:
+        """The training clustering of `weight`: the op's problem (rows of the normalised weight,
+        the warm start, tau, max_iter, epsilon) and the channel scale to apply after."""
         normalized, scale = self.normalized(weight)
         centroids = self._grouped_centroids()
         if normalized.dtype == torch.float64:
             centroids = centroids.double()
-        rows = self.rows(normalized)
+        return DKMProblem(self.rows(normalized), centroids, self._tau, self.max_iter,
+                          self.epsilon), scale
+
+    def _soft_weight(self, weight: Tensor) -> Tensor:
+        problem, scale = self._soft_problem(weight)
+        rows = problem.weights
         group = self.process_group if self.shard_rows else None
         with self._naming_errors():
             result = dkm(rows if group is None else distributed.local_rows(rows, group),
-                         centroids, self._tau, self.max_iter, self.epsilon,
-                         backend=self.backend, process_group=group, uniquify=self.uniquify)
-        with torch.no_grad():  # committed by advance(): the warm start of the next step
-            self.pending_centroids.copy_(result.centroids.reshape(self.centroids.shape))
-        self._has_pending = True
+                         *problem[1:], backend=self.backend, process_group=group,
+                         uniquify=self.uniquify)
+        self._keep_pending(result.centroids)
         clustered = result.weights
         if group is not None:
             clustered = distributed.gather_rows(clustered, rows.shape[1], group)
+        return self._from_rows(clustered, weight, scale)
+
+    def _keep_pending(self, centroids: Tensor) -> None:
+        with torch.no_grad():  # committed by advance(): the warm start of the next step
+            self.pending_centroids.copy_(centroids.reshape(self.centroids.shape))
+        self._has_pending = True
+
+    def _from_rows(self, clustered: Tensor, weight: Tensor, scale: Tensor | None) -> Tensor:
         clustered = rows_to_weight(clustered, weight.shape, self.vector_axis)
         return clustered if scale is None else clustered * scale.to(clustered.dtype)
+
+    # -- many layers in one call (the compressor's step) -----------------------------------------
+
+    def batched_problem(self, weight: Tensor) -> tuple[DKMProblem, Tensor | None] | None:
+        """This training step's clustering of `weight` as a `dkm_many` problem (with the channel
+        scale), for a caller that clusters many layers in one call and hands each result back
+        with `take_batched`; None where the layer clusters on its own: outside a cached training
+        step, inactive, already clustered this step, uniquified, rows sharded across ranks."""
+        if not (self.active and self.training and self.caching and torch.is_grad_enabled()) \
+                or torch.compiler.is_compiling() or _in_backward() or weight.is_meta \
+                or distributed.is_sharded(weight) \
+                or (self.process_group is not None and self.shard_rows) \
+                or tuple(weight.shape) != self.original_shape \
+                or (self._cache is not None and self._cache[0] == self.cache_key(weight)):
+            return None
+        if not self._initialized:
+            self.initialize(weight)
+        problem, scale = self._soft_problem(weight)
+        if uniquified(problem.weights, self.backend, self.uniquify):
+            return None
+        return problem, scale
+
+    def take_batched(self, weight: Tensor, result, scale: Tensor | None) -> None:
+        """Serves this step's reads of `weight` from `result` (a DKMResult of `batched_problem`'s
+        problem); its centroids become pending at the first read, as if clustered then."""
+        self._cache = (self.cache_key(weight), self._from_rows(result.weights, weight, scale),
+                       result.centroids)
 
     @torch.no_grad()
     def _nearest(self, weight: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:

@@ -8,10 +8,12 @@ the reference directly.
 """
 import pytest
 import torch
+from torch import nn
 
 import dkm_kernels
-from dkm_kernels import DKMProblem, dkm, dkm_many
-from oracle import FUSED_BACKENDS, make_problem
+from dkm_kernels import DKMProblem, compress, dkm, dkm_many
+from dkm_kernels import layer as layer_module
+from oracle import FUSED_BACKENDS, device_of, make_problem, skip_reason
 
 
 def problems(dtype, dims=(1, 4, 8), seed=0):
@@ -38,7 +40,7 @@ def forward_backward(call, weights: list, seed=3):
     leaves = [w.detach().clone().requires_grad_(True) for w in weights]
     results = call(leaves)
     gen = torch.Generator().manual_seed(seed)
-    upstream = [torch.randn(r.weights.shape, generator=gen).to(r.weights.dtype) for r in results]
+    upstream = [torch.randn(r.weights.shape, generator=gen).to(r.weights) for r in results]
     torch.autograd.backward([r.weights for r in results], upstream)
     return results, [leaf.grad for leaf in leaves]
 
@@ -63,7 +65,11 @@ def test_each_problem_as_if_alone(backend, dtype):
     if backend == "triton" and dtype != torch.float32:
         pytest.skip("triton: float32 here (its interpreter is slow; its dtypes are covered by "
                     "test_triton_backend.py, and this test is about the packing)")
-    found = problems(dtype, dims=(4, 4, 4))
+    if (reason := skip_reason(backend, dtype)) is not None:
+        pytest.skip(reason)
+    found = [p._replace(weights=p.weights.to(device_of(backend)),
+                        centroids=p.centroids.to(device_of(backend)))
+             for p in problems(dtype, dims=(4, 4, 4))]
     (alone, grads_alone), (many, grads_many) = one_by_one(found, backend), together(found, backend)
     assert many[2].iterations[1] == 1 < many[2].iterations[0]  # stops on its own
     for index, (a, b, ga, gb) in enumerate(zip(alone, many, grads_alone, grads_many)):
@@ -164,3 +170,92 @@ def test_exported_at_the_top_level():
     weights, centroids, tau = make_problem(50, 2, 3, dtype=torch.float32)
     result, = dkm_many([(weights, centroids, tau)], backend="torch")
     assert torch.equal(result.weights, dkm(weights, centroids, tau, backend="torch").weights)
+
+
+# -- the compressor's step: its layers clustered together ------------------------------------------
+
+class TwoPaths(nn.Module):
+    """Convolutions, linear layers, and one layer that a forward may skip."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3), nn.ReLU(),
+                                  nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU())
+        self.head = nn.Linear(32, 10)
+        self.spare = nn.Linear(32, 10)
+
+    def forward(self, x, use_spare=False):
+        return (self.spare if use_spare else self.head)(self.body(x))
+
+
+def train(batch_layers, monkeypatch=None, steps=3, use_spare=(False, True, False), **options):
+    """A few SGD steps of a compressed TwoPaths; returns the model, and the number of dkm_many
+    calls with their problem counts and of single dkm calls (when monkeypatch is given)."""
+    torch.manual_seed(0)
+    model = TwoPaths()
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(10, (4,))
+    calls = {"many": [], "single": 0}
+    if monkeypatch is not None:
+        many, single = compress.dkm_many, layer_module.dkm
+
+        def counted_many(problems, **kwargs):
+            calls["many"].append(len(problems))
+            return many(problems, **kwargs)
+
+        def counted_single(*args, **kwargs):
+            calls["single"] += 1
+            return single(*args, **kwargs)
+        monkeypatch.setattr(compress, "dkm_many", counted_many)
+        monkeypatch.setattr(layer_module, "dkm", counted_single)
+    dkm_kernels.compress_model(model, bits=3, dim=2, skip_first_last=False, seed=1,
+                               backend="cpu", batch_layers=batch_layers, conv_config="4/1",
+                               **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for spare in use_spare[:steps]:
+        loss = nn.functional.cross_entropy(model(x, use_spare=spare), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, calls
+
+
+def test_compressor_step_is_one_call_with_the_same_results(monkeypatch):
+    plain, _ = train(False)
+    together_model, calls = train(True, monkeypatch)
+    assert calls == {"many": [5, 5, 5], "single": 0}  # every layer, one call per step
+    expected, found = plain.state_dict(), together_model.state_dict()
+    assert expected.keys() == found.keys()
+    for key in expected:
+        assert torch.equal(expected[key], found[key]), key
+
+
+def test_a_layer_not_read_is_not_stepped(monkeypatch):
+    """A layer the step's forward does not read keeps its centroids and gets no gradient, as
+    with one call per layer: its batched result is served only when read."""
+    model, _ = train(True, steps=1, use_spare=(False,))
+    spare = model.spare.parametrizations.weight[0]
+    before = spare.centroids.clone()
+    assert model.spare.parametrizations.weight.original.grad is None
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    spare.advance()
+    assert torch.equal(spare.centroids, before)
+
+
+def test_batches_are_bounded(monkeypatch):
+    monkeypatch.setattr(compress, "BATCH_MAX_ELEMENTS", 700)
+    plain, _ = train(False, steps=2)
+    batched, calls = train(True, monkeypatch, steps=2)
+    # weights of 216, 1152, 8192, 320 and 320 elements: batches [216] [1152] [8192] [320, 320]
+    assert calls["many"] == [1, 1, 1, 2] * 2 and calls["single"] == 0
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, batched.state_dict()[key]), key
+
+
+def test_uniquified_layers_cluster_on_their_own(monkeypatch):
+    torch.manual_seed(0)
+    model = TwoPaths().to(torch.bfloat16)
+    calls = []
+    monkeypatch.setattr(compress, "dkm_many", lambda problems, **kw: calls.append(problems))
+    dkm_kernels.compress_model(model, bits=2, dim=1, skip_first_last=False, seed=1)
+    model(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)).float().sum().backward()
+    assert calls == []  # scalar 16-bit weights: the uniquified op, per layer

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import dkm_kernels
-from dkm_kernels import DKMLayer, compress_model, layer as layer_module
+from dkm_kernels import DKMLayer, compress as compress_module, compress_model, layer as layer_module
 from dkm_kernels.export import export_bytes, load_compressed
 from shared_models import TiedLM
 
@@ -150,6 +150,8 @@ def test_a_training_forward_reads_nothing_from_the_device(monkeypatch):
         raise AssertionError("a tensor was read on the host during the forward")
 
     monkeypatch.setattr(layer_module, "dkm", fake_dkm)
+    monkeypatch.setattr(compress_module, "dkm_many",  # the step's batch: the same fake per layer
+                        lambda problems, backend: [fake_dkm(*problem) for problem in problems])
     for method in ("__bool__", "__int__", "__float__", "item"):
         monkeypatch.setattr(torch.Tensor, method, no_read)
     compressor(torch.randn(2, 16)).sum().backward()
@@ -158,13 +160,20 @@ def test_a_training_forward_reads_nothing_from_the_device(monkeypatch):
 
 
 def _count_dkm(monkeypatch):
+    """Counts the clusterings run: one per `dkm` call of a layer, one per problem of the step's
+    batched `dkm_many` call."""
     calls = []
 
     def counting(*args, **kwargs):
         calls.append(1)
         return dkm_kernels.dkm(*args, **kwargs)
 
+    def counting_many(problems, **kwargs):
+        calls.extend([1] * len(problems))
+        return dkm_kernels.dkm_many(problems, **kwargs)
+
     monkeypatch.setattr(layer_module, "dkm", counting)
+    monkeypatch.setattr(compress_module, "dkm_many", counting_many)
     return calls
 
 
