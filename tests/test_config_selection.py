@@ -110,7 +110,7 @@ def test_translation_of_the_default_scheme():
 
 
 @pytest.mark.parametrize("config,match", [
-    ({"global_config": {"n_bits": 4, "lut_dtype": "i8"}}, "integer"),
+    ({"global_config": {"n_bits": 4, "lut_dtype": "i4"}}, "lut_dtype='i4' is not one of"),
     ({"global_config": {"n_bits": 4, "enforce_zero": True}}, "enforce_zero=True"),
     ({"global_config": {"n_bits": 4, "quantize_activations": True}}, "quantize_activations"),
     ({"global_config": {"n_bits": 4, "kmeans_init": "opt1d"}}, "k-means\\+\\+"),
