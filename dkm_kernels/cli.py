@@ -234,7 +234,9 @@ def run_info(args) -> int:
         print(f"  {name:<{NAME_WIDTH}} {str(tuple(meta['shape'])):<18} "
               f"{meta['bits']}/{meta['dim']} "
               f"k={meta['n_clusters']} groups={meta['groups']}"
-              f"{' scaled' if meta['per_channel_scale'] else ''} ({numel} weights){tied}")
+              f"{' scaled' if meta['per_channel_scale'] else ''}"
+              f"{' ' + meta['lut_quantization'] if meta.get('lut_quantization') else ''}"
+              f" ({numel} weights){tied}")
     print(f"  uncompressed tensors: {len(export['uncompressed'])}")
     print(f"  stored tensor bytes: {format_bytes(export_bytes(export))}")
     return 0

@@ -37,8 +37,8 @@ from torch.nn.utils import parametrize
 from . import coreml, distributed, export
 from .functional import dkm_many
 from .layer import (DEFAULT_EPSILON, DEFAULT_MAX_ITER, DEFAULT_TAU, DKMLayer, _in_backward,
-                    check_backend, check_bool, check_layer_options, check_lut_dtype, check_seed,
-                    check_uniquify, keep_saved)
+                    check_backend, check_bool, check_layer_options, check_lut_dtype,
+                    check_lut_quantization, check_seed, check_uniquify, keep_saved)
 from .init import SEED_BOUND
 from .modules import clusterable_modules, clusterable_type, layer_type, raw_weight
 from .packing import MAX_BITS
@@ -73,6 +73,8 @@ class LayerConfig:
     epsilon: float = DEFAULT_EPSILON
     init_method: str = "kmeans++"
     vector_axis: str = "flat"
+    # None: palettes in lut_dtype; "int8" / "uint8": 8-bit entries times a per-palette scale.
+    lut_quantization: str | None = None
 
     @property
     def n_clusters(self) -> int:
@@ -180,6 +182,8 @@ def _validated(name: str, config: dict, module: nn.Module) -> LayerConfig:
                             config["max_iter"], config["epsilon"], config["init_method"],
                             config["group_size"], config["enable_per_channel_scale"],
                             config["vector_axis"])
+        config = {**config,
+                  "lut_quantization": check_lut_quantization(config["lut_quantization"])}
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     return LayerConfig(**config)
@@ -279,9 +283,10 @@ class DKMCompressor(nn.Module):
                 group_size=config.group_size,
                 enable_per_channel_scale=config.enable_per_channel_scale,
                 lut_dtype=lut_dtype, vector_axis=config.vector_axis,
-                generator=layer_generator, keep_weight=False, lazy_init=milestone > 0,
-                auto_advance=False, name=name, process_group=process_group,
-                shard_rows=shard_rows, uniquify=uniquify, _groups=groups)
+                lut_quantization=config.lut_quantization, generator=layer_generator,
+                keep_weight=False, lazy_init=milestone > 0, auto_advance=False, name=name,
+                process_group=process_group, shard_rows=shard_rows, uniquify=uniquify,
+                _groups=groups)
             # One layer for every module holding this Parameter: one palette, one DKM per forward.
             for member in (name, *self.tied.get(name, ())):
                 # unsafe: registration would otherwise run the layer once (a DKM step) to check it.
@@ -490,6 +495,7 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
                    epsilon: float = DEFAULT_EPSILON,
                    init_method: str = "kmeans++", backend: str = "auto",
                    lut_dtype: torch.dtype = torch.float16,
+                   lut_quantization: str | None = None,
                    seed: int | None = None, vector_axis: str = "flat",
                    module_name_configs: Mapping[str, Any] | None = None,
                    module_type_configs: Mapping[Any, Any] | None = None,
@@ -500,8 +506,10 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
     place) and return the `DKMCompressor` that trains, snaps and exports it.
 
     bits, dim, tau, group_size, enable_per_channel_scale, max_iter, epsilon, init_method,
-        vector_axis: the defaults of every layer config. tau: a number > 0 or "auto";
-        vector_axis: "flat" or "output" (see dkm_kernels.layer).
+        vector_axis, lut_quantization: the defaults of every layer config. tau: a number > 0 or
+        "auto"; vector_axis: "flat" or "output" (see dkm_kernels.layer); lut_quantization: None,
+        "int8" or "uint8" (palettes snapped to 8-bit entries times a per-palette scale in
+        lut_dtype, coremltools' quantized LUTs; training is unchanged).
     conv_config / fc_config / embedding_config: the configs of Conv, Linear and Embedding layers
         (dict or "bits/dim"); embedding_config defaults to fc_config.
     config: the paper's notation, "cv:6/8,fc:6/4" (sets conv_config and fc_config; "emb:..." too).
@@ -519,7 +527,8 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
     backend: the op's backend. lut_dtype: the dtype of exported palettes and scales.
     seed: seeds the centroid initialisation (None: torch's global generator).
     target: None, or "coreml" to raise, naming the layer, for any palette Core ML cannot hold
-        (more than 8 bits, bfloat16 palettes, vectors it cannot lay out; dkm_kernels.coreml).
+        (more than 8 bits, bfloat16 palettes, vectors it cannot lay out, quantized palettes with
+        per-channel scales; dkm_kernels.coreml).
     process_group: the torch.distributed group the model trains across (DDP's, or an FSDP2
         mesh's `mesh.get_group()`; apply fully_shard after compress_model). Every layer's initial
         centroids and auto tau are computed on the group's first rank and broadcast; with
@@ -546,7 +555,7 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
     defaults = _as_dict(dict(bits=bits, dim=dim, tau=tau, group_size=group_size,
                              enable_per_channel_scale=enable_per_channel_scale,
                              max_iter=max_iter, epsilon=epsilon, init_method=init_method,
-                             vector_axis=vector_axis),
+                             vector_axis=vector_axis, lut_quantization=lut_quantization),
                         "defaults")
     by_kind = {
         "conv": _as_dict(conv_config, "conv_config"),

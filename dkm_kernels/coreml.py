@@ -10,6 +10,19 @@ coremltools' PyTorch frontend reads, for each module weight, buffers named
     vector_axis           the weight axis along which a d-vector lies (only when d > 1)
     palettization_scale   (O, 1, ..., 1) per-output-channel scales, applied after the lookup
 
+and, for a quantized palette (int8 / uint8 entries times a per-palette scale; joint compression):
+
+    compression_type      [2, 3] (palettization, then quantization)
+    lut                   the palette's float values, as above
+    quantization_n_bits   8
+    quantization_scale    (G, 1, ..., 1, 1, 1): the palette's scale, the LUT's rank
+    zero_point            (G, 1, ..., 1, 1, 1) uint8, for uint8 palettes
+
+from which the frontend requantizes the LUT (round(lut / scale) + zero_point: our integers,
+exactly, since the float values are scale * (q - zero_point)) and emits
+`constexpr_blockwise_shift_scale` of the 8-bit LUT feeding `constexpr_lut_to_dense` (for targets
+before iOS26; from iOS26 the 8-bit lookup first, then the shift and scale of its output).
+
 It does not take indices: it recomputes them as the nearest LUT entry of every weight (vector)
 it is given, ties to the lowest index. `finalize()` snaps the model first, so every weight is
 exactly a palette entry (times its channel scale: a float16 entry times a float16 scale is exact
@@ -24,9 +37,13 @@ target="coreml")`) and again by `finalize()`:
   - palettes in float16 or float32 (coremltools rejects bfloat16);
   - a vector of d weights lies along one axis: `vector_axis="output"` (d consecutive output
     channels) always does, the flattened layout only when the weight's last axis of size > 1
-    holds a multiple of d (a Linear's input features, not a 3x3 kernel).
-Grouped, vector and scaled palettes need minimum_deployment_target iOS18 or later (before it,
-coremltools silently keeps the weights dense), which `to_coreml` enforces.
+    holds a multiple of d (a Linear's input features, not a 3x3 kernel);
+  - a quantized palette without per-channel scales (the frontend cannot put the palette's
+    dequantization and a per-channel scale on one weight).
+Grouped, vector, scaled and quantized palettes need minimum_deployment_target iOS18 or later
+(before it, coremltools silently keeps the weights dense), which `to_coreml` enforces; quantized
+vector palettes need iOS26 (coremltools' reordering pass for earlier targets drops the vector
+axis and fails).
 
 coremltools is imported only by `to_coreml` and `read_palettes`; finalize() needs only torch.
 """
@@ -48,6 +65,8 @@ LUT_DTYPES = (torch.float16, torch.float32)
 # coremltools' buffer names and values.
 PREFIX = "_COREML_"
 PALETTIZATION = 2
+QUANTIZATION = 3
+QUANTIZED_BITS = 8
 METADATA_VERSION = 1
 INSTALL_HINT = "pip install coremltools (it converts and saves ML programs on Linux and macOS)"
 
@@ -95,22 +114,35 @@ def check_deployable(name: str, module: nn.Module, config, lut_dtype: torch.dtyp
         if isinstance(module, CONV_TRANSPOSE_TYPES) and config.dim > 1:
             raise ValueError("a ConvTranspose's vector palette: coremltools converts its weight "
                              "transposed, so the vectors would change axis; use dim=1")
+        if config.lut_quantization is not None and config.enable_per_channel_scale:
+            raise ValueError(f"lut_quantization={config.lut_quantization!r} with per-channel "
+                             f"scales: coremltools' PyTorch frontend cannot apply both the "
+                             f"palette's scale and the per-channel scales to one weight; use "
+                             f"enable_per_channel_scale=False, or lut_quantization=None")
     except ValueError as error:
         raise ValueError(f"layer {name!r} cannot be deployed to Core ML: {error}") from None
 
 
 def layer_buffers(record, weight_rank: int) -> dict[str, Tensor]:
     """The `_COREML_/weight/*` buffers of one snapped layer (a snapping.SnappedLayer)."""
-    codebook = record.codebook  # (G, k, d)
+    # (G, k, d); a quantized palette's float values (exact), which the frontend requantizes.
+    codebook = record.codebook if record.lut_quantization is None else record.palette()
     groups, k, dim = codebook.shape
     width = 2 ** index_bits(record.bits)
     if width > k:  # copies of entry 0 after it: a tie goes to the lowest index, never to these
         padding = codebook[:, :1].expand(groups, width - k, dim)
         codebook = torch.cat([codebook, padding], dim=1)
+    blocks = (groups,) + (1,) * (weight_rank - 1)
     buffers = {
         "compression_type": torch.tensor([PALETTIZATION]),
-        "lut": codebook.reshape((groups,) + (1,) * (weight_rank - 1) + (width, dim)).clone(),
+        "lut": codebook.reshape(blocks + (width, dim)).clone(),
     }
+    if record.lut_quantization is not None:
+        buffers["compression_type"] = torch.tensor([PALETTIZATION, QUANTIZATION])
+        buffers["quantization_n_bits"] = torch.tensor(QUANTIZED_BITS)
+        buffers["quantization_scale"] = record.lut_scale.reshape(blocks + (1, 1)).clone()
+        if record.lut_zero_point is not None:
+            buffers["zero_point"] = record.lut_zero_point.reshape(blocks + (1, 1)).clone()
     axis = coreml_vector_axis(record.shape, dim, record.vector_axis)
     if axis is not None:
         buffers["vector_axis"] = torch.tensor(axis)
@@ -172,6 +204,19 @@ def _check_scaled_output_vectors(compressor) -> None:
                 f"compress with enable_per_channel_scale=False")
 
 
+def _check_quantized_vectors(compressor) -> None:
+    """Before iOS26, coremltools reorders a quantized LUT's dequantization in front of the lookup
+    and drops the vector axis doing so (the conversion fails): say why first."""
+    for name, config in compressor.configs.items():
+        if config.lut_quantization is not None and config.dim > 1:
+            raise ValueError(
+                f"layer {name!r}: a quantized ({config.lut_quantization}) vector palette "
+                f"converts only for minimum_deployment_target=ct.target.iOS26 or later (for "
+                f"earlier targets coremltools moves the palette's dequantization in front of the "
+                f"lookup and loses the vector axis); pass that target, or compress it with "
+                f"dim=1 or lut_quantization=None")
+
+
 def to_coreml(compressor, example_inputs, path=None, **convert_kwargs):
     """finalize(), torch.jit.trace(model, example_inputs) and coremltools.convert; returns the
     MLModel and saves it to `path` (an .mlpackage) when given.
@@ -194,6 +239,7 @@ def to_coreml(compressor, example_inputs, path=None, **convert_kwargs):
                          f"an ML program feature; use convert_to='mlprogram'")
     if target < ct.target.iOS26:
         _check_scaled_output_vectors(compressor)
+        _check_quantized_vectors(compressor)
     if compressor.lut_dtype == torch.float32:  # else the converter rounds the palettes to float16
         convert_kwargs.setdefault("compute_precision", ct.precision.FLOAT32)
     examples = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -226,10 +272,13 @@ def to_coreml(compressor, example_inputs, path=None, **convert_kwargs):
 class CoreMLPalette(NamedTuple):
     """One palettized weight of an ML program, as stored.
 
-    lut: (B0, ..., k, d) palettes (blocks of the weight axes); indices: uint array, one index
-    per vector, the weight's shape with vector_axis divided by d; scale: (O, 1, ...) or None;
-    scale_on_lut: whether the scale multiplies the LUT entries (coremltools stores that form for
-    targets before iOS26, with one palette per output channel) rather than the dense weight.
+    lut: (B0, ..., k, d) palettes (blocks of the weight axes), float, or int8 / uint8 for a
+    quantized LUT; indices: uint array, one index per vector, the weight's shape with
+    vector_axis divided by d; scale: (B0, 1, ...) blocks of the weight (per output channel, or
+    per palette for a quantized LUT) or None; scale_on_lut: whether the scale multiplies the LUT
+    entries (coremltools stores that form for targets before iOS26: a per-channel scale then
+    with one palette per output channel) rather than the dense weight; offset: the zero point
+    subtracted before the scale (uint8 LUTs), the scale's shape, or None.
     """
 
     lut: np.ndarray
@@ -238,12 +287,27 @@ class CoreMLPalette(NamedTuple):
     vector_axis: int | None
     scale: np.ndarray | None
     scale_on_lut: bool
+    offset: np.ndarray | None = None
+
+    def _shift_scale(self, values: np.ndarray, trailing: int) -> np.ndarray:
+        """(values - offset) * scale in float32, the scale's blocks spread over `values` (whose
+        last `trailing` axes the scale does not have)."""
+        def spread(array):
+            array = array.astype(np.float32).reshape(array.shape + (1,) * trailing)
+            for axis, (size, target) in enumerate(zip(array.shape, values.shape)):
+                if size not in (1, target):
+                    array = np.repeat(array, target // size, axis=axis)
+            return array
+
+        if self.offset is not None:
+            values = values - spread(self.offset)  # exact: small integers
+        return values * spread(self.scale)
 
     def dense(self) -> np.ndarray:
         """The weight the op produces (float32)."""
         lut = self.lut.astype(np.float32)
         if self.scale is not None and self.scale_on_lut:
-            lut = lut * self.scale.astype(np.float32)[..., None, None]
+            lut = self._shift_scale(lut, trailing=2)
         *blocks, k, dim = lut.shape
         indices = self.indices.astype(np.int64)
         axis = self.vector_axis
@@ -265,7 +329,7 @@ class CoreMLPalette(NamedTuple):
                               for b, n, m in zip(block, shape, blocks))
             out[out_where] = values
         if self.scale is not None and not self.scale_on_lut:
-            out = out * self.scale.astype(np.float32)
+            out = self._shift_scale(out, trailing=0)
         return out
 
 
@@ -286,10 +350,12 @@ def read_palettes(mlmodel) -> dict[str, CoreMLPalette]:
             if op.op_type != "constexpr_lut_to_dense":
                 continue
             lut_op = op.lut.op
-            scale, on_lut, name = None, False, op.outputs[0].name
+            scale, offset, on_lut, name = None, None, False, op.outputs[0].name
             if lut_op is not None and lut_op.op_type == "constexpr_blockwise_shift_scale":
                 lut, scale, on_lut = lut_op.data.val, lut_op.scale.val, True
-                scale = scale.reshape(scale.shape[:-2])  # (O, 1, ..., 1) of the weight's rank
+                scale = scale.reshape(scale.shape[:-2])  # (B0, 1, ..., 1) of the weight's rank
+                if lut_op.offset is not None:
+                    offset = lut_op.offset.val.reshape(scale.shape)
                 # The weight's name is on the first op of the pair (the op it converted to).
                 name = lut_op.outputs[0].name
             else:
@@ -297,9 +363,12 @@ def read_palettes(mlmodel) -> dict[str, CoreMLPalette]:
                 children = op.outputs[0].child_ops
                 if len(children) == 1 and children[0].op_type == "constexpr_blockwise_shift_scale":
                     scale = children[0].scale.val
+                    if children[0].offset is not None:
+                        offset = children[0].offset.val
             vector_axis = None if op.vector_axis is None else int(op.vector_axis.val)
             bits = int(types.builtin_to_string(op.indices.dtype).removeprefix("uint"))
-            found[name] = CoreMLPalette(lut, op.indices.val, bits, vector_axis, scale, on_lut)
+            found[name] = CoreMLPalette(lut, op.indices.val, bits, vector_axis, scale, on_lut,
+                                        offset)
     return found
 
 
@@ -322,7 +391,14 @@ CT_IGNORED = ("palett_max_mem", "palett_min_tsize", "palett_unique", "palett_sha
               "kmeans_opt1d_threshold", "kmeans_n_init", "zero_threshold", "prune_threshold",
               "quant_min", "quant_max", "dtype", "per_channel_scaling_factor_scheme",
               "partition_size", "cluster_dtype")
-CT_LUT_DTYPES = {"f16": torch.float16, "f32": torch.float32, "bf16": torch.bfloat16}
+# coremltools' lut_dtype, by its strings (DKMPalettizerConfig) or torch dtypes (its post-training
+# palettizers): a float palette dtype, or an 8-bit integer palette (lut_quantization).
+CT_LUT_DTYPES = {"f16": torch.float16, "float16": torch.float16, torch.float16: torch.float16,
+                 "f32": torch.float32, "float32": torch.float32, torch.float32: torch.float32,
+                 "bf16": torch.bfloat16, "b16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 torch.bfloat16: torch.bfloat16}
+CT_LUT_QUANTIZATIONS = {"i8": "int8", "int8": "int8", torch.int8: "int8",
+                        "u8": "uint8", "uint8": "uint8", torch.uint8: "uint8"}
 CT_KMEANS_INITS = ("auto", "kmeans++", "cpu.kmeans++")
 # The bits coremltools uses when n_bits is None: 4 for Linear, 2 for the other modules.
 CT_DEFAULT_BITS = {"Linear": 4, "Conv1d": 2, "Conv2d": 2, "Conv3d": 2, "Embedding": 2}
@@ -363,13 +439,17 @@ def _translate_module_config(config, where: str, shared: dict):
                          f"supported by dkm_kernels (leave {'it' if len(changed) == 1 else 'them'}"
                          f" at coremltools' default)")
     lut = options["lut_dtype"]
-    if lut not in CT_LUT_DTYPES:
-        raise ValueError(f"{where}: lut_dtype={lut!r}: integer (i8, u8) palettes are not "
-                         f"supported by dkm_kernels; use 'f16' (or 'f32')")
+    if lut not in CT_LUT_DTYPES and lut not in CT_LUT_QUANTIZATIONS:
+        names = [key for key in (*CT_LUT_DTYPES, *CT_LUT_QUANTIZATIONS) if isinstance(key, str)]
+        raise ValueError(f"{where}: lut_dtype={lut!r} is not one of {names} (or torch.float16, "
+                         f"torch.float32, torch.bfloat16, torch.int8, torch.uint8)")
     if options["kmeans_init"] not in CT_KMEANS_INITS:
         raise ValueError(f"{where}: kmeans_init={options['kmeans_init']!r}: dkm_kernels "
                          f"initialises with k-means++; use one of {list(CT_KMEANS_INITS)}")
-    for key, value in (("milestone", options["milestone"]), ("lut_dtype", CT_LUT_DTYPES[lut])):
+    shared_options = [("milestone", options["milestone"])]
+    if lut in CT_LUT_DTYPES:  # an integer palette's scale takes the float dtype of the others
+        shared_options.append(("lut_dtype", CT_LUT_DTYPES[lut]))
+    for key, value in shared_options:
         if shared.setdefault(key, value) != value:
             raise ValueError(f"{where}: {key}={options[key]!r}, while another module config "
                              f"has {shared[key]!r}: dkm_kernels has one {key} per model")
@@ -382,6 +462,7 @@ def _translate_module_config(config, where: str, shared: dict):
         "enable_per_channel_scale": options["enable_per_channel_scale"],
         "tau": options["palett_tau"], "epsilon": options["palett_epsilon"],
         "max_iter": options["kmeans_max_iter"], "init_method": "kmeans++",
+        "lut_quantization": CT_LUT_QUANTIZATIONS.get(lut),
     }
     if options["n_bits"] is not None:  # else the module type's default (CT_DEFAULT_BITS)
         translated["bits"] = options["n_bits"]
@@ -399,13 +480,20 @@ def from_coremltools_config(config) -> dict:
     Translated: n_bits, weight_threshold, granularity / group_size, cluster_dim (vectors along
     the output channels, as coremltools lays them), enable_per_channel_scale (dkm_kernels' scale
     is max |w| per channel, coremltools' "abs" scheme), milestone (steps; one per model),
-    lut_dtype (f16, f32, bf16; one per model), palett_tau, palett_epsilon, kmeans_max_iter,
+    lut_dtype (f16, f32, bf16: the palettes' dtype, one per model; i8, u8 or torch.int8,
+    torch.uint8: lut_quantization "int8" / "uint8" for that module, its scales in the float dtype
+    of the others, float32 by default), palett_tau, palett_epsilon, kmeans_max_iter,
     module_name_configs (regular expressions matching whole names), module_type_configs, and the
     global config; lists of configs by weight_threshold too. With none of the three, coremltools'
     default scheme (4-bit Linear, 2-bit Conv and Embedding, weight_threshold 2048). Options about
     how coremltools computes (memory, sharding, k-means restarts) have nothing to translate;
-    options that change the result and that dkm_kernels lacks (integer palettes, activation
-    quantization, enforce_zero, cluster_permute, ...) raise a ValueError naming them.
+    options that change the result and that dkm_kernels lacks (activation quantization,
+    enforce_zero, cluster_permute, ...) raise a ValueError naming them.
+
+    coremltools 9.0's DKMPalettizer accepts lut_dtype i8 / u8 but trains and finalizes exactly as
+    with f32 (its LUT fake-quantizer stays disabled, and finalize registers a float LUT): here the
+    training is the same, and snapping quantizes the palette as coremltools' post-training
+    palettizers do (dkm_kernels.snapping), so the Core ML model holds the 8-bit LUT.
     The settings target Core ML (target="coreml"), with no first/last or small-layer rule.
     """
     if hasattr(config, "module_type_configs"):  # a DKMPalettizerConfig

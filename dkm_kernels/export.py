@@ -16,19 +16,29 @@ Format of `export_compressed()` (a dict of plain Python values and tensors, so t
     format          "dkm_kernels.compressed/1"
     lut_dtype       "float16" (default), "bfloat16" or "float32": the dtype of palettes and scales
     layer_configs   {name: {"shape", "dtype", "bits", "dim", "n_clusters", "groups", "group_size",
-                            "per_channel_scale", "n_vectors"[, "tied"][, "vector_axis"]}};
+                            "per_channel_scale", "n_vectors"[, "tied"][, "vector_axis"]
+                            [, "lut_quantization"]}};
                     "tied" lists the other modules that share this layer's weight (written
                     once, loaded into each); "vector_axis": "output" marks vectors of d
-                    consecutive output channels (absent: d consecutive flattened weights)
-    codebooks       {name: (G, k, d) tensor in lut_dtype}: the palettes (G = 1 without group_size)
+                    consecutive output channels (absent: d consecutive flattened weights);
+                    "lut_quantization": "int8" or "uint8" marks a quantized palette (absent:
+                    a palette in lut_dtype)
+    codebooks       {name: (G, k, d) tensor in lut_dtype}: the palettes (G = 1 without group_size);
+                    int8 / uint8 integers for a quantized palette
     assignments     {name: uint8 tensor of ceil(n_vectors * bits / 8) bytes}: the palette index of
                     every weight vector, `bits` bits each, least significant bit first, vectors in
                     the order of dkm_kernels.layer.weight_rows (weight.reshape(G, -1, d) when flat)
     scales          {name: (out_channels,) tensor in lut_dtype} for layers with per-channel scale
     uncompressed    {state_dict key: tensor}: biases, norms, buffers, skipped layers, as they are
+    lut_scales      {name: (G,) tensor in lut_dtype}: per palette, for quantized palettes
+    lut_zero_points {name: (G,) uint8 tensor}: per palette, for uint8 palettes
+                    (these two tables are written only when some layer has a quantized palette;
+                    a file without them is read as having none)
 
 A clustered weight is decoded as `codebook.float()[g, index]` reshaped to the weight's shape,
-times `scale.float()` per output channel, cast to the weight's dtype. `snap_weights()` computes the
+times `scale.float()` per output channel, cast to the weight's dtype; a quantized palette is
+first `(codebook.float() - zero_point) * lut_scale.float()` (zero point 0 for int8), see
+dkm_kernels.snapping. `snap_weights()` computes the
 model's weights with the same function, so a loaded model equals the snapped one bit for bit.
 
 Reading checks every field against the others (and, in load_compressed, against the model) before
@@ -48,7 +58,8 @@ from .info import (TENSOR_TABLES, compression_info, dtype_name, export_bytes, ti
 from .distributed import whole
 from .modules import raw_weight
 from .packing import check_bits, pack_indices, packed_bytes, unpack_indices
-from .snapping import SnappedLayer, check_snappable, decode_weight, snap_layer
+from .snapping import (QUANTIZED_DTYPES, ZERO_POINTS, SnappedLayer, check_snappable,
+                       decode_weight, snap_layer)
 
 __all__ = ["FORMAT", "export_compressed", "save_compressed", "read_export", "validate_export",
            "decoded_state_dict", "load_compressed", "compression_info", "export_bytes",
@@ -60,10 +71,13 @@ LUT_DTYPES = ("float16", "bfloat16", "float32")
 WEIGHT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 LAYER_FIELDS = ("shape", "dtype", "bits", "dim", "n_clusters", "groups", "group_size",
                 "per_channel_scale", "n_vectors")
-# Written only for a layer whose weight other modules share, and for vectors along the output axis.
-OPTIONAL_LAYER_FIELDS = ("tied", "vector_axis")
+# Written only for a layer whose weight other modules share, for vectors along the output axis,
+# and for quantized palettes.
+OPTIONAL_LAYER_FIELDS = ("tied", "vector_axis", "lut_quantization")
 # The fields that are dicts: layer configs by layer name, and the tensor tables.
 DICT_FIELDS = ("layer_configs",) + TENSOR_TABLES
+# Tables written only when some layer has a quantized palette (absent: empty).
+OPTIONAL_FIELDS = ("lut_scales", "lut_zero_points")
 FIELDS = ("format", "lut_dtype") + DICT_FIELDS
 # The fix for every inconsistency inside a file.
 _REEXPORT = "the file is damaged or was edited; export the model again with save_compressed()"
@@ -119,6 +133,11 @@ def export_compressed(compressor) -> dict:
         export["assignments"][name] = pack_indices(record.indices, record.bits)
         if record.scale is not None:
             export["scales"][name] = record.scale.clone()
+        if record.lut_quantization is not None:
+            meta["lut_quantization"] = record.lut_quantization
+            export.setdefault("lut_scales", {})[name] = record.lut_scale.clone()
+            if record.lut_zero_point is not None:
+                export.setdefault("lut_zero_points", {})[name] = record.lut_zero_point.clone()
     return export
 
 
@@ -141,10 +160,13 @@ class CheckedLayer(NamedTuple):
     scale: Tensor | None
     dtype: torch.dtype
     tied: list
+    lut_scale: Tensor | None = None
+    lut_zero_point: Tensor | None = None
 
     def decode(self) -> Tensor:
         return decode_weight(self.codebook, self.indices, self.scale, self.meta["shape"],
-                             self.dtype, self.meta.get("vector_axis", "flat"))
+                             self.dtype, self.meta.get("vector_axis", "flat"), self.lut_scale,
+                             self.lut_zero_point)
 
 
 def read_export(source, map_location="cpu") -> dict:
@@ -195,7 +217,7 @@ def _check_top(export) -> None:
         raise ValueError(f"not a dkm_kernels export of this version: field 'format' is "
                          f"{export['format']!r}, expected {FORMAT!r}")
     for field in FIELDS:
-        if field not in export:
+        if field not in export and field not in OPTIONAL_FIELDS:
             raise _field_error(None, field, "missing")
     unknown = [field for field in export if field not in FIELDS]
     if unknown:
@@ -204,12 +226,14 @@ def _check_top(export) -> None:
         raise _field_error(None, "lut_dtype",
                            f"must be one of {list(LUT_DTYPES)}, got {export['lut_dtype']!r}")
     for table in DICT_FIELDS:
+        if table not in export:
+            continue  # an optional table
         if not isinstance(export[table], dict) or not all(
                 isinstance(key, str) for key in export[table]):
             raise _field_error(None, table, f"must be a dict with str keys, got "
                                             f"{type(export[table]).__name__}")
-    for table in ("codebooks", "assignments", "scales"):
-        stray = [name for name in export[table] if name not in export["layer_configs"]]
+    for table in ("codebooks", "assignments", "scales") + OPTIONAL_FIELDS:
+        stray = [name for name in export.get(table, {}) if name not in export["layer_configs"]]
         if stray:
             raise _field_error(stray[0], table, "stored for a layer that layer_configs lacks")
     for key, value in export["uncompressed"].items():
@@ -220,7 +244,7 @@ def _check_top(export) -> None:
 
 def _table_tensor(export: dict, table: str, name: str, dtype: torch.dtype, shape) -> Tensor:
     """export[table][name], checked to be a finite tensor of `dtype` and `shape`."""
-    if name not in export[table]:
+    if name not in export.get(table, {}):
         raise _field_error(name, table, "missing")
     value = export[table][name]
     if not isinstance(value, Tensor):
@@ -293,9 +317,25 @@ def _check_layer(export: dict, name: str, meta) -> CheckedLayer:
     tied = meta.get("tied", [])
     if not isinstance(tied, list) or not all(isinstance(other, str) for other in tied):
         raise fail("tied", f"must be a list of module names, got {tied!r}")
+    quantization = meta.get("lut_quantization")
+    if quantization is not None and quantization not in QUANTIZED_DTYPES:
+        raise fail("lut_quantization", f"must be one of {list(QUANTIZED_DTYPES)} (or absent), "
+                                       f"got {quantization!r}")
 
     lut_dtype = getattr(torch, export["lut_dtype"])
-    codebook = _table_tensor(export, "codebooks", name, lut_dtype, (groups, k, dim))
+    codebook = _table_tensor(export, "codebooks", name,
+                             QUANTIZED_DTYPES.get(quantization, lut_dtype), (groups, k, dim))
+    lut_scale = lut_zero_point = None
+    if quantization is not None:
+        lut_scale = _table_tensor(export, "lut_scales", name, lut_dtype, (groups,))
+        if not bool((lut_scale > 0).all()):
+            raise fail("lut_scales", "holds a scale that is not positive")
+        if ZERO_POINTS[quantization]:
+            lut_zero_point = _table_tensor(export, "lut_zero_points", name, torch.uint8,
+                                           (groups,))
+    for table, wanted in (("lut_scales", lut_scale), ("lut_zero_points", lut_zero_point)):
+        if wanted is None and name in export.get(table, {}):
+            raise fail(table, f"stored, but the layer's lut_quantization is {quantization!r}")
     packed = _table_tensor(export, "assignments", name, torch.uint8,
                            (packed_bytes(n_vectors, bits),))
     indices = unpack_indices(packed, bits, n_vectors)
@@ -307,7 +347,8 @@ def _check_layer(export: dict, name: str, meta) -> CheckedLayer:
         scale = _table_tensor(export, "scales", name, lut_dtype, (channels,))
     elif name in export["scales"]:
         raise fail("scales", "stored, but the layer's per_channel_scale is false")
-    return CheckedLayer(meta, codebook, indices, scale, getattr(torch, meta["dtype"]), tied)
+    return CheckedLayer(meta, codebook, indices, scale, getattr(torch, meta["dtype"]), tied,
+                        lut_scale, lut_zero_point)
 
 
 def validate_export(export) -> dict[str, CheckedLayer]:

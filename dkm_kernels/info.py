@@ -3,7 +3,9 @@ what an export's tensors take (`export_bytes`); plus the state-dict keys the exp
 
 Sizes count exactly the bytes of the exported tensors: per clustered layer
 ceil(n_vectors * bits / 8) + G*k*d*lut_bytes (+ out_channels*lut_bytes with scales), plus every
-uncompressed state_dict tensor at its own dtype. The original size is the same state dict with the
+uncompressed state_dict tensor at its own dtype. A quantized palette (int8 / uint8) takes
+G*k*d bytes, plus G*lut_bytes of scales and, for uint8, G bytes of zero points: all three are
+its `codebook_bytes`. The original size is the same state dict with the
 clustered weights at their dtype. A weight shared by several modules (tied) counts once in both.
 (Shapes, names and dtypes, the format's few hundred bytes of metadata, are not counted.)
 """
@@ -18,8 +20,10 @@ from .distributed import whole
 from .modules import layer_type, raw_weight
 from .packing import BITS_PER_BYTE, packed_bytes
 
-# The export's tables of tensors, whose bytes are the compressed size.
-TENSOR_TABLES = ("codebooks", "assignments", "scales", "uncompressed")
+# The export's tables of tensors, whose bytes are the compressed size; the last two are written
+# only when a layer has a quantized palette.
+TENSOR_TABLES = ("codebooks", "assignments", "scales", "uncompressed", "lut_scales",
+                 "lut_zero_points")
 
 
 def weight_key(module_name: str) -> str:
@@ -68,7 +72,11 @@ def compression_info(compressor) -> dict:
         numel = math.prod(shape)
         original = numel * raw_weight(module).element_size()
         index_bytes = packed_bytes(numel // config.dim, config.bits)
-        codebook_bytes = layer.groups * config.n_clusters * config.dim * lut_bytes
+        if config.lut_quantization is None:
+            codebook_bytes = layer.groups * config.n_clusters * config.dim * lut_bytes
+        else:  # 8-bit entries, a scale per palette, and a zero point per uint8 palette
+            codebook_bytes = layer.groups * (config.n_clusters * config.dim + lut_bytes
+                                             + (config.lut_quantization == "uint8"))
         scale_bytes = shape[0] * lut_bytes if config.enable_per_channel_scale else 0
         compressed = index_bytes + codebook_bytes + scale_bytes
         clustered_original += original
@@ -77,6 +85,7 @@ def compression_info(compressor) -> dict:
             "config": config.notation, "bits": config.bits, "dim": config.dim,
             "n_clusters": config.n_clusters, "group_size": config.group_size,
             "groups": layer.groups, "per_channel_scale": config.enable_per_channel_scale,
+            "lut_quantization": config.lut_quantization,
             "tau": layer.tau, "tied": tied.get(name, []),
             "bits_per_weight": config.bits / config.dim,
             "effective_bits_per_weight": BITS_PER_BYTE * compressed / numel,
@@ -104,4 +113,4 @@ def compression_info(compressor) -> dict:
 
 def export_bytes(export: dict) -> int:
     """Bytes of the export's tensors: what compression_info()['compressed_bytes'] counts."""
-    return sum(tensor_bytes(export[table].values()) for table in TENSOR_TABLES)
+    return sum(tensor_bytes(export.get(table, {}).values()) for table in TENSOR_TABLES)

@@ -54,6 +54,9 @@ MIN_AUTO_TAU = 1e-12
 # make that history larger than this is a mistake, not a setting (the paper runs 5 iterations).
 MAX_CENTROID_HISTORY_BYTES = 2**30
 LUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# 8-bit integer palettes: each palette stored as int8 or uint8 entries times a per-palette scale
+# (dkm_kernels.snapping.quantize_palette), the scale in lut_dtype.
+LUT_QUANTIZATIONS = ("int8", "uint8")
 # How d weights form a vector: d consecutive elements of weight.reshape(-1), or d consecutive
 # output channels (axis 0) at the same position of the other axes.
 VECTOR_AXES = ("flat", "output")
@@ -80,9 +83,24 @@ def check_uniquify(value):
 
 def check_lut_dtype(lut_dtype) -> torch.dtype:
     if lut_dtype not in LUT_DTYPES:
+        hint = ""
+        if lut_dtype in (torch.int8, torch.uint8, *LUT_QUANTIZATIONS):
+            name = str(lut_dtype).removeprefix("torch.")
+            hint = (f" (lut_dtype is the float dtype of palettes and scales; for 8-bit integer "
+                    f"palettes pass lut_quantization={name!r})")
         raise ValueError(f"lut_dtype must be torch.float16, torch.bfloat16 or torch.float32, "
-                         f"got {lut_dtype!r}")
+                         f"got {lut_dtype!r}{hint}")
     return lut_dtype
+
+
+def check_lut_quantization(value) -> str | None:
+    """None (float palettes), "int8" or "uint8" (torch.int8 / torch.uint8 accepted); returns the
+    name."""
+    if value in (torch.int8, torch.uint8):
+        value = str(value).removeprefix("torch.")
+    if value is not None and value not in LUT_QUANTIZATIONS:
+        raise ValueError(f"lut_quantization must be None, 'int8' or 'uint8', got {value!r}")
+    return value
 
 
 def check_seed(seed) -> int | None:
@@ -204,6 +222,10 @@ class DKMLayer(nn.Module):
         group_size: output channels per palette (None: one palette for the whole tensor).
         enable_per_channel_scale: cluster weight / scale per output channel (see the module doc).
         lut_dtype: the dtype palettes and scales are exported in; snapping rounds to it.
+        lut_quantization: None, or "int8" / "uint8": snapping stores each palette as 8-bit
+            integers times a per-palette scale in lut_dtype (dkm_kernels.snapping.quantize_palette,
+            coremltools' symmetric LUT quantization). Training is unchanged (as in coremltools'
+            DKMPalettizer): the centroids stay float32 until snapping.
         vector_axis: "flat" (d consecutive weights of the flattened weight) or "output" (d
             consecutive output channels at the same position); see the module doc.
         generator / seed: the source of the initialisation's random numbers (seed builds a
@@ -244,6 +266,7 @@ class DKMLayer(nn.Module):
                  init_method: str = "kmeans++", backend: str = "auto",
                  group_size: int | None = None, enable_per_channel_scale: bool = False,
                  lut_dtype: torch.dtype = torch.float16, vector_axis: str = "flat",
+                 lut_quantization: str | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  keep_weight: bool = True, lazy_init: bool = False, auto_advance: bool = True,
                  name: str | None = None, process_group=None, shard_rows: bool = False,
@@ -276,6 +299,8 @@ class DKMLayer(nn.Module):
         self.groups = _groups
         self.enable_per_channel_scale = enable_per_channel_scale
         self.lut_dtype = lut_dtype
+        with self._naming_errors():
+            self.lut_quantization = check_lut_quantization(lut_quantization)
         self.vector_axis = vector_axis
         self.original_shape = tuple(weight_tensor.shape)
         self.n_vectors = weight_tensor.numel() // dim
@@ -694,4 +719,6 @@ class DKMLayer(nn.Module):
             text += ", per_channel_scale=True"
         if self.vector_axis != "flat":
             text += f", vector_axis={self.vector_axis!r}"
+        if self.lut_quantization is not None:
+            text += f", lut_quantization={self.lut_quantization!r}"
         return text

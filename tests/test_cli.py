@@ -46,6 +46,15 @@ def test_info_describes_a_saved_model(tmp_path, capsys):
     assert cli.main(["info", str(path)]) == 0
     out = capsys.readouterr().out
     assert "3/1" in out and "(512 weights)" in out and "float16" in out
+    assert "int8" not in out
+    export = torch.load(path, weights_only=True)
+    export["layer_configs"]["0"]["lut_quantization"] = "uint8"
+    export["codebooks"]["0"] = torch.arange(8, dtype=torch.uint8).reshape(1, 8, 1)
+    export["lut_scales"] = {"0": torch.ones(1, dtype=torch.float16)}
+    export["lut_zero_points"] = {"0": torch.full((1,), 127, dtype=torch.uint8)}
+    torch.save(export, path)
+    assert cli.main(["info", str(path)]) == 0
+    assert "3/1 k=8 groups=1 uint8 (512 weights)" in capsys.readouterr().out
 
 
 def _corrupted_export(path):

@@ -110,7 +110,7 @@ def test_translation_of_the_default_scheme():
 
 
 @pytest.mark.parametrize("config,match", [
-    ({"global_config": {"n_bits": 4, "lut_dtype": "i8"}}, "integer"),
+    ({"global_config": {"n_bits": 4, "lut_dtype": "i4"}}, "lut_dtype='i4' is not one of"),
     ({"global_config": {"n_bits": 4, "enforce_zero": True}}, "enforce_zero=True"),
     ({"global_config": {"n_bits": 4, "quantize_activations": True}}, "quantize_activations"),
     ({"global_config": {"n_bits": 4, "kmeans_init": "opt1d"}}, "k-means\\+\\+"),
@@ -124,19 +124,20 @@ def test_untranslatable_options_are_named(config, match):
         from_coremltools_config(config)
 
 
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 16, 3, padding=1)
+        self.fc = nn.Linear(16 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
 def test_a_coremltools_config_object_trains_and_converts(tmp_path):
     pytest.importorskip("coremltools", reason="the config object needs coremltools "
                                               "(pip install coremltools)")
     from coremltools.optimize.torch.palettization import DKMPalettizerConfig
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(4, 16, 3, padding=1)
-            self.fc = nn.Linear(16 * 4 * 4, 10)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.conv(x)).flatten(1))
 
     config = DKMPalettizerConfig.from_dict({
         "global_config": {"n_bits": 2, "weight_threshold": 100, "lut_dtype": "f16"},
@@ -157,6 +158,58 @@ def test_a_coremltools_config_object_trains_and_converts(tmp_path):
     palettes = read_palettes(mlmodel)
     assert palettes["fc_weight"].vector_axis == 0 and palettes["fc_weight"].lut.shape[-1] == 2
     assert (tmp_path / "net.mlpackage").is_dir()
+
+
+def test_integer_lut_dtypes_translate_to_quantized_palettes():
+    settings = from_coremltools_config({
+        "global_config": {"n_bits": 4, "weight_threshold": 500, "lut_dtype": "i8"},
+        "module_type_configs": {"Embedding": None, nn.Linear: {"n_bits": 3,
+                                                               "lut_dtype": torch.uint8}},
+        "module_name_configs": {r"block2\.0": {"n_bits": 2, "lut_dtype": "u8"},
+                                r"block2\.1": {"n_bits": 2, "lut_dtype": "f16",
+                                               "weight_threshold": 0}}})
+    assert settings["lut_dtype"] == torch.float16  # the float palette's: the scales' dtype
+    compressor = compress_model(seeded(Blocks), **settings)
+    assert {name: config.lut_quantization for name, config in compressor.configs.items()} == {
+        "block1.0": "int8", "block2.0": "uint8", "block2.1": None, "head": "uint8"}
+    # integer palettes alone: their scales in float32, coremltools' default LUT dtype
+    assert from_coremltools_config({"global_config": {"n_bits": 4, "lut_dtype": "u8"}})[
+        "lut_dtype"] == torch.float32
+    for name, kind in (("int8", "int8"), (torch.int8, "int8"), ("uint8", "uint8")):
+        settings = from_coremltools_config({"global_config": {"n_bits": 4, "lut_dtype": name}})
+        assert settings["module_type_configs"][nn.Linear]["lut_quantization"] == kind
+
+
+def test_a_coremltools_config_with_integer_luts_trains_and_converts():
+    pytest.importorskip("coremltools", reason="the config object needs coremltools "
+                                              "(pip install coremltools)")
+    import numpy as np
+    from coremltools.optimize.torch.palettization import DKMPalettizerConfig
+
+    from dkm_kernels.coreml import read_palettes
+
+    config = DKMPalettizerConfig.from_dict({
+        "global_config": {"n_bits": 3, "weight_threshold": 100, "lut_dtype": "u8"},
+        "module_name_configs": {"fc": {"n_bits": 4, "lut_dtype": "i8", "weight_threshold": 100,
+                                       "granularity": "per_grouped_channel", "group_size": 5}}})
+    model = seeded(Net)
+    compressor = compress_model(model, seed=0, backend="cpu", **from_coremltools_config(config))
+    x = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(compressor.parameters(), lr=0.05)
+    for _ in range(2):
+        optimizer.zero_grad()
+        compressor(x).square().mean().backward()
+        optimizer.step()
+    export = compressor.export_compressed()
+    palettes = read_palettes(compressor.to_coreml(x[:1]))
+    for name, kind, groups in (("conv", "uint8", 1), ("fc", "int8", 2)):
+        assert export["layer_configs"][name]["lut_quantization"] == kind
+        found = palettes[f"{name}_weight"]
+        q = export["codebooks"][name].numpy().astype(np.int64)
+        assert found.lut.dtype == (np.int8 if kind == "int8" and q.min() < 0 else np.uint8)
+        assert np.array_equal(found.lut.reshape(groups, -1)[:, :q.shape[1]], q[..., 0])
+        assert np.array_equal(found.scale.reshape(-1), export["lut_scales"][name].numpy())
+        assert np.array_equal(found.dense(), getattr(model, name).weight.detach().numpy())
 
 
 def test_the_default_config_object_translates_as_the_empty_dict():

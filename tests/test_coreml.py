@@ -54,6 +54,8 @@ def test_vector_axes_core_ml_can_express():
     (dict(bits=10), "at most 8-bit"),
     (dict(bits=4, lut_dtype=torch.bfloat16), "bfloat16"),
     (dict(bits=4, dim=4), "no Core ML vector axis"),
+    (dict(bits=4, lut_quantization="int8", enable_per_channel_scale=True),
+     "lut_quantization='int8' with per-channel scales.*enable_per_channel_scale=False"),
 ])
 def test_target_coreml_refuses_at_compression_time_naming_the_layer(options, match):
     model = seeded(Net)
@@ -104,6 +106,35 @@ def test_finalize_attaches_buffers_without_changing_the_state_dict():
     assert int(buffers["_COREML_/metadata_version"]) == 1
 
 
+@pytest.mark.parametrize("kind", ["int8", "uint8"])
+def test_finalize_attaches_the_joint_quantization_buffers_of_a_quantized_palette(kind):
+    model = seeded(Net)
+    compressor = compress_model(model, bits=5, group_size=8, lut_quantization=kind,
+                                skip_first_last=False, small_layer_threshold=0, seed=0)
+    compressor.finalize()
+    export = compressor.export_compressed()
+    buffers = dict(model.named_buffers())
+    prefix = "point._COREML_/weight/"
+    assert buffers[prefix + "compression_type"].tolist() == [2, 3]  # palettize, then quantize
+    assert int(buffers[prefix + "quantization_n_bits"]) == 8
+    scale = buffers[prefix + "quantization_scale"]
+    assert scale.shape == (4, 1, 1, 1, 1, 1) and scale.dtype == torch.float16  # the LUT's rank
+    assert torch.equal(scale.reshape(-1), export["lut_scales"]["point"])
+    zero_point = 127 if kind == "uint8" else 0
+    if kind == "uint8":
+        assert torch.equal(buffers[prefix + "zero_point"].reshape(-1),
+                           torch.full((4,), 127, dtype=torch.uint8))
+    else:
+        assert prefix + "zero_point" not in buffers
+    # The LUT holds the palette's values, scale * (q - zero point), exactly (float64 here).
+    q = export["codebooks"]["point"].double()
+    values = (q - zero_point) * scale.reshape(-1, 1, 1).double()
+    lut = buffers[prefix + "lut"]
+    assert lut.shape == (4, 1, 1, 1, 64, 1) and lut.dtype == torch.float32
+    assert torch.equal(lut[:, 0, 0, 0, :32].double(), values)
+    assert torch.equal(lut[:, 0, 0, 0, 32:].double(), values[:, :1].expand(-1, 32, -1))
+
+
 # -- conversion (coremltools) ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -127,7 +158,27 @@ def trained(options, steps=2):
 def bits_of(tensor):
     """The tensor's bit patterns (so that equal means bit for bit, -0.0 and NaN included)."""
     array = np.ascontiguousarray(np.asarray(tensor))
-    return array.view({2: np.uint16, 4: np.uint32}[array.dtype.itemsize])
+    return array.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[array.dtype.itemsize])
+
+
+def check_quantized_lut(found, export, name, k):
+    """A quantized palette in the program: its 8-bit entries, scale and zero point are the
+    export's (coremltools stores an int8 palette without negative entries as uint8)."""
+    meta = export["layer_configs"][name]
+    q = export["codebooks"][name].numpy()
+    lut = found.lut.reshape(found.lut.shape[0], -1, found.lut.shape[-1])
+    assert lut.shape[0] == meta["groups"]
+    expected = np.uint8 if meta["lut_quantization"] == "uint8" or q.min() >= 0 else np.int8
+    assert lut.dtype == expected
+    assert np.array_equal(lut[:, :k].astype(np.int64), q.astype(np.int64))
+    assert np.array_equal(lut[:, k:], np.broadcast_to(lut[:, :1], lut[:, k:].shape))  # padding
+    scale = export["lut_scales"][name].numpy()
+    assert found.scale.dtype == scale.dtype  # float16 or float32, as exported
+    assert np.array_equal(bits_of(found.scale.reshape(-1)), bits_of(scale))
+    if meta["lut_quantization"] == "uint8":
+        assert np.array_equal(found.offset.reshape(-1), export["lut_zero_points"][name].numpy())
+    else:
+        assert found.offset is None
 
 
 def check_program(model, compressor, export, mlmodel):
@@ -150,7 +201,9 @@ def check_program(model, compressor, export, mlmodel):
         lut = found.lut.reshape(found.lut.shape[0], -1, found.lut.shape[-1])
         assert lut.shape[1:] == (2 ** found.index_bits, dim)
         channels = meta["shape"][0]
-        if found.scale_on_lut:  # one palette per output channel, the scale applied to it
+        if meta.get("lut_quantization"):
+            check_quantized_lut(found, export, name, k)
+        elif found.scale_on_lut:  # one palette per output channel, the scale applied to it
             assert lut.shape[0] == channels
             owner = np.arange(channels) // (channels // groups)
             assert np.array_equal(bits_of(lut[:, :k]), bits_of(codebook[owner]))
@@ -159,7 +212,7 @@ def check_program(model, compressor, export, mlmodel):
         if meta["per_channel_scale"]:
             assert np.array_equal(bits_of(found.scale.reshape(-1)),
                                   bits_of(export["scales"][name].numpy()))
-        else:
+        elif not meta.get("lut_quantization"):
             assert found.scale is None
         weight = modules[name].weight.detach().numpy()
         assert np.array_equal(bits_of(found.dense()), bits_of(weight))
@@ -175,6 +228,10 @@ CASES = {
                                            "point": {"dim": 4, "group_size": 8},
                                            "fc": {"dim": 8}}),
     "float32 palettes": dict(bits=3, lut_dtype=torch.float32, group_size=4),
+    "int8 palettes": dict(bits=3, lut_quantization="int8", group_size=8),
+    "uint8 and int8, padded, float32 scales": dict(
+        bits=5, lut_quantization="uint8", lut_dtype=torch.float32,
+        layer_configs={"fc": {"bits": 7, "lut_quantization": "int8"}}),
 }
 
 
@@ -193,6 +250,19 @@ def test_scaled_output_vectors_need_ios26(ct):
                    enable_per_channel_scale=True, tau="auto")
     model, compressor = trained(options)
     with pytest.raises(ValueError, match="layer 'conv'.*iOS26"):
+        compressor.to_coreml(inputs(1))
+    export = compressor.export_compressed()
+    mlmodel = compressor.to_coreml(inputs(1), minimum_deployment_target=ct.target.iOS26)
+    check_program(model, compressor, export, mlmodel)
+
+
+def test_quantized_vector_palettes_need_ios26(ct):
+    options = dict(bits=4, lut_quantization="uint8",
+                   layer_configs={"conv": {"dim": 2, "vector_axis": "output"},
+                                  "point": {"dim": 4, "group_size": 8},
+                                  "fc": {"dim": 8, "lut_quantization": "int8"}})
+    model, compressor = trained(options)
+    with pytest.raises(ValueError, match="layer 'conv'.*quantized.*iOS26"):
         compressor.to_coreml(inputs(1))
     export = compressor.export_compressed()
     mlmodel = compressor.to_coreml(inputs(1), minimum_deployment_target=ct.target.iOS26)

@@ -75,6 +75,11 @@ CONFIGS = {
     "paper protocol": lambda m: compress_model(m, config="cv:2/2,fc:3/1,emb:1/1", tau=1e-3),
     "fp32 palettes": lambda m: compress_model(m, bits=2, tau=1e-3, lut_dtype=torch.float32,
                                               small_layer_threshold=0),
+    "int8 and uint8 palettes": lambda m: compress_model(
+        m, bits=3, dim=2, tau="auto", group_size=6, lut_quantization="uint8",
+        skip_first_last=False, small_layer_threshold=0,
+        layer_configs={"embed": {"group_size": 10, "enable_per_channel_scale": True,
+                                 "lut_quantization": "int8"}, "out": {"group_size": None}}),
 }
 
 
@@ -102,8 +107,12 @@ def test_export_load_reproduces_the_snapped_model_exactly(name, tmp_path):
         n_vectors = entry["params"] // entry["dim"]
         assert packed.numel() == entry["index_bytes"] == math.ceil(n_vectors * entry["bits"] / 8)
         codebook = export["codebooks"][entry["name"]]
-        assert codebook.numel() * codebook.element_size() == entry["codebook_bytes"]
-        assert codebook.dtype == compressor.lut_dtype
+        quantized = [export[table][entry["name"]] for table in ("lut_scales", "lut_zero_points")
+                     if entry["name"] in export.get(table, {})]  # a quantized palette's
+        assert sum(t.numel() * t.element_size() for t in [codebook, *quantized]) == entry[
+            "codebook_bytes"]
+        assert codebook.dtype == {None: compressor.lut_dtype, "int8": torch.int8,
+                                  "uint8": torch.uint8}[entry["lut_quantization"]]
     assert info["compression_ratio"] == info["original_bytes"] / info["compressed_bytes"]
     loaded = torch.load(path, weights_only=True)
     assert export_bytes(loaded) == info["compressed_bytes"]

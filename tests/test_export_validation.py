@@ -131,6 +131,8 @@ FIELD_CASES = [
     ("tied onto a clustered layer", set_meta("out", "tied", ["fc"]), "out", "tied"),
     ("weight also uncompressed", set_entry("uncompressed", "out.weight",
                                            lambda _: torch.zeros(8, 32)), "out", "layer_configs"),
+    ("quantization scale of a float palette", lambda e: e.update(
+        lut_scales={"out": torch.ones(1, dtype=torch.float16)}), "out", "lut_scales"),
 ]
 
 
@@ -146,6 +148,65 @@ def assert_refused_and_unchanged(source, model, pattern):
     with pytest.raises(ValueError, match=pattern):
         load_compressed(source, model)
     assert_same_state(model.state_dict(), before)
+
+
+# The same for quantized palettes: "fc" uint8 (four palettes), "out" int8 (one palette).
+QUANTIZED_CASES = [
+    ("quantization unknown", set_meta("fc", "lut_quantization", "int4"), "fc",
+     "lut_quantization"),
+    ("quantization dropped", delete("layer_configs", "out", "lut_quantization"), "out",
+     "codebooks"),
+    ("codebook of the other sign", set_entry("codebooks", "fc", lambda t: t.to(torch.int8)),
+     "fc", "codebooks"),
+    ("codebook as floats", set_entry("codebooks", "out", lambda t: t.half()), "out",
+     "codebooks"),
+    ("scales table missing", delete("lut_scales"), "fc", "lut_scales"),
+    ("scales not a dict", lambda e: e.update(lut_scales=[1.0]), None, "lut_scales"),
+    ("scale of no layer", set_entry("lut_scales", "ghost", lambda _: torch.ones(1)), "ghost",
+     "lut_scales"),
+    ("scale missing", delete("lut_scales", "out"), "out", "lut_scales"),
+    ("scale dtype", set_entry("lut_scales", "fc", lambda t: t.float()), "fc", "lut_scales"),
+    ("scale length", set_entry("lut_scales", "fc", lambda t: t[:-1].clone()), "fc",
+     "lut_scales"),
+    ("scale NaN", set_entry("lut_scales", "out", with_nan), "out", "lut_scales"),
+    ("scale zero", set_entry("lut_scales", "fc", lambda t: t * 0), "fc", "lut_scales"),
+    ("scale negative", set_entry("lut_scales", "out", lambda t: -t), "out", "lut_scales"),
+    ("zero points missing", delete("lut_zero_points"), "fc", "lut_zero_points"),
+    ("zero point dtype", set_entry("lut_zero_points", "fc", lambda t: t.to(torch.int8)), "fc",
+     "lut_zero_points"),
+    ("zero point length", set_entry("lut_zero_points", "fc", lambda t: t[:1].clone()), "fc",
+     "lut_zero_points"),
+    ("zero point of an int8 palette", set_entry(
+        "lut_zero_points", "out", lambda _: torch.full((1,), 127, dtype=torch.uint8)), "out",
+     "lut_zero_points"),
+]
+
+
+@pytest.fixture(scope="module")
+def quantized_export():
+    compressor = compress_model(
+        net(), bits=2, tau=1e-3, skip_first_last=False, small_layer_threshold=0, seed=0,
+        lut_quantization="int8",
+        layer_configs={"fc": {"bits": 3, "dim": 2, "group_size": 8,
+                              "lut_quantization": "uint8"}})
+    return compressor.export_compressed()
+
+
+def test_a_quantized_export_loads_and_a_float_one_has_no_quantization_tables(valid_export,
+                                                                            quantized_export):
+    assert "lut_scales" not in valid_export and "lut_zero_points" not in valid_export
+    assert set(quantized_export["lut_scales"]) == {"fc", "out"}
+    assert set(quantized_export["lut_zero_points"]) == {"fc"}
+    model = load_compressed(copy.deepcopy(quantized_export), net)
+    assert torch.isfinite(model.fc.weight).all()
+
+
+@pytest.mark.parametrize("corrupt,layer,field", [case[1:] for case in QUANTIZED_CASES],
+                         ids=[case[0] for case in QUANTIZED_CASES])
+def test_a_corrupted_quantization_field_is_named(quantized_export, corrupt, layer, field):
+    export = copy.deepcopy(quantized_export)
+    corrupt(export)
+    assert_refused_and_unchanged(export, net(), error_pattern(layer, field))
 
 
 @pytest.mark.parametrize("corrupt,layer,field", [case[1:] for case in FIELD_CASES],
