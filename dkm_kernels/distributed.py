@@ -192,7 +192,8 @@ def fsdp_records(model: nn.Module) -> list:
             records += [param._module_info for group in groups for param in group.fsdp_params]
         except AttributeError:
             raise ValueError("this torch's FSDP2 does not expose where it keeps its parameters: "
-                             "call compress_model on the plain model, then fully_shard it") from None
+                             "call compress_model on the plain model, then fully_shard "
+                             "it") from None
     return records
 
 

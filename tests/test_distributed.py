@@ -6,9 +6,16 @@ gradients, joined in rank order, must equal one process computing the whole prob
 counts must be identical on every rank, and repeated runs bit-identical. The problems run on
 4 ranks with uneven shards, most with an empty rank, and one on 2 ranks.
 
+The model: under DDP and FSDP2 (fully_shard after or before compress_model) a model trains, snaps
+and exports, on every rank, what one process exports after the same steps from the same initial
+centroids; a weight already sharded initialises from a sample of its shards' rows, alike on every
+rank.
+
 The processes start once per module (starting one imports torch in every process).
 """
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -279,16 +286,23 @@ def _fsdp2(rank, world_size):
         return _train(_fully_shard(group), rank, 2, group)
 
 
+@contextlib.contextmanager
+def _sample_size(rows):
+    """distributed.INIT_SAMPLE_ROWS set to `rows` in this rank's process, for the duration."""
+    kept, dkm_kernels.distributed.INIT_SAMPLE_ROWS = dkm_kernels.distributed.INIT_SAMPLE_ROWS, rows
+    try:
+        yield
+    finally:
+        dkm_kernels.distributed.INIT_SAMPLE_ROWS = kept
+
+
 def _fsdp2_first(rank, world_size):
     """fully_shard, then compress_model (its group found from the mesh), the centroids from a
     sample of 20 of each weight's rows (39 and 52 rows)."""
     group, member = pair()
     if member:
-        size, dkm_kernels.distributed.INIT_SAMPLE_ROWS = dkm_kernels.distributed.INIT_SAMPLE_ROWS, 20
-        try:
+        with _sample_size(20):
             return _train(_fully_shard(group), rank, 2, None, wrap_first=True)
-        finally:
-            dkm_kernels.distributed.INIT_SAMPLE_ROWS = size
 
 
 def _one_process(initial):
@@ -333,7 +347,7 @@ def test_trained_model_exports_as_one_process(wrapper, ranks4):
         torch.testing.assert_close(loaded[key], value, rtol=1e-6, atol=1e-9, msg=key)
 
 
-# -- initialisation from a sample of FSDP2's shards -------------------------------------------------
+# -- initialisation from a sample of FSDP2's shards ----------------------------------------------
 
 def _weight(shape):
     return torch.randn(shape, generator=torch.Generator().manual_seed(9))
@@ -382,12 +396,9 @@ LAYER_OPTIONS = dict(n_clusters=4, dim=2, group_size=6, vector_axis="output",
 def _layer_on_shards(rank, world_size):
     """A DKMLayer built on a DTensor, each rank with its own seed, from samples of 5 of each
     palette's 9 rows."""
-    size, dkm_kernels.distributed.INIT_SAMPLE_ROWS = dkm_kernels.distributed.INIT_SAMPLE_ROWS, 5
-    try:
+    with _sample_size(5):
         layer = dkm_kernels.DKMLayer(_dtensor(_weight((12, 3))), seed=rank, keep_weight=False,
                                      **LAYER_OPTIONS)
-    finally:
-        dkm_kernels.distributed.INIT_SAMPLE_ROWS = size
     return layer.centroids, layer.tau
 
 
