@@ -158,10 +158,9 @@ def sample_rows(local: Tensor, position: int, elements: Tensor, process_group) -
     (as a split along dim 0 leaves them). Each rank fills the elements it holds and zeros
     elsewhere, and one all-reduce of `elements`' size adds them up (exactly: each element comes
     from one rank)."""
-    shares = local.new_zeros(2 * process_group.size(), dtype=torch.int64)
-    torch.distributed.all_gather_into_tensor(
-        shares, torch.tensor([position, local.numel()], device=local.device), group=process_group)
-    shares = shares.view(-1, 2)  # (place, numel) of every rank's share
+    shares = local.new_zeros((process_group.size(), 2), dtype=torch.int64)
+    shares[process_group.rank()] = torch.tensor([position, local.numel()])
+    torch.distributed.all_reduce(shares, group=process_group)  # (place, numel) of every share
     start = int(shares[shares[:, 0] < position, 1].sum())
     offsets = elements - start
     mine = (offsets >= 0) & (offsets < local.numel())
