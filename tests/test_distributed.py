@@ -218,6 +218,18 @@ def _model():
                                torch.nn.Linear(13, 4)).double()
 
 
+def _tied_model():
+    """Layers 0 and 2 share their weight (one DKMLayer, which FSDP2 sees on two modules)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 6),
+                                torch.nn.ReLU(), torch.nn.Linear(6, 4)).double()
+    model[2].weight = model[0].weight
+    return model
+
+
+MODELS = {"plain": _model, "tied": _tied_model}
+
+
 def _data():
     gen = torch.Generator().manual_seed(1)
     return (torch.randn(8, 6, generator=gen, dtype=torch.float64),
@@ -231,12 +243,13 @@ def _compress(model, group, shard_rows=True):
         process_group=group, shard_rows=shard_rows)
 
 
-def _train(wrap, rank, world_size, group, steps=3, shard_rows=True, wrap_first=False):
+def _train(wrap, rank, world_size, group, steps=3, shard_rows=True, wrap_first=False,
+           model="plain"):
     """compress_model and `wrap` (DDP, fully_shard or nothing; `wrap_first`: in that order), then
     `steps` SGD steps on this rank's share of the batch, snap, export. The k-means++ draws differ
     per rank (the broadcast makes the centroids agree). Returns the initial centroids and taus and
     the export."""
-    model = _model()
+    model = MODELS[model]()
     torch.manual_seed(100 + rank)
     forward = wrap(model) if wrap_first else None
     compressor = _compress(model, group, shard_rows)
@@ -305,10 +318,10 @@ def _fsdp2_first(rank, world_size):
             return _train(_fully_shard(group), rank, 2, None, wrap_first=True)
 
 
-def _one_process(initial):
+def _one_process(initial, model="plain"):
     """The same steps on the whole batch in one process, from the ranks' initial centroids and
     taus."""
-    model = _model()
+    model = MODELS[model]()
     compressor = _compress(model, None)
     for name, layer in compressor.dkm_layers.items():
         centroids, tau = initial[name]
@@ -329,19 +342,35 @@ def _is_row_of(centroids, weight, dim):
     return all(bool((rows == centroid).all(dim=1).any()) for centroid in centroids)
 
 
-@pytest.mark.parametrize("wrapper", [_ddp, _ddp_whole_weights, _fsdp2, _fsdp2_first],
-                         ids=["ddp", "ddp-whole-weights", "fsdp2", "fsdp2-before-compress"])
-def test_trained_model_exports_as_one_process(wrapper, ranks4):
+def _fsdp2_first_tied(rank, world_size):
+    """fully_shard (the root only: FSDP2 keeps a shared parameter in one group), then
+    compress_model, on the tied model."""
+    group, member = pair()
+    if member:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = DeviceMesh.from_group(group, "cpu")
+        return _train(lambda model: fully_shard(model, mesh=mesh), rank, 2, None,
+                      wrap_first=True, model="tied")
+
+
+@pytest.mark.parametrize("wrapper,model", [(_ddp, "plain"), (_ddp_whole_weights, "plain"),
+                                           (_fsdp2, "plain"), (_fsdp2_first, "plain"),
+                                           (_fsdp2_first_tied, "tied")],
+                         ids=["ddp", "ddp-whole-weights", "fsdp2", "fsdp2-before-compress",
+                              "fsdp2-before-compress-tied"])
+def test_trained_model_exports_as_one_process(wrapper, model, ranks4):
     (initial0, export0), (initial1, export1) = ranks4.run(wrapper)[:2]
     for name, (centroids, tau) in initial0.items():  # broadcast from the first rank
         assert torch.equal(centroids, initial1[name][0]) and tau == initial1[name][1]
-        weight = dict(_model().named_modules())[name].weight.detach()
+        weight = dict(MODELS[model]().named_modules())[name].weight.detach()
         assert _is_row_of(centroids, weight, 2 if name == "0" else 1), name
     for table in ("codebooks", "assignments"):  # every rank exports the same whole model
         for name, tensor in export0[table].items():
             assert torch.equal(tensor, export1[table][name])
-    expected = dkm_kernels.load_compressed(_one_process(initial0), _model).state_dict()
-    loaded = dkm_kernels.load_compressed(export0, _model).state_dict()
+    expected = dkm_kernels.load_compressed(_one_process(initial0, model),
+                                           MODELS[model]).state_dict()
+    loaded = dkm_kernels.load_compressed(export0, MODELS[model]).state_dict()
     assert loaded.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(loaded[key], value, rtol=1e-6, atol=1e-9, msg=key)
