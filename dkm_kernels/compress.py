@@ -262,6 +262,8 @@ class DKMCompressor(nn.Module):
         if already:  # checked before registering anything, so that the model is left untouched
             raise ValueError(f"layer(s) {already}: their weights are already parametrized (was "
                              f"the model compressed twice?); compress the original model once")
+        # Already sharded by FSDP2: FSDP2 will swap its parameters where parametrize moves them.
+        fsdp = distributed.fsdp_records(model)
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         # Plain dicts: the layers and snapped records are reached through the model, not
         # registered a second time here.
@@ -276,6 +278,9 @@ class DKMCompressor(nn.Module):
                 layer_generator = torch.Generator(device=weight.device).manual_seed(
                     int(torch.randint(SEED_BOUND, (), generator=generator)))
             groups = 1 if config.group_size is None else weight.shape[0] // config.group_size
+            group = process_group
+            if group is None and distributed.is_sharded(weight):
+                group = distributed.shard_of(weight)[2]  # the group FSDP2 shards it across
             layer = DKMLayer(
                 weight, n_clusters=config.n_clusters, tau=config.tau, dim=config.dim,
                 max_iter=config.max_iter, epsilon=config.epsilon,
@@ -285,13 +290,14 @@ class DKMCompressor(nn.Module):
                 lut_dtype=lut_dtype, vector_axis=config.vector_axis,
                 lut_quantization=config.lut_quantization, generator=layer_generator,
                 keep_weight=False, lazy_init=milestone > 0, auto_advance=False, name=name,
-                process_group=process_group, shard_rows=shard_rows, uniquify=uniquify,
-                _groups=groups)
+                process_group=group, shard_rows=shard_rows, uniquify=uniquify, _groups=groups)
             # One layer for every module holding this Parameter: one palette, one DKM per forward.
             for member in (name, *self.tied.get(name, ())):
                 # unsafe: registration would otherwise run the layer once (a DKM step) to check it.
                 parametrize.register_parametrization(modules[member], "weight", layer,
                                                      unsafe=True)
+                distributed.follow(fsdp, modules[member], "weight",
+                                   modules[member].parametrizations.weight, "original")
             self.dkm_layers[name] = layer
         self._owners = {name: modules[name] for name in self.dkm_layers}
         self._set_active()
@@ -530,10 +536,12 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
         (more than 8 bits, bfloat16 palettes, vectors it cannot lay out, quantized palettes with
         per-channel scales; dkm_kernels.coreml).
     process_group: the torch.distributed group the model trains across (DDP's, or an FSDP2
-        mesh's `mesh.get_group()`; apply fully_shard after compress_model). Every layer's initial
-        centroids and auto tau are computed on the group's first rank and broadcast; with
-        shard_rows, each rank clusters its share of every weight's rows and the clustered rows are
-        all-gathered (README "Distributed training").
+        mesh's `mesh.get_group()`; fully_shard may come before or after compress_model, and a
+        weight already sharded defaults to its mesh's group). Every layer's initial centroids and
+        auto tau are computed on the group's first rank and broadcast (from a sample of every
+        shard's rows for a weight already sharded); with shard_rows, each rank clusters its share
+        of every weight's rows and the clustered rows are all-gathered (README "Distributed
+        training").
     uniquify: cluster float16/bfloat16 weights with dim=1 over their distinct values (exact up to
         the order of summation, O(M + U k) per pass; see DKMLayer). False: over every weight.
         "bfloat16": float32 weights with dim=1 too, through their bfloat16 rounding (an
@@ -597,12 +605,6 @@ def compress_model(model: nn.Module, bits: int = 4, dim: int = 1,
     if lazy:
         raise ValueError(f"model: module(s) {lazy} are lazy modules whose weights have no shape "
                          f"yet; run one forward pass with a sample batch before compress_model")
-    sharded = [name for name, module in candidates
-               if distributed.is_sharded(raw_weight(module))]
-    if sharded:
-        raise ValueError(f"model: the weights of {sharded} are sharded (DTensor, FSDP2's "
-                         f"fully_shard): call compress_model on the plain model, then fully_shard "
-                         f"it, with process_group=mesh.get_group()")
     compressed = [name for name, module in candidates if _dkm_parametrized(module)]
     if compressed:
         raise ValueError(f"model: module(s) {compressed} already carry DKM (was the model "

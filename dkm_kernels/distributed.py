@@ -10,6 +10,12 @@ pass all-reduces the k x d partial sums. This module holds what the model level 
     whole           a DTensor (FSDP2's sharded parameter) gathered into a plain tensor; any other
                     tensor as it is
     assign_whole    a whole value written into a parameter, a DTensor keeping only its own shard
+    shard_of        a DTensor (FSDP2's parameter) split by rows: this rank's rows, their place,
+                    the group
+    sample_rows     chosen elements of a sharded weight, on every rank, without gathering it
+    fsdp_records / follow
+                    FSDP2's records of where its parameters live, and moving one of them to where
+                    parametrize put the parameter (compress_model on a model already sharded)
 
 Gradients. Under DDP or FSDP2 each rank computes its own loss L_r and the wrappers average the
 gradients. With the clustering sharded, rank r's gradient is d(sum_q L_q)/dW on its own rows and
@@ -19,7 +25,12 @@ backward), so the averaged gradient is d(mean_q L_q)/dW, as without sharding.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+# Rows per palette that a weight sharded by FSDP2 contributes to its initialisation: k-means++ and
+# the auto tau run on a sample of this many rows (64 per centroid at 8 bits) drawn from every
+# shard, instead of on the whole weight; a palette with fewer rows uses all of them.
+INIT_SAMPLE_ROWS = 16384
 
 
 def check_group(process_group) -> None:
@@ -117,3 +128,81 @@ def assign_whole(parameter: Tensor, value: Tensor) -> None:
         parameter.to_local().copy_(shard.to_local())
     else:
         parameter.copy_(value)
+
+
+def shard_of(tensor: Tensor) -> tuple[Tensor, int, object]:
+    """DTensor `tensor` split along dim 0 (FSDP2's Shard(0); other mesh dimensions, as HSDP's,
+    replicate it): this rank's rows, their place among the shards, and the process group across
+    which the shards lie."""
+    from torch.distributed.tensor import Replicate, Shard
+    sharded = [dim for dim, placement in enumerate(tensor.placements) if placement == Shard(0)]
+    if len(sharded) != 1 or not all(placement == Replicate()
+                                    for dim, placement in enumerate(tensor.placements)
+                                    if dim != sharded[0]):
+        raise ValueError(f"a DTensor weight split along dim 0 over one mesh dimension (FSDP2's "
+                         f"fully_shard) is supported, got placements {tensor.placements}")
+    mesh = tensor.device_mesh
+    return tensor.to_local(), mesh.get_coordinate()[sharded[0]], mesh.get_group(sharded[0])
+
+
+def all_finite(local: Tensor, process_group) -> bool:
+    """Whether every rank's `local` is finite (the same answer on every rank)."""
+    flag = torch.isfinite(local).all().to(torch.int32).reshape(1)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=process_group)
+    return bool(flag)
+
+
+def sample_rows(local: Tensor, position: int, elements: Tensor, process_group) -> Tensor:
+    """The elements of a weight at flat indices `elements` (any shape), on every rank, from each
+    rank's `local` share: the shares are consecutive flat elements in the order of `position`
+    (as a split along dim 0 leaves them). Each rank fills the elements it holds and zeros
+    elsewhere, and one all-reduce of `elements`' size adds them up (exactly: each element comes
+    from one rank)."""
+    shares = local.new_zeros((process_group.size(), 2), dtype=torch.int64)
+    shares[process_group.rank()] = torch.tensor([position, local.numel()])
+    torch.distributed.all_reduce(shares, group=process_group)  # (place, numel) of every share
+    start = int(shares[shares[:, 0] < position, 1].sum())
+    offsets = elements - start
+    mine = (offsets >= 0) & (offsets < local.numel())
+    values = local.new_zeros(elements.shape)
+    values[mine] = local.reshape(-1)[offsets[mine]]
+    torch.distributed.all_reduce(values, group=process_group)
+    return values
+
+
+def fsdp_records(model: nn.Module) -> list:
+    """FSDP2's record of every parameter it manages in `model` (the module and attribute name it
+    swaps the sharded and the gathered parameter into), after resharding every fully_shard
+    module, so that the parameters are the sharded DTensors; [] for a model without FSDP2."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without torch.distributed
+        return []
+    records = []
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        module.reshard()
+        try:  # FSDP2 keeps these records private (as in torch 2.13)
+            state = module._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:
+                groups = [group for group in [state._fsdp_param_group] if group is not None]
+            records += [param._module_info for group in groups for param in group.fsdp_params]
+        except AttributeError:
+            raise ValueError("this torch's FSDP2 does not expose where it keeps its parameters: "
+                             "call compress_model on the plain model, then fully_shard "
+                             "it") from None
+    return records
+
+
+def follow(records: list, module: nn.Module, name: str, owner: nn.Module, owner_name: str) -> None:
+    """FSDP2 now swaps the parameter it kept at `module.<name>` at `owner.<owner_name>` instead
+    (where parametrize moved it: `module.parametrizations.<name>`, "original")."""
+    for info in records:
+        if info.module is module and info.param_name == name:
+            info.module, info.param_name = owner, owner_name
+        for index, (shared, shared_name) in enumerate(zip(info.shared_modules,
+                                                           info.shared_param_names)):
+            if shared is module and shared_name == name:
+                info.shared_modules[index], info.shared_param_names[index] = owner, owner_name

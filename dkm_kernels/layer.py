@@ -127,6 +127,21 @@ def rows_to_weight(rows: Tensor, shape, vector_axis: str = "flat") -> Tensor:
     return blocks.transpose(2, 3).reshape(shape)
 
 
+def row_elements(shape, groups: int, dim: int, vector_axis: str, rows: Tensor) -> Tensor:
+    """(G, S, d): the flat indices into a weight of `shape` of the elements of rows `rows` (G, S)
+    of each palette: weight.reshape(-1)[row_elements(...)] == weight_rows(weight, ...)[g, rows]."""
+    numel = math.prod(shape)
+    palette = torch.arange(groups, device=rows.device).view(-1, 1, 1)
+    element = torch.arange(dim, device=rows.device)
+    rows = rows.unsqueeze(-1)
+    if vector_axis == "flat":
+        return palette * (numel // groups) + rows * dim + element
+    # weight_rows: row r of a palette is position r % rest of its channel block r // rest.
+    rest = numel // shape[0]
+    channel = palette * (shape[0] // groups) + (rows // rest) * dim + element
+    return channel * rest + rows % rest
+
+
 def check_backend(backend) -> str:
     if backend not in backends.BACKENDS:
         raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
@@ -187,6 +202,10 @@ def check_layer_options(shape: tuple, n_clusters, tau, dim, max_iter, epsilon, i
     return groups
 
 
+_NOT_FINITE = ("the weight contains NaN or Inf; the centroids cannot be initialised from it "
+               "(check the loaded or trained values)")
+
+
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (where checkpointing recomputes forwards); never
     inside a compiled graph, which torch.compile builds from a forward."""
@@ -243,7 +262,10 @@ class DKMLayer(nn.Module):
         process_group: the torch.distributed group the model trains across (DDP's, or the FSDP2
             mesh's `mesh.get_group()`); every rank must hold the same weight in forward (DDP's
             replica, FSDP2's all-gathered parameter). The initial centroids and auto tau are
-            computed on the group's first rank and broadcast, so every rank starts alike.
+            computed on the group's first rank and broadcast, so every rank starts alike. A
+            `weight_tensor` sharded by rows (an FSDP2 DTensor) is not gathered: they are computed
+            from a sample of at most distributed.INIT_SAMPLE_ROWS rows per palette drawn from
+            every shard (and broadcast over the shards' group when process_group is None).
         shard_rows: with process_group, each rank clusters only its share of the rows
             (distributed.split_sizes) with `dkm(..., process_group=)`, and the clustered rows are
             all-gathered: 1/R of the clustering work per rank, for one all-gather of the clustered
@@ -395,22 +417,24 @@ class DKMLayer(nn.Module):
             raise ValueError(self._where() + "the weight is on the meta device and has no values "
                              "to initialise the centroids from; move the model to a real device "
                              "(model.to_empty(device=...)) and load its weights first")
-        if not bool(torch.isfinite(weight).all()):  # once per layer: a sync is fine here
-            raise ValueError(self._where() + "the weight contains NaN or Inf; the centroids "
-                             "cannot be initialised from it (check the loaded or trained values)")
-        rows = self.rows(self.normalized(weight)[0])
-        counts = None
-        if self.uniquify and unique.applies(rows):
-            # The distinct values with their counts stand for the weights: O(U k), not O(M k).
-            found = unique.distinct(rows)
-            rows, counts = found.values, found.counts
-        rows = rows.float()
         generator = self.generator
-        if generator is not None and generator.device.type != rows.device.type:
+        if generator is not None and generator.device.type != weight.device.type:
             # The model moved since the generator was made: continue its stream on the new device.
             seed = int(torch.randint(SEED_BOUND, (), generator=generator,
                                      device=generator.device))
-            generator = self.generator = torch.Generator(device=rows.device).manual_seed(seed)
+            generator = self.generator = torch.Generator(device=weight.device).manual_seed(seed)
+        group, counts = self.process_group, None
+        if distributed.is_sharded(weight):  # FSDP2's shard: a sample of every rank's rows
+            rows, group = self._sampled_rows(weight, generator, group)
+        else:
+            if not bool(torch.isfinite(weight).all()):  # once per layer: a sync is fine here
+                raise ValueError(self._where() + _NOT_FINITE)
+            rows = self.rows(self.normalized(weight)[0])
+            if self.uniquify and unique.applies(rows):
+                # The distinct values with their counts stand for the weights: O(U k), not O(M k).
+                found = unique.distinct(rows)
+                rows, counts = found.values, found.counts
+        rows = rows.float()
         if counts is not None and self.init_method == "kmeans++":
             centroids = kmeans_plus_plus(rows, self.n_clusters, generator, counts=counts)
         else:
@@ -423,15 +447,38 @@ class DKMLayer(nn.Module):
             mean_sq = (distance.mean() if counts is None
                        else (distance * counts).sum() / counts.sum()).item()
             self._tau = max(AUTO_TAU_FRACTION * mean_sq, MIN_AUTO_TAU)
-        if self.process_group is not None:  # every rank starts from the first rank's
-            distributed.broadcast_(centroids, self.process_group)
+        if group is not None:  # every rank starts from the first rank's
+            distributed.broadcast_(centroids, group)
             if self.auto_tau:
                 tau = torch.tensor(self._tau, dtype=torch.float64, device=centroids.device)
-                self._tau = float(distributed.broadcast_(tau, self.process_group))
+                self._tau = float(distributed.broadcast_(tau, group))
         self.tau_value.fill_(self._tau)
         self._store_centroids(centroids)
         self.initialized.fill_(True)
         self._initialized = True
+
+    def _sampled_rows(self, weight: Tensor, generator, group) -> tuple[Tensor, object]:
+        """(G, S, d): S rows of every palette of a weight split by rows across ranks (an FSDP2
+        DTensor), the same on every rank, without gathering the weight: the group's first rank
+        draws the rows (all of them when a palette has at most INIT_SAMPLE_ROWS), and each rank
+        contributes the elements it holds (distributed.sample_rows). Also the group to broadcast
+        the initialisation over: `group`, or the one the weight is split across."""
+        local, position, shards = distributed.shard_of(weight)
+        if not distributed.all_finite(local, shards):
+            raise ValueError(self._where() + _NOT_FINITE)
+        per_palette = self.n_vectors // self.groups
+        count = min(per_palette, distributed.INIT_SAMPLE_ROWS)
+        if count == per_palette:
+            picked = torch.arange(count, device=local.device).expand(self.groups, count)
+        else:  # with replacement: O(S) whatever the weight's size; k-means++ takes repeats
+            picked = torch.randint(per_palette, (self.groups, count), generator=generator,
+                                   device=local.device)
+            distributed.broadcast_(picked, shards)
+        elements = row_elements(self.original_shape, self.groups, self.dim, self.vector_axis,
+                                picked)
+        # A scale is per output channel, and a split along dim 0 keeps each channel on one rank.
+        sample = distributed.sample_rows(self.normalized(local)[0], position, elements, shards)
+        return sample, shards if group is None else group
 
     def _store_centroids(self, centroids: Tensor) -> None:
         """`centroids` become the stored ones and the next call's warm start: nothing is left

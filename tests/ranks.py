@@ -13,6 +13,7 @@ import datetime
 import os
 import queue
 import tempfile
+import time
 import traceback
 
 import torch
@@ -96,8 +97,9 @@ class Ranks:
         for tasks, process in zip(self._tasks, self._processes):
             if process.is_alive():
                 tasks.put(None)
+        deadline = time.monotonic() + 1  # one second for all of them to exit, then killed
         for process in self._processes:
-            process.join(timeout=1)
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
         self._directory.cleanup()

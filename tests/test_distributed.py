@@ -4,11 +4,18 @@ The op: each rank passes its rows of one problem with the process group; the row
 gradients, joined in rank order, must equal one process computing the whole problem (float64 to
 1e-9 as for the backends, float32 by the float32 rule of oracle.py), the centroids and iteration
 counts must be identical on every rank, and repeated runs bit-identical. The problems run on
-3 ranks with uneven shards, most with an empty rank, and one on 2 ranks.
+4 ranks with uneven shards, most with an empty rank, and one on 2 ranks.
+
+The model: under DDP and FSDP2 (fully_shard after or before compress_model) a model trains, snaps
+and exports, on every rank, what one process exports after the same steps from the same initial
+centroids; a weight already sharded initialises from a sample of its shards' rows, alike on every
+rank.
 
 The processes start once per module (starting one imports torch in every process).
 """
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -23,9 +30,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
 
 
 @pytest.fixture(scope="module")
-def ranks3():
-    """Three ranks; two-rank runs use ranks.pair(), while rank 2 waits."""
-    pool = Ranks(3)
+def ranks4():
+    """Four ranks; two-rank runs use ranks.pair(), while ranks 2 and 3 wait."""
+    pool = Ranks(4)
     yield pool
     pool.close()
 
@@ -54,24 +61,24 @@ def _grouped(weights, centroids, tau):
     return weights, centroids, tau, upstream_gradient(weights.shape)
 
 
-# (backend, dtype, problem, row counts per rank of 3, options)
+# (backend, dtype, problem, row counts per rank of 4, options)
 CASES = {
     "torch-even": ("torch", torch.float64, lambda: make_problem(60, 2, 6, seed=1),
-                   [20, 20, 20], dict(max_iter=5, epsilon=1e-4)),
+                   [15, 15, 15, 15], dict(max_iter=5, epsilon=1e-4)),
     # groups stopping at different iterations, an empty rank, uneven shards
     "torch-groups-empty-rank": ("torch", torch.float64, lambda: staggered_groups(50, 3),
-                                [0, 13, 37], dict(max_iter=6, epsilon=1e-3)),
+                                [0, 13, 25, 12], dict(max_iter=6, epsilon=1e-3)),
     "cpu-groups-empty-rank": ("cpu", torch.float64,
                               lambda: make_problem(45, 3, 5, groups=2, seed=2),
-                              [30, 0, 15], dict(max_iter=5, epsilon=1e-4)),
+                              [30, 0, 10, 5], dict(max_iter=5, epsilon=1e-4)),
     "cpu-float32": ("cpu", torch.float32, lambda: make_problem(64, 4, 8, seed=3),
-                    [10, 40, 14], dict(max_iter=5, epsilon=0.0)),
+                    [10, 40, 3, 11], dict(max_iter=5, epsilon=0.0)),
     "torch-float32-groups": ("torch", torch.float32,
                              lambda: make_problem(40, 2, 5, groups=2, seed=4),
-                             [1, 25, 14], dict(max_iter=4, epsilon=0.0)),
+                             [1, 25, 10, 4], dict(max_iter=4, epsilon=0.0)),
     "triton-float32-empty-rank": ("triton", torch.float32,
                                   lambda: make_problem(24, 2, 4, groups=2, seed=5),
-                                  [8, 0, 16], dict(max_iter=3, epsilon=0.0)),
+                                  [8, 0, 10, 6], dict(max_iter=3, epsilon=0.0)),
 }
 
 
@@ -89,10 +96,10 @@ def _run_cases(rank, world_size, problems):
 
 
 @pytest.fixture(scope="module")
-def sharded3(ranks3):
-    """Every case on 3 ranks, each run twice: {case: [rank -> [run -> (W~, C, L, grad)]]}."""
+def sharded4(ranks4):
+    """Every case on 4 ranks, each run twice: {case: [rank -> [run -> (W~, C, L, grad)]]}."""
     problems = {case: _problem(case) for case in CASES if skip_reason(CASES[case][0]) is None}
-    per_rank = ranks3.run(_run_cases, problems)
+    per_rank = ranks4.run(_run_cases, problems)
     return problems, {case: [runs[case] for runs in per_rank] for case in problems}
 
 
@@ -125,8 +132,8 @@ def _check_against_one_process(backend, problem, options, rank_runs):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sharded_op_equals_one_process(case, sharded3):
-    problems, results = sharded3
+def test_sharded_op_equals_one_process(case, sharded4):
+    problems, results = sharded4
     if case not in problems:
         pytest.skip(str(skip_reason(CASES[case][0])))
     backend, problem, _, options = problems[case]
@@ -139,11 +146,11 @@ def _on_pair(rank, world_size, backend, problem, sizes, options):
         return _sharded_runs(rank, 2, problem, sizes, backend, options, group=group)
 
 
-def test_sharded_op_on_two_ranks(ranks3):
+def test_sharded_op_on_two_ranks(ranks4):
     backend, problem, _, options = _problem("cpu-groups-empty-rank")
     if skip_reason(backend) is not None:
         pytest.skip(skip_reason(backend))
-    per_rank = ranks3.run(_on_pair, backend, problem, [28, 17], options)
+    per_rank = ranks4.run(_on_pair, backend, problem, [28, 17], options)
     _check_against_one_process(backend, problem, options, per_rank[:2])
 
 
@@ -159,20 +166,20 @@ def _nan_on_rank_1(rank, world_size):
     return None
 
 
-def test_nan_on_one_rank_raises_on_every_rank(ranks3):
+def test_nan_on_one_rank_raises_on_every_rank(ranks4):
     if skip_reason("cpu") is not None:
         pytest.skip(skip_reason("cpu"))
-    messages = ranks3.run(_nan_on_rank_1)
+    messages = ranks4.run(_nan_on_rank_1)
     assert all(message is not None and "NaN or Inf" in message for message in messages)
 
 
 def _fake_with_group(rank, world_size):
     """The op's fake implementations with a group give the real outputs' shapes and dtypes, each
-    rank holding uneven rows (rank 2: none). (A full opcheck imports for seconds per process;
+    rank holding uneven rows (ranks 2 and 3: none). (A full opcheck imports for seconds per process;
     test_backends.py runs it without a group.)"""
     from torch._subclasses.fake_tensor import FakeTensorMode
     weights, centroids, tau = make_problem(9, 3, k=4, groups=2, seed=8, dtype=torch.float32)
-    mine = weights.split([6, 3, 0], dim=1)[rank].contiguous()
+    mine = weights.split([6, 3, 0, 0], dim=1)[rank].contiguous()
     name = torch.distributed.group.WORLD.group_name
     forward = (mine, centroids, tau, 3, 1e-4, True, "torch", name)
     real = torch.ops.dkm_kernels.dkm_forward(*forward)
@@ -186,8 +193,8 @@ def _fake_with_group(rank, world_size):
     return [(tuple(a.shape), a.dtype, tuple(b.shape), b.dtype) for a, b in zip(real, faked)]
 
 
-def test_fake_implementations_with_process_group(ranks3):
-    for outputs in ranks3.run(_fake_with_group):
+def test_fake_implementations_with_process_group(ranks4):
+    for outputs in ranks4.run(_fake_with_group):
         for real_shape, real_dtype, fake_shape, fake_dtype in outputs:
             assert (real_shape, real_dtype) == (fake_shape, fake_dtype)
 
@@ -211,25 +218,44 @@ def _model():
                                torch.nn.Linear(13, 4)).double()
 
 
+def _tied_model():
+    """Layers 0 and 2 share their weight (one DKMLayer, which FSDP2 sees on two modules)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 6),
+                                torch.nn.ReLU(), torch.nn.Linear(6, 4)).double()
+    model[2].weight = model[0].weight
+    return model
+
+
+MODELS = {"plain": _model, "tied": _tied_model}
+
+
 def _data():
     gen = torch.Generator().manual_seed(1)
     return (torch.randn(8, 6, generator=gen, dtype=torch.float64),
             torch.randn(8, 4, generator=gen, dtype=torch.float64))
 
 
-def _train(wrap, rank, world_size, group, steps=3, shard_rows=True):
-    """compress_model, `wrap` (DDP, fully_shard or nothing), `steps` SGD steps on this rank's
-    share of the batch, snap, export. The k-means++ draws differ per rank (the broadcast makes
-    the centroids agree)."""
-    model = _model()
-    torch.manual_seed(100 + rank)
-    compressor = dkm_kernels.compress_model(
+def _compress(model, group, shard_rows=True):
+    return dkm_kernels.compress_model(
         model, bits=2, dim=1, tau="auto", skip_first_last=False, small_layer_threshold=0,
         layer_configs={"0": {"dim": 2}}, lut_dtype=torch.float32, backend="torch",
         process_group=group, shard_rows=shard_rows)
+
+
+def _train(wrap, rank, world_size, group, steps=3, shard_rows=True, wrap_first=False,
+           model="plain"):
+    """compress_model and `wrap` (DDP, fully_shard or nothing; `wrap_first`: in that order), then
+    `steps` SGD steps on this rank's share of the batch, snap, export. The k-means++ draws differ
+    per rank (the broadcast makes the centroids agree). Returns the initial centroids and taus and
+    the export."""
+    model = MODELS[model]()
+    torch.manual_seed(100 + rank)
+    forward = wrap(model) if wrap_first else None
+    compressor = _compress(model, group, shard_rows)
+    forward = forward or wrap(model)
     initial = {name: (layer.centroids.clone(), layer.tau)
                for name, layer in compressor.dkm_layers.items()}
-    forward = wrap(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     inputs, targets = _data()
     share = inputs.shape[0] // world_size
@@ -255,27 +281,53 @@ def _ddp_whole_weights(rank, world_size):
     return _ddp(rank, world_size, shard_rows=False)
 
 
+def _fully_shard(group):
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = DeviceMesh.from_group(group, "cpu")
+
+    def shard(model):
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+    return shard
+
+
 def _fsdp2(rank, world_size):
     group, member = pair()
     if member:
-        from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = DeviceMesh.from_group(group, "cpu")
-
-        def shard(model):
-            for layer in (model[0], model[2]):
-                fully_shard(layer, mesh=mesh)
-            return fully_shard(model, mesh=mesh)
-        return _train(shard, rank, 2, group)
+        return _train(_fully_shard(group), rank, 2, group)
 
 
-def _one_process():
-    """The same steps on the whole batch in one process (k-means++ drawn as rank 0 draws)."""
-    model = _model()
-    torch.manual_seed(100)
-    compressor = dkm_kernels.compress_model(
-        model, bits=2, dim=1, tau="auto", skip_first_last=False, small_layer_threshold=0,
-        layer_configs={"0": {"dim": 2}}, lut_dtype=torch.float32, backend="torch")
+@contextlib.contextmanager
+def _sample_size(rows):
+    """distributed.INIT_SAMPLE_ROWS set to `rows` in this rank's process, for the duration."""
+    kept, dkm_kernels.distributed.INIT_SAMPLE_ROWS = dkm_kernels.distributed.INIT_SAMPLE_ROWS, rows
+    try:
+        yield
+    finally:
+        dkm_kernels.distributed.INIT_SAMPLE_ROWS = kept
+
+
+def _fsdp2_first(rank, world_size):
+    """fully_shard, then compress_model (its group found from the mesh), the centroids from a
+    sample of 20 of each weight's rows (39 and 52 rows)."""
+    group, member = pair()
+    if member:
+        with _sample_size(20):
+            return _train(_fully_shard(group), rank, 2, None, wrap_first=True)
+
+
+def _one_process(initial, model="plain"):
+    """The same steps on the whole batch in one process, from the ranks' initial centroids and
+    taus (loaded as a checkpoint: tau_value holds tau rounded to float32, a relative change of
+    at most 2^-24, far inside the comparison's tolerance)."""
+    model = MODELS[model]()
+    compressor = _compress(model, None)
+    for name, layer in compressor.dkm_layers.items():
+        centroids, tau = initial[name]
+        layer.load_state_dict({"centroids": centroids, "pending_centroids": centroids,
+                               "tau_value": torch.tensor(tau), "initialized": torch.tensor(True)})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     inputs, targets = _data()
     for _ in range(3):
@@ -285,34 +337,108 @@ def _one_process():
     return compressor.export_compressed()
 
 
-@pytest.mark.parametrize("wrapper", [_ddp, _ddp_whole_weights, _fsdp2],
-                         ids=["ddp", "ddp-whole-weights", "fsdp2"])
-def test_trained_model_exports_as_one_process(wrapper, ranks3):
-    (initial0, export0), (initial1, export1), _ = ranks3.run(wrapper)
+def _is_row_of(centroids, weight, dim):
+    """Whether every centroid is one of the weight's rows (as k-means++ draws them)."""
+    rows = weight.reshape(-1, dim).float()
+    return all(bool((rows == centroid).all(dim=1).any()) for centroid in centroids)
+
+
+def _fsdp2_first_tied(rank, world_size):
+    """fully_shard (the root only: FSDP2 keeps a shared parameter in one group), then
+    compress_model, on the tied model."""
+    group, member = pair()
+    if member:
+        from torch.distributed.device_mesh import DeviceMesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = DeviceMesh.from_group(group, "cpu")
+        return _train(lambda model: fully_shard(model, mesh=mesh), rank, 2, None,
+                      wrap_first=True, model="tied")
+
+
+@pytest.mark.parametrize("wrapper,model", [(_ddp, "plain"), (_ddp_whole_weights, "plain"),
+                                           (_fsdp2, "plain"), (_fsdp2_first, "plain"),
+                                           (_fsdp2_first_tied, "tied")],
+                         ids=["ddp", "ddp-whole-weights", "fsdp2", "fsdp2-before-compress",
+                              "fsdp2-before-compress-tied"])
+def test_trained_model_exports_as_one_process(wrapper, model, ranks4):
+    (initial0, export0), (initial1, export1) = ranks4.run(wrapper)[:2]
     for name, (centroids, tau) in initial0.items():  # broadcast from the first rank
         assert torch.equal(centroids, initial1[name][0]) and tau == initial1[name][1]
+        weight = dict(MODELS[model]().named_modules())[name].weight.detach()
+        assert _is_row_of(centroids, weight, 2 if name == "0" else 1), name
     for table in ("codebooks", "assignments"):  # every rank exports the same whole model
         for name, tensor in export0[table].items():
             assert torch.equal(tensor, export1[table][name])
-    expected = dkm_kernels.load_compressed(_one_process(), _model).state_dict()
-    loaded = dkm_kernels.load_compressed(export0, _model).state_dict()
+    expected = dkm_kernels.load_compressed(_one_process(initial0, model),
+                                           MODELS[model]).state_dict()
+    loaded = dkm_kernels.load_compressed(export0, MODELS[model]).state_dict()
     assert loaded.keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(loaded[key], value, rtol=1e-6, atol=1e-9, msg=key)
 
 
-def _compress_after_fully_shard(rank, world_size):
-    group, member = pair()
-    if member:
-        from torch.distributed.device_mesh import DeviceMesh
-        from torch.distributed.fsdp import fully_shard
-        model = fully_shard(_model(), mesh=DeviceMesh.from_group(group, "cpu"))
-        try:
-            dkm_kernels.compress_model(model, skip_first_last=False, process_group=group)
-        except ValueError as error:
-            return str(error)
+# -- initialisation from a sample of FSDP2's shards ----------------------------------------------
+
+def _weight(shape):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(9))
 
 
-def test_compress_model_after_fully_shard_says_to_swap_them(ranks3):
-    messages = ranks3.run(_compress_after_fully_shard)[:2]
-    assert all(message and "then fully_shard" in message for message in messages)
+def _dtensor(whole):
+    """`whole` split along dim 0 across every rank, as fully_shard splits a parameter."""
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    mesh = DeviceMesh.from_group(torch.distributed.group.WORLD, "cpu")
+    return distribute_tensor(whole, mesh, [Shard(0)])
+
+
+# (shape, palettes, dim, vector_axis): on 4 ranks the shares hold 2, 2, 2, 0 and 3, 3, 3, 3
+# output channels, and vectors straddle them (a flat one across channels, an "output" one across
+# ranks' channels)
+SAMPLED = [((6, 5), 1, 3, "flat"), ((12, 3), 2, 2, "output")]
+
+
+def _sample_of_shards(rank, world_size):
+    from dkm_kernels.distributed import sample_rows, shard_of
+    from dkm_kernels.layer import row_elements
+    samples = []
+    for shape, palettes, dim, axis in SAMPLED:
+        local, position, group = shard_of(_dtensor(_weight(shape)))
+        rows = torch.randint(_weight(shape).numel() // (palettes * dim), (palettes, 7),
+                             generator=torch.Generator().manual_seed(rank))
+        rows = dkm_kernels.distributed.broadcast_(rows, group)
+        samples.append((rows, sample_rows(local, position,
+                                          row_elements(shape, palettes, dim, axis, rows), group)))
+    return samples
+
+
+def test_sample_rows_of_shards_equals_the_rows(ranks4):
+    for samples in ranks4.run(_sample_of_shards):
+        for (shape, palettes, dim, axis), (rows, sample) in zip(SAMPLED, samples):
+            whole = dkm_kernels.layer.weight_rows(_weight(shape), palettes, dim, axis)
+            expected = torch.gather(whole, 1, rows.unsqueeze(-1).expand(-1, -1, dim))
+            assert torch.equal(sample, expected), (shape, axis)
+
+
+LAYER_OPTIONS = dict(n_clusters=4, dim=2, group_size=6, vector_axis="output",
+                     enable_per_channel_scale=True, tau="auto", backend="torch")
+
+
+def _layer_on_shards(rank, world_size):
+    """A DKMLayer built on a DTensor, each rank with its own seed, from samples of 5 of each
+    palette's 9 rows."""
+    with _sample_size(5):
+        layer = dkm_kernels.DKMLayer(_dtensor(_weight((12, 3))), seed=rank, keep_weight=False,
+                                     **LAYER_OPTIONS)
+    return layer.centroids, layer.tau
+
+
+def test_layer_initialised_on_shards_alike_on_every_rank(ranks4):
+    results = ranks4.run(_layer_on_shards)
+    plain = dkm_kernels.DKMLayer(_weight((12, 3)), lazy_init=True, **LAYER_OPTIONS)
+    rows = plain.rows(plain.normalized(_weight((12, 3)))[0])
+    centroids, tau = results[0]
+    for other in results[1:]:
+        assert torch.equal(other[0], centroids) and other[1] == tau
+    for palette, palette_rows in zip(centroids, rows):  # k-means++ draws rows of the palette
+        assert all(bool((palette_rows == centroid).all(dim=1).any()) for centroid in palette)
+    assert tau > 0

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from dkm_kernels import DKMLayer, compress_model, load_compressed
 from dkm_kernels.export import read_export, unpack_indices
-from dkm_kernels.layer import rows_to_weight, weight_rows
+from dkm_kernels.layer import row_elements, rows_to_weight, weight_rows
 from shared_models import seeded
 
 
@@ -27,6 +27,20 @@ def test_rows_are_output_channel_vectors_and_round_trip(shape, groups, dim):
                 assert torch.equal(rows[g, j * positions + p], flat[channels, p])
     assert torch.equal(rows_to_weight(rows, shape, "output"), weight)
     assert torch.equal(rows_to_weight(weight_rows(weight, groups, dim), shape), weight)
+
+
+@pytest.mark.parametrize("axis", ["flat", "output"])
+@pytest.mark.parametrize("shape,groups,dim", [((8, 3, 3, 3), 1, 2), ((12, 5), 3, 4),
+                                              ((6, 2, 4), 2, 3)])
+def test_row_elements_index_the_rows(shape, groups, dim, axis):
+    """row_elements (a sharded weight's sample, distributed.sample_rows) indexes exactly the
+    elements weight_rows puts in the chosen rows."""
+    weight = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    rows = weight_rows(weight, groups, dim, axis)
+    picked = torch.randint(rows.shape[1], (groups, 9), generator=torch.Generator().manual_seed(1))
+    expected = torch.gather(rows, 1, picked.unsqueeze(-1).expand(-1, -1, dim))
+    assert torch.equal(weight.reshape(-1)[row_elements(shape, groups, dim, axis, picked)],
+                       expected)
 
 
 def test_output_layout_soft_and_hard_weights_are_channel_vectors():
