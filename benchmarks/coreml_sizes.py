@@ -26,6 +26,7 @@ main job's DigitsCNN at 2 bits on a batch of 64.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import statistics
@@ -101,20 +102,24 @@ def measure_sizes(args) -> dict:
                                                  for v in float_state.values()),
                  "test_accuracy": cli.accuracy(float_model, test_data)}
         rows = []
-        for bits, dim in cli._parse_configs(args.configs):
+        for (bits, dim), quantization in itertools.product(cli._parse_configs(args.configs),
+                                                            args.lut_quantization.split(",")):
+            quantization = None if quantization == "none" else quantization
             model = cli.DigitsCNN()
             model.load_state_dict(float_state)
             compressor = compress_model(model, bits=bits, dim=dim, tau="auto",
                                         conv_config={"vector_axis": layout(dim)},
                                         skip_first_last=False, small_layer_threshold=0,
-                                        seed=args.seed, target="coreml")
+                                        seed=args.seed, target="coreml",
+                                        lut_quantization=quantization)
             cli.train(compressor, train_data, args.dkm_epochs, 2e-3, args.seed, 64)
             export = compressor.export_compressed()
-            export_path = os.path.join(folder, f"{bits}_{dim}.dkm.pt")
+            export_path = os.path.join(folder, f"{bits}_{dim}_{quantization}.dkm.pt")
             compressor.save_compressed(export_path)
-            path = os.path.join(folder, f"{bits}_{dim}.mlpackage")
+            path = os.path.join(folder, f"{bits}_{dim}_{quantization}.mlpackage")
             compressor.to_coreml(example, path)
             row = {"config": f"{bits}/{dim}",
+                   "lut_quantization": quantization,
                    "conv_vector_axis": layout(dim),
                    "test_accuracy": cli.accuracy(compressor, test_data),
                    "palettized_weight_file_bytes": weight_file_bytes(path),
@@ -124,7 +129,8 @@ def measure_sizes(args) -> dict:
             row["dense_over_palettized"] = (dense["weight_file_bytes"]
                                             / row["palettized_weight_file_bytes"])
             rows.append(row)
-            print(f"{row['config']}: palettized {row['palettized_weight_file_bytes']} B, export "
+            print(f"{row['config']} ({quantization or 'float'} palettes): palettized "
+                  f"{row['palettized_weight_file_bytes']} B, export "
                   f"{row['export_tensor_bytes']} B (file {row['export_file_bytes']} B), dense "
                   f"float16 {dense['weight_file_bytes']} B", flush=True)
     finally:
@@ -213,6 +219,8 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__, backend="cpu", repeats=3, out="")
     parser.add_argument("--part", choices=("sizes", "speed", "both"), default="both")
     parser.add_argument("--configs", default="1/1,2/1,3/1,4/4,4/8")
+    parser.add_argument("--lut-quantization", default="none",
+                        help="palettes per config, comma-separated: none (float), int8, uint8")
     parser.add_argument("--epochs", type=int, default=20, help="float training epochs")
     parser.add_argument("--dkm-epochs", type=int, default=8, help="DKM epochs per config")
     parser.add_argument("--seed", type=int, default=0)
