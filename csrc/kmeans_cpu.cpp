@@ -76,26 +76,38 @@ struct Group {
   std::vector<double> sums;        // per chunk: sum of n_i D_i
   std::vector<double> count_sums;  // per chunk: sum of n_i (with counts)
 
-  Group(const T* w, const T* n, int64_t m, int64_t d) : m(m), d(d) {
+  // Copies the rows chunk by chunk (in parallel when `parallel`), checking that they are finite.
+  Group(const T* w, const T* n, int64_t m, int64_t d, bool parallel) : m(m), d(d) {
     const int64_t wanted = std::max(kMinChunkRows, (m + kMaxChunks - 1) / kMaxChunks);
     chunk_rows = (wanted + kKmeansBlock - 1) / kKmeansBlock * kKmeansBlock;
     chunks = (m + chunk_rows - 1) / chunk_rows;
     const int64_t padded = (m + kKmeansBlock - 1) / kKmeansBlock * kKmeansBlock;
     rows.assign(padded * d, T(0));
-    for (int64_t i = 0; i < m; ++i) {
-      T* block = rows.data() + (i / kKmeansBlock) * d * kKmeansBlock + i % kKmeansBlock;
-      for (int64_t l = 0; l < d; ++l) block[l * kKmeansBlock] = w[i * d + l];
-    }
     nearest.assign(padded, T(0));
-    std::fill(nearest.begin(), nearest.begin() + m, std::numeric_limits<T>::infinity());
     sums.assign(chunks, 0.0);
     if (n != nullptr) {
       counts.assign(padded, T(0));
-      std::copy(n, n + m, counts.begin());
       count_sums.assign(chunks, 0.0);
-      for (int64_t c = 0; c < chunks; ++c)
-        for (int64_t i = c * chunk_rows; i < std::min(m, (c + 1) * chunk_rows); ++i) count_sums[c] += counts[i];
     }
+    std::vector<char> finite(chunks, 1);
+    for_each(chunks, parallel, [&](int64_t ch) {
+      bool ok = true;
+      for (int64_t i = ch * chunk_rows; i < std::min(m, (ch + 1) * chunk_rows); ++i) {
+        T* block = rows.data() + (i / kKmeansBlock) * d * kKmeansBlock + i % kKmeansBlock;
+        for (int64_t l = 0; l < d; ++l) {
+          block[l * kKmeansBlock] = w[i * d + l];
+          ok = ok && std::isfinite(w[i * d + l]);
+        }
+        nearest[i] = std::numeric_limits<T>::infinity();
+        if (n != nullptr) {
+          counts[i] = n[i];
+          count_sums[ch] += n[i];
+        }
+      }
+      finite[ch] = ok;
+    });
+    TORCH_CHECK_VALUE(std::all_of(finite.begin(), finite.end(), [](char ok) { return ok; }),
+                      "weights must be finite (no NaN or Inf)");
   }
 
   double count(int64_t i) const { return counts.empty() ? 1.0 : static_cast<double>(counts[i]); }
@@ -156,7 +168,7 @@ template <typename T>
 void draw_group(const T* w, const T* n, int64_t m, int64_t d, const double* u, int64_t k, int64_t* indices,
                 bool parallel) {
   const KmeansKernels<T>& K = kmeans_kernels<T>();
-  Group<T> g(w, n, m, d);
+  Group<T> g(w, n, m, d, parallel);
   indices[0] = g.by_count(u[0]);
   for (int64_t j = 1; j < k; ++j) {
     g.pass(K, indices[j - 1], parallel);
@@ -198,7 +210,6 @@ Tensor cpu_kmeans_plus_plus(const Tensor& weights_in, const std::optional<Tensor
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble,
                    "weights must be float32 or float64 (the compute type), got ", dtype);
   const Tensor weights = weights_in.contiguous();
-  TORCH_CHECK_VALUE(at::isfinite(weights).all().item<bool>(), "weights must be finite (no NaN or Inf)");
   const int64_t groups = weights.size(0), m = weights.size(1);
 
   TORCH_CHECK_VALUE(uniforms_in.device().is_cpu(), "uniforms must be a CPU tensor, got ", uniforms_in.device());
