@@ -71,29 +71,59 @@ inline void add_wide_product(vdouble* total, vec<float> x, vec<float> n) {
   total[1] += __builtin_convertvector(xh, vdouble) * __builtin_convertvector(nh, vdouble);
 }
 
-// D is d when known at compile time, else 0.
+// Whether any lane of a comparison's result (0 or all ones per lane) is set: one vptest on AVX2 and
+// AVX-512 (two halves ORed first), two 64-bit words elsewhere.
+template <typename M>
+inline bool any_set(M mask) {
+  typedef long long words __attribute__((vector_size(DKM_VBYTES)));
+  const words x = (words)mask;
+#if DKM_VBYTES == 16
+  return (x[0] | x[1]) != 0;
+#else
+  typedef long long quad __attribute__((vector_size(32)));
+  quad q;
+#if DKM_VBYTES == 32
+  q = x;
+#else
+  q = __builtin_shufflevector(x, x, 0, 1, 2, 3) | __builtin_shufflevector(x, x, 4, 5, 6, 7);
+#endif
+  return !__builtin_ia32_ptestz256(q, q);
+#endif
+}
+
+// D is d when known at compile time, else 0. A block's distances are written back only when one
+// of them shrank: a block of float distances is one cache line, and at large k most lines keep
+// every value, so most of the pass only reads.
 template <typename T, int D, bool Counted>
 double nearest_impl(const T* w, const T* counts, T* nearest, int64_t blocks, int64_t d_runtime, const T* c) {
   constexpr int N = Lanes<T>::count;
+  constexpr int V = kKmeansBlock / N;
   constexpr int64_t B = kKmeansBlock;
   const int64_t d = D ? D : d_runtime;
   vdouble total[2] = {vdouble{}, vdouble{}};
   for (int64_t b = 0; b < blocks; ++b) {
     const T* wb = w + b * d * B;
     T* nb = nearest + b * B;
-    for (int64_t v = 0; v < B; v += N) {
+    vec<T> now[V];
+    decltype(now[0] < now[0]) shrank{};
+    for (int v = 0; v < V; ++v) {
       vec<T> dist{};
       for (int64_t l = 0; l < d; ++l) {
-        const vec<T> diff = load(wb + l * B + v) - c[l];
+        const vec<T> diff = load(wb + l * B + v * N) - c[l];
         dist += diff * diff;
       }
-      const vec<T> old = load(nb + v);
-      const vec<T> now = dist < old ? dist : old;
-      store(nb + v, now);
+      const vec<T> old = load(nb + v * N);
+      const auto closer = dist < old;
+      now[v] = closer ? dist : old;
+      shrank |= closer;
+    }
+    if (any_set(shrank))
+      for (int v = 0; v < V; ++v) store(nb + v * N, now[v]);
+    for (int v = 0; v < V; ++v) {
       if constexpr (Counted) {
-        add_wide_product(total, now, load(counts + b * B + v));
+        add_wide_product(total, now[v], load(counts + b * B + v * N));
       } else {
-        add_wide(total, now);
+        add_wide(total, now[v]);
       }
     }
   }
