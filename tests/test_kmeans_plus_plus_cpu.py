@@ -46,7 +46,9 @@ def reference_indices(weights, counts, uniforms):
     (torch.float32, 3, 37, 3), (torch.float32, 1, 9000, 8), (torch.float32, 5, 300, 2),
     (torch.float64, 2, 66_000, 1), (torch.float64, 3, 500, 4)])
 @pytest.mark.parametrize("counted", [False, True])
-def test_draws_match_the_reference(dtype, groups, m, d, counted):
+@pytest.mark.parametrize("isa", cpu_backend.available_isas())
+def test_draws_match_the_reference(dtype, groups, m, d, counted, isa, monkeypatch):
+    monkeypatch.setenv("DKM_KERNELS_ISA", isa)  # the op follows the pass kernels' choice
     gen = torch.Generator().manual_seed(m + d)
     if dtype == torch.float32:
         weights = torch.randint(-40, 41, (groups, m, d), generator=gen).to(dtype)
