@@ -119,7 +119,8 @@ struct Group {
     for (int64_t l = 0; l < d; ++l) c[l] = block[l * kKmeansBlock];
     const T* n = counts.empty() ? nullptr : counts.data();
     for_each(chunks, parallel, [&](int64_t ch) {
-      const int64_t first = ch * chunk_rows, blocks = (std::min(m, first + chunk_rows) - first + kKmeansBlock - 1) / kKmeansBlock;
+      const int64_t first = ch * chunk_rows;
+      const int64_t blocks = (std::min(m, first + chunk_rows) - first + kKmeansBlock - 1) / kKmeansBlock;
       sums[ch] = K.nearest(rows.data() + first * d, n ? n + first : nullptr, nearest.data() + first, blocks, d,
                            c.data());
     });
@@ -127,7 +128,8 @@ struct Group {
 
   // The first row i with sum_{r <= i} weight(r) > target, the chunk sums `per_chunk` of `weight`
   // locating its chunk first. Rows of weight 0 are never drawn: when rounding leaves the target
-  // past the last chunk or row, the last row of positive weight is drawn.
+  // past the last chunk or row, the last row of positive weight is drawn. Callers make sure some
+  // weight is positive.
   template <typename W>
   int64_t inverse_cdf(const std::vector<double>& per_chunk, double target, const W& weight) const {
     int64_t ch = 0, last = -1;
