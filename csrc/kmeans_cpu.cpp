@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -67,12 +68,14 @@ void for_each(int64_t n, bool parallel, const F& fn) {
 }
 
 // One group's rows in the kernel's layout, their running nearest distances, and the chunking.
+// The per-row buffers are left uninitialised and filled chunk by chunk, padding included, so that
+// their first touch (the page faults of tens of MiB) is split over the threads too.
 template <typename T>
 struct Group {
   int64_t m, d, chunk_rows, chunks;
-  std::vector<T> rows;     // (blocks, d, kKmeansBlock); padding rows are zero
-  std::vector<T> counts;   // one per row, 0 for padding; empty without counts
-  std::vector<T> nearest;  // D_i; 0 for padding, so that padding never weighs anything
+  std::unique_ptr<T[]> rows;     // (blocks, d, kKmeansBlock); padding rows are zero
+  std::unique_ptr<T[]> counts;   // one per row, 0 for padding; null without counts
+  std::unique_ptr<T[]> nearest;  // D_i; 0 for padding, so that padding never weighs anything
   std::vector<double> sums;        // per chunk: sum of n_i D_i
   std::vector<double> count_sums;  // per chunk: sum of n_i (with counts)
 
@@ -82,26 +85,32 @@ struct Group {
     chunk_rows = (wanted + kKmeansBlock - 1) / kKmeansBlock * kKmeansBlock;
     chunks = (m + chunk_rows - 1) / chunk_rows;
     const int64_t padded = (m + kKmeansBlock - 1) / kKmeansBlock * kKmeansBlock;
-    rows.assign(padded * d, T(0));
-    nearest.assign(padded, T(0));
+    rows.reset(new T[padded * d]);
+    nearest.reset(new T[padded]);
     sums.assign(chunks, 0.0);
     if (n != nullptr) {
-      counts.assign(padded, T(0));
+      counts.reset(new T[padded]);
       count_sums.assign(chunks, 0.0);
     }
     std::vector<char> finite(chunks, 1);
     for_each(chunks, parallel, [&](int64_t ch) {
       bool ok = true;
-      for (int64_t i = ch * chunk_rows; i < std::min(m, (ch + 1) * chunk_rows); ++i) {
-        T* block = rows.data() + (i / kKmeansBlock) * d * kKmeansBlock + i % kKmeansBlock;
-        for (int64_t l = 0; l < d; ++l) {
-          block[l * kKmeansBlock] = w[i * d + l];
-          ok = ok && std::isfinite(w[i * d + l]);
-        }
-        nearest[i] = std::numeric_limits<T>::infinity();
-        if (n != nullptr) {
-          counts[i] = n[i];
-          count_sums[ch] += n[i];
+      const int64_t end = std::min(padded, (ch + 1) * chunk_rows);
+      for (int64_t b = ch * chunk_rows; b < end; b += kKmeansBlock) {
+        T* block = rows.get() + b * d;
+        for (int64_t r = 0; r < kKmeansBlock; ++r) {
+          const int64_t i = b + r;
+          const bool real = i < m;
+          for (int64_t l = 0; l < d; ++l) {
+            const T x = real ? w[i * d + l] : T(0);
+            block[l * kKmeansBlock + r] = x;
+            ok &= x - x == 0;  // false for NaN and Inf
+          }
+          nearest[i] = real ? std::numeric_limits<T>::infinity() : T(0);
+          if (n != nullptr) {
+            counts[i] = real ? n[i] : T(0);
+            count_sums[ch] += counts[i];
+          }
         }
       }
       finite[ch] = ok;
@@ -110,18 +119,18 @@ struct Group {
                       "weights must be finite (no NaN or Inf)");
   }
 
-  double count(int64_t i) const { return counts.empty() ? 1.0 : static_cast<double>(counts[i]); }
+  double count(int64_t i) const { return counts ? static_cast<double>(counts[i]) : 1.0; }
 
   // D_i = min(D_i, |w_i - c|^2) for the centroid `row`, and the chunk sums.
   void pass(const KmeansKernels<T>& K, int64_t row, bool parallel) {
     std::vector<T> c(d);
-    const T* block = rows.data() + (row / kKmeansBlock) * d * kKmeansBlock + row % kKmeansBlock;
+    const T* block = rows.get() + (row / kKmeansBlock) * d * kKmeansBlock + row % kKmeansBlock;
     for (int64_t l = 0; l < d; ++l) c[l] = block[l * kKmeansBlock];
-    const T* n = counts.empty() ? nullptr : counts.data();
+    const T* n = counts.get();
     for_each(chunks, parallel, [&](int64_t ch) {
       const int64_t first = ch * chunk_rows;
       const int64_t blocks = (std::min(m, first + chunk_rows) - first + kKmeansBlock - 1) / kKmeansBlock;
-      sums[ch] = K.nearest(rows.data() + first * d, n ? n + first : nullptr, nearest.data() + first, blocks, d,
+      sums[ch] = K.nearest(rows.get() + first * d, n ? n + first : nullptr, nearest.get() + first, blocks, d,
                            c.data());
     });
   }
@@ -158,7 +167,7 @@ struct Group {
 
   // A row drawn with probability proportional to its count (uniformly without counts).
   int64_t by_count(double u) const {
-    if (counts.empty()) return std::min(m - 1, static_cast<int64_t>(u * static_cast<double>(m)));
+    if (!counts) return std::min(m - 1, static_cast<int64_t>(u * static_cast<double>(m)));
     double total = 0;
     for (double s : count_sums) total += s;
     return inverse_cdf(count_sums, u * total, [&](int64_t i) { return count(i); });
