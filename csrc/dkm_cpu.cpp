@@ -506,6 +506,9 @@ Tensor cpu_gradient_pass(const Tensor& weights_in, const std::optional<Tensor>& 
 #undef DKM_DISPATCH
 
 }  // namespace
+
+const char* selected_isa() { return kernel_set().name; }
+
 }  // namespace dkm
 
 TORCH_LIBRARY_FRAGMENT(dkm_kernels, m) {

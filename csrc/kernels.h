@@ -69,4 +69,8 @@ const KernelSet* kernels_generic();
 const KernelSet* kernels_avx2();
 const KernelSet* kernels_avx512();
 
+// The name of the instruction set the kernels run with (the best available, or $DKM_KERNELS_ISA):
+// other kernel families (kmeans.h) follow the same choice.
+const char* selected_isa();
+
 }  // namespace dkm

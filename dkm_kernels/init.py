@@ -5,6 +5,10 @@ Both take weights (M, d) or (G, M, d), return centroids (k, d) or (G, k, d) in t
 number from `generator` when one is given, so a seeded generator gives the same centroids again.
 With fewer distinct weight rows than k, some centroids repeat: DKM handles equal centroids (they
 share their rows' attention), and nothing divides by zero.
+
+k-means++ on CPU runs as one C++ op when the extension is built (dkm_kernels::cpu_kmeans_plus_plus,
+csrc/kmeans_cpu.cpp): every draw in one call, one pass over the rows per draw, the sums of the
+draw weights in float64. Elsewhere, or without the extension, it runs as torch operations per draw.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._ops import compute_dtype
+from .backends import cpu as cpu_backend
 from .functional import check_count
 
 INIT_METHODS = ("kmeans++", "random")
@@ -92,6 +97,25 @@ def _kmeans_plus_plus_single(w: Tensor, k: int, generator) -> Tensor:
     return centroids
 
 
+def _fused_applies(weights: Tensor) -> bool:
+    """Whether the C++ op runs this k-means++: CPU weights, the extension built."""
+    return weights.device.type == "cpu" and cpu_backend.unavailable_reason(
+        weights.device, compute_dtype(weights.dtype)) is None
+
+
+def _fused_kmeans_plus_plus(weights: Tensor, k: int, generator, counts: Tensor | None) -> Tensor:
+    """Every group's k draws in one call of the C++ op, one float64 uniform per centroid."""
+    _check(weights, k, generator)
+    w = weights.detach().to(compute_dtype(weights.dtype))
+    grouped = w if w.dim() == 3 else w.unsqueeze(0)
+    # float64: a float32 uniform has 2^24 values, too coarse to draw among millions of rows.
+    uniforms = torch.rand(grouped.shape[0], k, generator=generator, dtype=torch.float64)
+    index = torch.ops.dkm_kernels.cpu_kmeans_plus_plus(
+        grouped, None if counts is None else counts.reshape(grouped.shape[:2]), uniforms)
+    centroids = torch.gather(grouped, 1, index.unsqueeze(-1).expand(-1, -1, grouped.shape[-1]))
+    return centroids if w.dim() == 3 else centroids[0]
+
+
 def kmeans_plus_plus(weights: Tensor, k: int, generator: torch.Generator | None = None,
                      counts: Tensor | None = None) -> Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii): each centroid is a row drawn with probability
@@ -99,12 +123,19 @@ def kmeans_plus_plus(weights: Tensor, k: int, generator: torch.Generator | None 
 
     counts ((M,) or (G, M), optional): row i stands for counts[i] weights (distinct values with
     their counts, `dkm_kernels.unique.distinct`); rows of count 0 are never drawn.
+
+    CPU weights with the C++ extension built take the C++ op, anything else torch operations per
+    draw. The two draw from the same distribution but use the generator differently (the op takes
+    one float64 uniform per centroid, all at once), so one seed gives different centroids on the
+    two paths; each path repeats its own.
     """
-    if counts is None:
-        return _per_group(_kmeans_plus_plus_single, weights, k, generator)
-    if counts.shape != weights.shape[:-1]:
+    if counts is not None and counts.shape != weights.shape[:-1]:
         raise ValueError(f"counts {tuple(counts.shape)} must have the shape of the weights' rows "
                          f"{tuple(weights.shape[:-1])}")
+    if isinstance(weights, Tensor) and _fused_applies(weights):
+        return _fused_kmeans_plus_plus(weights, k, generator, counts)
+    if counts is None:
+        return _per_group(_kmeans_plus_plus_single, weights, k, generator)
     rows = iter(counts.reshape(-1, counts.shape[-1]).unbind(0))
     return _per_group(lambda w, k, gen: _counted_kmeans_plus_plus_single(w, k, gen, next(rows)),
                       weights, k, generator)

@@ -1,13 +1,26 @@
-"""Warm starts: k-means++ and random rows."""
+"""Warm starts: k-means++ and random rows, on both k-means++ paths (the C++ op on CPU, torch
+operations per draw elsewhere)."""
 import pytest
 import torch
 
 import dkm_kernels
+from dkm_kernels import init
+from dkm_kernels.backends import cpu as cpu_backend
 from dkm_kernels.init import INIT_METHODS, init_centroids
 
 
 @pytest.fixture(params=INIT_METHODS)
 def method(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True, params=["op", "torch"])
+def kmeans_path(request, monkeypatch):
+    """Every test once with the C++ op (where built) and once with the torch path forced."""
+    if request.param == "op" and cpu_backend.isa() is None:
+        pytest.skip("needs the C++ extension dkm_kernels._C")
+    if request.param == "torch":
+        monkeypatch.setattr(init, "_fused_applies", lambda weights: False)
     return request.param
 
 

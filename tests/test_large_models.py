@@ -85,6 +85,9 @@ def test_counted_kmeans_plus_plus_draws_by_count():
 def test_sixteen_bit_layer_initialises_over_distinct_values(monkeypatch):
     monkeypatch.setattr(init, "_kmeans_plus_plus_single",
                         lambda *a: pytest.fail("k-means++ ran over every weight"))
+    fused = init._fused_kmeans_plus_plus
+    monkeypatch.setattr(init, "_fused_kmeans_plus_plus", lambda w, k, gen, counts: fused(w, k, gen, counts)
+                        if counts is not None else pytest.fail("k-means++ ran over every weight"))
     weight, layer = bfloat16_layer((256, 512), group_size=128)
     rows = weight.reshape(2, -1, 1).float()
     centroids = layer.centroids
