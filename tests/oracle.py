@@ -144,10 +144,32 @@ def assert_matches_reference_float64(backend: str, weights, centroids, tau, max_
     ours = run(backend, weights, centroids, tau, max_iter, epsilon, **kwargs)
     ref = run("reference", weights, centroids, tau, max_iter, epsilon)
     assert torch.equal(ours[2].cpu(), ref[2].cpu()), f"iterations {ours[2]} != reference {ref[2]}"
-    for name, a, b in zip(("values", "centroids", "gradients"), ours[:2] + ours[3:], ref[:2] + ref[3:]):
+    sensitivity = None
+    for slot, (name, a, b) in enumerate(zip(("values", "centroids", "gradients"),
+                                            ours[:2] + ours[3:], ref[:2] + ref[3:])):
         err = relative_error(a, b)
-        assert err <= rtol, f"{name}: relative error {err:.3g} > {rtol:g}"
+        if err > rtol:  # an ill-conditioned output: the reference itself moves as far under
+            # one ulp of its inputs, so twice that movement is the bound (computed only here)
+            sensitivity = sensitivity or float64_sensitivity(weights, centroids, tau, max_iter,
+                                                             epsilon, ref)
+            bound = max(rtol, 2 * sensitivity[slot])
+            assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
     return ours, ref
+
+
+def float64_sensitivity(weights, centroids, tau, max_iter, epsilon, exact):
+    """Relative movement of the float64 reference's values, centroids and gradients when its
+    inputs move by float64's unit roundoff (three random relative perturbations of 2^-53): what
+    any float64 evaluation, whatever its order of summation, can be off by."""
+    gen = torch.Generator().manual_seed(2)
+
+    def nudge(t):
+        t = t.double().cpu()
+        return t * (1 + 2.0 ** -53 * (2 * torch.rand(t.shape, generator=gen,
+                                                     dtype=torch.float64) - 1))
+    moved = [run("reference", nudge(weights), nudge(centroids), tau, max_iter, epsilon)
+             for _ in range(3)]
+    return [max(relative_error(m[index], exact[index]) for m in moved) for index in (0, 1, 3)]
 
 
 def _rounded_intermediates_run(weights, centroids, tau, max_iter, epsilon, dtype):
@@ -164,13 +186,15 @@ def _rounded_intermediates_run(weights, centroids, tau, max_iter, epsilon, dtype
     return out.detach(), final, iterations, w.grad
 
 
-def input_rounding_sensitivity(weights, centroids, tau, max_iter, epsilon, exact):
+def input_rounding_sensitivity(weights, centroids, tau, max_iter, epsilon, exact,
+                               error=lambda moved, exact: (moved - exact).abs().max().item()):
     """How far the float64 result moves under rounding that every float32 evaluation inherits,
     however it sums: the inputs moved by float32's unit roundoff (random relative perturbations
     of 2^-24), and the distances and each iteration's centroids rounded to float32 (the op holds
     both in float32). In a well-conditioned problem this is far below the reference's own error;
     where tau is tiny against the distances, or the gradient is very sensitive to the centroid
-    path, it dominates both, and one float32 evaluation's error is a sample of it."""
+    path, it dominates both, and one float32 evaluation's error is a sample of it. `error`
+    measures each moved output against the exact one (default: the largest absolute difference)."""
     gen = torch.Generator().manual_seed(2)
     unit = 2.0 ** -24
 
@@ -183,8 +207,7 @@ def input_rounding_sensitivity(weights, centroids, tau, max_iter, epsilon, exact
         moved = [run("reference", nudge(weights), nudge(centroids), tau, max_iter, epsilon)]
         moved += [_rounded_intermediates_run(weights, centroids, tau, max_iter, epsilon,
                                              torch.float32) for _ in range(REFERENCE_ORDERS)]
-    return [max((m[index] - exact[index]).abs().max().item() for m in moved)
-            for index in (0, 1, 3)]
+    return [max(error(m[index], exact[index]) for m in moved) for index in (0, 1, 3)]
 
 
 def assert_low_precision_close(backend: str, weights, centroids, tau, max_iter=5, epsilon=0.0,
@@ -232,13 +255,22 @@ def assert_float32_close(backend: str, weights, centroids, tau, max_iter=5, epsi
     device = device_of(backend)
     ours = run(backend, w32.to(device), c32.to(device), tau, max_iter, epsilon, **kwargs)
     ref = run("reference", w32.double(), c32.double(), tau, max_iter, epsilon)
-    naive = run("reference", w32, c32, tau, max_iter, epsilon)
+    # The float32 reference in REFERENCE_ORDERS row orders: one float32 evaluation samples them.
+    naive_runs = list(same_precision_reference_runs(w32, c32, tau, max_iter, epsilon))
     assert torch.equal(ours[2].cpu(), ref[2].cpu()), f"iterations {ours[2]} != reference {ref[2]}"
-    for name, index, rtol in (("values", 0, FLOAT32_VALUE_RTOL), ("centroids", 1, FLOAT32_VALUE_RTOL),
-                              ("gradients", 3, FLOAT32_GRADIENT_RTOL)):
+    sensitivity = None
+    for slot, (name, index, rtol) in enumerate((("values", 0, FLOAT32_VALUE_RTOL),
+                                                ("centroids", 1, FLOAT32_VALUE_RTOL),
+                                                ("gradients", 3, FLOAT32_GRADIENT_RTOL))):
         assert ours[index].dtype == torch.float32
         err = relative_error(ours[index], ref[index])
-        bound = max(rtol, 2 * relative_error(naive[index], ref[index]))
+        bound = max(rtol, 2 * max(relative_error(naive[index], ref[index])
+                                  for naive in naive_runs))
+        if err > bound:  # as in assert_low_precision_close: the problem's own sensitivity to
+            # float32 rounding counts too (computed only here, where it decides)
+            sensitivity = sensitivity or input_rounding_sensitivity(
+                w32, c32, tau, max_iter, epsilon, ref, error=relative_error)
+            bound = max(bound, 2 * sensitivity[slot])
         assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
     return ours, ref
 
