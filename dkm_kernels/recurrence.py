@@ -96,6 +96,10 @@ def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float | T
     each group's own max_iter (G,) int64, at most `max_iter`.
     """
     groups, k, d = centroids.shape
+    # Backends whose kernels skip a stopped group on the device (reading `active` there) run every
+    # iteration with no host sync in between: the stop costs a launch that does nothing instead
+    # of a sync per iteration. The others read the stop test on the host and break early.
+    stops_on_device = getattr(passes, "stops_on_device", False)
     history = centroids.new_empty((max_iter + 1, groups, k, d))
     masses = centroids.new_zeros((max_iter, groups, k))
     iterations = (torch.full((groups,), max_iter, dtype=torch.int64, device=centroids.device)
@@ -115,29 +119,38 @@ def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float | T
         history[t + 1] = c_next
         masses[t] = torch.where(active[:, None], mass, 0.0)
         converged = active & ((c_next - c).abs().amax(dim=(1, 2)) <= epsilon)
-        iterations[converged] = t + 1
+        iterations.masked_fill_(converged, t + 1)  # no host sync (a boolean index would sync)
         active &= ~converged
         if limits is not None:
             active &= limits > t + 1  # a group at its own max_iter stops with that count
         if t == 0:
             # A NaN or Inf weight (or centroid) turns its row's attention, and so these sums, into
-            # NaN; so does a squared distance beyond the compute dtype's range. Checked here, on
-            # k x d values, with the same host sync as the stop test.
+            # NaN; so does a squared distance beyond the compute dtype's range. Checked on k x d
+            # values, with the stop test's host sync (or the one at the end, below).
             finite = torch.isfinite(c_next).all() & torch.isfinite(mass).all()
-            any_active, finite = torch.stack([active.any(), finite]).tolist()
-            if not finite:
-                raise ValueError(
-                    "weights or centroids contain NaN or Inf, or weights so large that their "
-                    "squared distances overflow float32 (|w| above about 1e18); DKM needs finite "
-                    "weights: check the layer's values or the training step that produced them")
+        if stops_on_device:
+            continue  # every iteration runs; a stopped group's passes do nothing and it stays put
+        if t == 0:
+            any_active, finite_now = torch.stack([active.any(), finite]).tolist()
+            _check_finite(finite_now)
         else:
             any_active = bool(active.any())
         if not any_active:
             history[t + 2:] = c_next
             break
+    if stops_on_device:
+        _check_finite(bool(finite))  # the forward's one host sync
     group = torch.arange(groups, device=centroids.device)
     out = passes.output(history[iterations - 1, group], history[iterations, group])
     return out, history, masses, iterations
+
+
+def _check_finite(finite: bool) -> None:
+    if not finite:
+        raise ValueError(
+            "weights or centroids contain NaN or Inf, or weights so large that their squared "
+            "distances overflow float32 (|w| above about 1e18); DKM needs finite weights: check "
+            "the layer's values or the training step that produced them")
 
 
 def _backward_steps(iterations: Tensor, max_iter: int) -> int:

@@ -170,3 +170,49 @@ def test_forward_op_checks_its_inputs(change, words):
     change(args)
     with pytest.raises((ValueError, TypeError), match=words):
         torch.ops.dkm_kernels.dkm_forward(*args.values())
+
+
+def _stops_on_device(monkeypatch):
+    """The torch backend run as the triton backend runs on a GPU: every iteration, the stop test
+    kept on the device (its passes compute stopped groups and discard them)."""
+    from dkm_kernels.backends import torch_chunked
+    monkeypatch.setattr(torch_chunked.Passes, "stops_on_device", True, raising=False)
+
+
+def test_stop_on_the_device_gives_the_same_results(monkeypatch):
+    """Groups that stop at different iterations: values, history, masses, counts and gradients
+    bit-identical whether the stop test is read on the host each iteration or kept on the
+    device."""
+    weights, centroids, tau = make_problem(80, 2, k=4, groups=3, seed=6, dtype=torch.float32)
+    weights[1] = centroids[1, torch.arange(80) % 4]  # already clustered: stops early
+    args = (weights, centroids, tau, 6, 1e-3, True, "torch")
+    on_host = torch.ops.dkm_kernels.dkm_forward(*args)
+    _stops_on_device(monkeypatch)
+    on_device = torch.ops.dkm_kernels.dkm_forward(*args)
+    assert on_host[3].tolist() != [6, 6, 6]  # some group stopped early
+    for a, b in zip(on_host, on_device):
+        assert torch.equal(a, b)
+    grad_out = torch.randn(weights.shape, generator=torch.Generator().manual_seed(1))
+    backward = (grad_out, weights, *on_host[1:], tau, True, "torch")
+    monkeypatch.undo()
+    expected = torch.ops.dkm_kernels.dkm_backward(*backward)
+    _stops_on_device(monkeypatch)
+    assert torch.equal(torch.ops.dkm_kernels.dkm_backward(*backward), expected)
+
+
+def test_stop_on_the_device_reads_the_device_once(monkeypatch):
+    """One host read per forward (the finite check, at the end), however many iterations; a NaN
+    still raises."""
+    weights, centroids, tau = make_problem(40, 2, k=3, groups=2, seed=2, dtype=torch.float32)
+    _stops_on_device(monkeypatch)
+    reads = []
+    for method in ("__bool__", "tolist", "item"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda self, *a, _original=original, _name=method:
+                            reads.append(_name) or _original(self, *a))
+    torch.ops.dkm_kernels.dkm_forward(weights, centroids, tau, 5, 0.0, True, "torch")
+    assert reads == ["__bool__"]
+    weights[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        torch.ops.dkm_kernels.dkm_forward(weights, centroids, tau, 5, 0.0, True, "torch")

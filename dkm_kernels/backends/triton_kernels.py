@@ -484,6 +484,10 @@ def _device_context(device: torch.device):
 class Passes:
     """recurrence.Passes as Triton launches; groups whose `active` entry is False are skipped."""
 
+    # The programs read `active` on the device: the recurrence runs every iteration with no host
+    # sync in between (recurrence.forward).
+    stops_on_device = True
+
     def __init__(self, weights: Tensor, k: int, tau: float, deterministic: bool):
         reason = unavailable_reason(weights.device, weights.dtype)
         if reason is not None:
