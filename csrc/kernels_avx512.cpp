@@ -1,6 +1,7 @@
 // The kernels for x86-64 CPUs with AVX-512 (F, DQ, BW, VL: Skylake-SP, Ice Lake, Zen 4 and later),
 // chosen at run time by dkm_cpu.cpp. Only this file's code is compiled for AVX-512.
 #include "kernels.h"
+#include "kmeans.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #if defined(__clang__)
@@ -13,6 +14,7 @@
 #define DKM_VBYTES 64
 #define DKM_ISA_NAME "avx512"
 #include "kernel_impl.h"
+#include "kmeans_impl.h"
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -21,9 +23,11 @@
 
 namespace dkm {
 const KernelSet* kernels_avx512() { return &avx512::table; }
+const KmeansSet* kmeans_avx512() { return &avx512::kmeans_table; }
 }  // namespace dkm
 #else
 namespace dkm {
 const KernelSet* kernels_avx512() { return nullptr; }
+const KmeansSet* kmeans_avx512() { return nullptr; }
 }  // namespace dkm
 #endif

@@ -4,7 +4,9 @@
 #define DKM_VBYTES 16
 #define DKM_ISA_NAME "generic"
 #include "kernel_impl.h"
+#include "kmeans_impl.h"
 
 namespace dkm {
 const KernelSet* kernels_generic() { return &generic::table; }
+const KmeansSet* kmeans_generic() { return &generic::kmeans_table; }
 }  // namespace dkm

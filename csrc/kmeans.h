@@ -1,5 +1,5 @@
 // The interface between the k-means++ driver (kmeans_cpu.cpp: ATen, threads, the draws) and its
-// per-instruction-set kernel (kmeans_impl.h, compiled three times by kmeans_kernels.cpp).
+// per-instruction-set kernel (kmeans_impl.h, compiled by each kernels_*.cpp beside the pass kernels).
 // Declarations only, as in kernels.h.
 #pragma once
 

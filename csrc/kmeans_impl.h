@@ -1,6 +1,7 @@
 // The k-means++ pass (kmeans.h), written once with GCC/Clang vector extensions and compiled once per
-// instruction set by kmeans_kernels.cpp, which defines DKM_ISA_NS, DKM_VBYTES and DKM_ISA_NAME as
-// kernels_*.cpp do for kernel_impl.h. No include guard: each inclusion is another instruction set.
+// instruction set by kernels_*.cpp, right after kernel_impl.h and under the same DKM_ISA_NS,
+// DKM_VBYTES, DKM_ISA_NAME and target flags. No include guard: each inclusion is another
+// instruction set. Its helpers live in their own namespace, `kmeans`, beside kernel_impl.h's.
 // Include nothing here but kmeans.h (see kernel_impl.h).
 //
 // The pass streams the rows once against one centroid: per vector of rows, d subtract-and-FMA
@@ -12,6 +13,7 @@
 
 namespace dkm {
 namespace DKM_ISA_NS {
+namespace kmeans {
 namespace {
 
 template <typename T>
@@ -151,8 +153,10 @@ double nearest_entry(const T* w, const T* counts, T* nearest, int64_t blocks, in
 }
 
 }  // namespace
+}  // namespace kmeans
 
-const KmeansSet kmeans_table = {DKM_ISA_NAME, {&nearest_entry<float>}, {&nearest_entry<double>}};
+const KmeansSet kmeans_table = {DKM_ISA_NAME, {&kmeans::nearest_entry<float>},
+                                {&kmeans::nearest_entry<double>}};
 
 }  // namespace DKM_ISA_NS
 }  // namespace dkm
