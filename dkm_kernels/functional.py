@@ -186,8 +186,7 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
         if name:
             raise ValueError("backend='reference' runs in one process and takes no "
                              "process_group; use backend='auto', 'torch', 'cpu' or 'triton'")
-        check_inputs(w, c, tau, max_iter, epsilon)  # the op checks its own
-        out, final, iterations = dkm_reference(w, c, tau, max_iter, epsilon)
+        out, final, iterations = _reference(w, c, tau, max_iter, epsilon)
     elif not name and uniquified(w, backend, uniquify):
         out, history, _, iterations = unique.dkm_unique_forward(_rounded_for(w, uniquify), c,
                                                                 tau, max_iter, epsilon)
@@ -197,6 +196,12 @@ def dkm(weights: Tensor, centroids: Tensor, tau: float, max_iter: int = 5, epsil
                                                   bool(deterministic), backend_name, name)
         final = history[-1]  # a group that stopped early repeats its last centroids
     return _ungrouped(weights, out, final, iterations)
+
+
+def _reference(weights: Tensor, centroids: Tensor, tau: float, max_iter: int, epsilon: float):
+    """backend='reference': plain autograd, after the checks the op would make."""
+    check_inputs(weights, centroids, tau, max_iter, epsilon)
+    return dkm_reference(weights, centroids, tau, max_iter, epsilon)
 
 
 def _ungrouped(weights: Tensor, out: Tensor, final: Tensor, iterations: Tensor) -> DKMResult:
@@ -240,15 +245,14 @@ def dkm_many(problems, backend: str = "auto", deterministic: bool | None = None
 
     results: list[DKMResult | None] = [None] * len(problems)
     for (_, _, name), members in calls.items():
-        w, c, tau, epsilon, max_iter = (list(field) for field in
-                                        zip(*(prepared[p] for p in members)))
         if name == "reference":
             for p in members:
-                w_p, c_p, tau_p, epsilon_p, max_iter_p = prepared[p]
+                w, c, tau, epsilon, max_iter = prepared[p]
                 with ErrorPrefix(f"problems[{p}]: "):
-                    check_inputs(w_p, c_p, tau_p, max_iter_p, epsilon_p)
-                results[p] = dkm_reference(w_p, c_p, tau_p, max_iter_p, epsilon_p)
+                    results[p] = _reference(w, c, tau, max_iter, epsilon)
             continue
+        w, c, tau, epsilon, max_iter = (list(field) for field in
+                                        zip(*(prepared[p] for p in members)))
         outs, histories, _, iterations = dkm_many_forward(w, c, tau, max_iter, epsilon,
                                                           bool(deterministic), name)
         for p, out, history, count in zip(members, outs, histories, iterations):

@@ -114,12 +114,11 @@ class RaggedPasses:
         return sums
 
 
-def _check_lists(names_and_lists: dict) -> int:
+def _check_lists(names_and_lists: dict) -> None:
     lengths = {name: len(values) for name, values in names_and_lists.items()}
     if len(set(lengths.values())) != 1 or not next(iter(lengths.values())):
         raise ValueError(f"the lists must be non-empty and of one length (one entry per "
                          f"problem), got lengths {lengths}")
-    return next(iter(lengths.values()))
 
 
 def _check_shared(weights: list[Tensor]) -> None:

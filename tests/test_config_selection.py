@@ -22,6 +22,17 @@ class Blocks(nn.Module):
         return x
 
 
+def train_two_steps(compressor):
+    """Two SGD steps of a compressed Net (below) on fixed inputs; returns the inputs."""
+    x = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.SGD(compressor.parameters(), lr=0.05)
+    for _ in range(2):
+        optimizer.zero_grad()
+        compressor(x).square().mean().backward()
+        optimizer.step()
+    return x
+
+
 def configs_of(compressor):
     return {name: (c.bits, c.dim, c.group_size) for name, c in compressor.configs.items()}
 
@@ -146,12 +157,7 @@ def test_a_coremltools_config_object_trains_and_converts(tmp_path):
     model = seeded(Net)
     compressor = compress_model(model, seed=0, backend="cpu", **from_coremltools_config(config))
     assert configs_of(compressor) == {"conv": (2, 1, None), "fc": (4, 2, None)}
-    x = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(compressor.parameters(), lr=0.05)
-    for _ in range(2):
-        optimizer.zero_grad()
-        compressor(x).square().mean().backward()
-        optimizer.step()
+    x = train_two_steps(compressor)
     mlmodel = compressor.to_coreml(x[:1], path=tmp_path / "net.mlpackage")
     from dkm_kernels.coreml import read_palettes
 
@@ -194,12 +200,7 @@ def test_a_coremltools_config_with_integer_luts_trains_and_converts():
                                        "granularity": "per_grouped_channel", "group_size": 5}}})
     model = seeded(Net)
     compressor = compress_model(model, seed=0, backend="cpu", **from_coremltools_config(config))
-    x = torch.randn(4, 4, 4, 4, generator=torch.Generator().manual_seed(0))
-    optimizer = torch.optim.SGD(compressor.parameters(), lr=0.05)
-    for _ in range(2):
-        optimizer.zero_grad()
-        compressor(x).square().mean().backward()
-        optimizer.step()
+    x = train_two_steps(compressor)
     export = compressor.export_compressed()
     palettes = read_palettes(compressor.to_coreml(x[:1]))
     for name, kind, groups in (("conv", "uint8", 1), ("fc", "int8", 2)):

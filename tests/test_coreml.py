@@ -245,28 +245,28 @@ def test_converted_program_holds_the_export_bit_for_bit(ct, case):
     check_program(model, compressor, export, mlmodel)
 
 
-def test_scaled_output_vectors_need_ios26(ct):
-    options = dict(bits=3, dim=2, vector_axis="output", group_size=8,
-                   enable_per_channel_scale=True, tau="auto")
+def check_needs_ios26(ct, options, match):
+    """Refused, naming the layer, at the default target; converted and checked at iOS26."""
     model, compressor = trained(options)
-    with pytest.raises(ValueError, match="layer 'conv'.*iOS26"):
+    with pytest.raises(ValueError, match=match):
         compressor.to_coreml(inputs(1))
     export = compressor.export_compressed()
     mlmodel = compressor.to_coreml(inputs(1), minimum_deployment_target=ct.target.iOS26)
     check_program(model, compressor, export, mlmodel)
+
+
+def test_scaled_output_vectors_need_ios26(ct):
+    check_needs_ios26(ct, dict(bits=3, dim=2, vector_axis="output", group_size=8,
+                               enable_per_channel_scale=True, tau="auto"),
+                      "layer 'conv'.*iOS26")
 
 
 def test_quantized_vector_palettes_need_ios26(ct):
-    options = dict(bits=4, lut_quantization="uint8",
-                   layer_configs={"conv": {"dim": 2, "vector_axis": "output"},
-                                  "point": {"dim": 4, "group_size": 8},
-                                  "fc": {"dim": 8, "lut_quantization": "int8"}})
-    model, compressor = trained(options)
-    with pytest.raises(ValueError, match="layer 'conv'.*quantized.*iOS26"):
-        compressor.to_coreml(inputs(1))
-    export = compressor.export_compressed()
-    mlmodel = compressor.to_coreml(inputs(1), minimum_deployment_target=ct.target.iOS26)
-    check_program(model, compressor, export, mlmodel)
+    check_needs_ios26(ct, dict(bits=4, lut_quantization="uint8",
+                               layer_configs={"conv": {"dim": 2, "vector_axis": "output"},
+                                              "point": {"dim": 4, "group_size": 8},
+                                              "fc": {"dim": 8, "lut_quantization": "int8"}}),
+                      "layer 'conv'.*quantized.*iOS26")
 
 
 def test_to_coreml_refuses_targets_that_drop_the_palettes(ct):
