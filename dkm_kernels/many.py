@@ -140,9 +140,15 @@ def _check_forward(weights, centroids, taus, max_iters, epsilons) -> None:
     _check_shared(weights)
 
 
-def _passes(backend, weights, ks, taus, deterministic) -> RaggedPasses:
+def _passes(backend, weights, ks, taus, deterministic):
+    """The backend's own ragged passes (one launch or parallel region per pass for every problem)
+    where it has them, else every problem's own passes one after another."""
     layout = Layout.of(weights, ks)
-    return RaggedPasses([backends.passes(backend, w.contiguous(), k, tau, deterministic)
+    weights = [w.contiguous() for w in weights]
+    ragged = backends.ragged_passes_class(backend, weights[0].device, weights[0].dtype)
+    if ragged is not None:
+        return ragged(weights, layout, taus, deterministic)
+    return RaggedPasses([backends.passes(backend, w, k, tau, deterministic)
                          for w, k, tau in zip(weights, ks, taus)], layout)
 
 

@@ -93,3 +93,11 @@ def passes(name: str, weights: Tensor, k: int, tau: float, deterministic: bool):
         raise ValueError("backend='reference' is plain autograd, not a backend of the op; "
                          "call dkm_kernels.dkm(..., backend='reference')")
     return load(name).Passes(weights, k, tau, deterministic)
+
+
+def ragged_passes_class(name: str, device: torch.device, dtype: torch.dtype):
+    """The class of backend `name`'s passes over many problems at once (docs/design.md §12), or
+    None when it has none. It is built as `RaggedPasses(weights, layout, taus, deterministic)`
+    (weights a list, layout a `many.Layout`) and has the methods of `many.RaggedPasses`."""
+    name = resolve(name, device, dtype)
+    return None if name == "reference" else getattr(load(name), "RaggedPasses", None)
