@@ -80,7 +80,9 @@ def floors(m: int, d: int, k: int, iterations: int, rates: Rates = H100_SXM) -> 
     }
 
 
-if not torch.cuda.is_available():  # the self-check runs the kernels in Triton's interpreter
+# The self-check runs the kernels in Triton's interpreter; the compile check compiles them (the
+# interpreter must be off before triton is imported).
+if not torch.cuda.is_available() and "--compile-check" not in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 try:
     import triton
@@ -165,13 +167,17 @@ def compile_check(cases) -> None:
     # Triton ships ptxas builds for several PTX versions: use the first that takes its PTX.
     ptxas_builds = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends",
                                                  "nvidia", "bin", "ptxas*"))) or ["ptxas"]
-    scalar_types = {"log2e_over_tau": "fp32", "two_over_tau": "fp32"}
-    int_pointers = {"active_ptr"}
+    # The tables are int64, `active` int32, every other pointer fp32; scalars are int32.
+    int_pointers = {"active_ptr": "*i32", "items_ptr": "*i64", "segments_ptr": "*i64",
+                    "table_ptr": "*i64"}
+
+    def pointer_type(name):
+        return "*i64" if name.endswith("_addrs_ptr") else int_pointers.get(name, "*fp32")
 
     def report(kernel, constexprs, num_warps):
         signature = {name: "constexpr" if name in constexprs else
-                     ("*i32" if name in int_pointers else "*fp32") if name.endswith("_ptr") else
-                     scalar_types.get(name, "i32") for name in kernel.arg_names}
+                     pointer_type(name) if name.endswith("_ptr") else "i32"
+                     for name in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", *SM90),
                                   options={"num_warps": num_warps, "num_stages": 1})
@@ -186,14 +192,15 @@ def compile_check(cases) -> None:
                     break
         usage = [line.split("info    : ")[-1] for line in result.stderr.splitlines()
                  if "registers" in line or "spill" in line]
-        print(f"  {kernel.__name__:24s} BLOCK_M={constexprs['BLOCK_M']:3d} "
-              f"BLOCK_K={constexprs['BLOCK_K']:3d} warps={num_warps}: {'; '.join(usage)}")
+        blocks = " ".join(f"{name}={constexprs[name]:3d}" for name in ("BLOCK_M", "BLOCK_K")
+                          if name in constexprs)
+        print(f"  {kernel.__name__:24s} {blocks} warps={num_warps}: {'; '.join(usage)}")
 
     for name, m, d, k in cases:
         print(name)
         for backward in (False, True):
-            tile = {"tile": tk.BACKWARD_SINGLE_BLOCK_TILE} if backward else {}
-            plan = tk._Plan(1, m, k, d, True, torch.device("cpu"), **tile)
+            plan = tk._Blocks(k, d, tk.BACKWARD_SINGLE_BLOCK_TILE if backward
+                              else tk.SINGLE_BLOCK_TILE)
             blocks = dict(D=d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k)
             flags = dict(SINGLE_BLOCK=plan.single_block, ATOMIC=False)
             if backward:  # the first backward pass, with G~: the most registers
@@ -201,8 +208,10 @@ def compile_check(cases) -> None:
             kernel = tk._backward_kernel if backward else tk._attention_sums_kernel
             report(kernel, {**blocks, **flags}, plan.num_warps)
             if not backward:
-                report(tk._output_kernel, dict(blocks, BLOCK_M=plan.output_block_m,
-                                               BLOCK_K=plan.output_block_k), plan.output_warps)
+                out = plan.output()
+                report(tk._output_kernel, dict(blocks, BLOCK_M=out.block_m,
+                                               BLOCK_K=out.block_k), out.num_warps)
+    report(tk._reduce_slots_kernel, {"BLOCK": tk.REDUCE_BLOCK}, 4)
 
 
 def measure(backend: str, weights, centroids, iterations: int, do_bench,
