@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -519,18 +520,20 @@ def _launch(kernel, items: int, *args, **meta) -> None:
         kernel[grid](*args, num_stages=1, **meta)
 
 
+def _block_k(k: int) -> int:
+    """The centroid block of the variant that takes k: the power of two >= k (at least 16) when
+    k fits one block, else MULTI_BLOCK_K."""
+    return max(16, 1 << (k - 1).bit_length()) if k <= MAX_SINGLE_BLOCK_K else MULTI_BLOCK_K
+
+
 class _Blocks:
     """Tile sizes of one kernel variant: the centroid block (one block of BLOCK_K >= k, or blocks
     of MULTI_BLOCK_K swept twice), the rows per tile and the warps, for d and a tile budget."""
 
     def __init__(self, k: int, d: int, tile: int):
         self.single_block = k <= MAX_SINGLE_BLOCK_K
-        if self.single_block:
-            self.block_k = max(16, triton.next_power_of_2(k))
-            self.block_m = min(128, max(16, tile // self.block_k))
-        else:
-            self.block_k = MULTI_BLOCK_K
-            self.block_m = MULTI_BLOCK_M
+        self.block_k = _block_k(k)
+        self.block_m = min(128, max(16, tile // self.block_k)) if self.single_block else MULTI_BLOCK_M
         self.block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs 16 or more
         # Chosen so that ptxas (sm_90, d = 8) reports no register spills for these tiles.
         self.num_warps = 8 if self.block_m * self.block_k >= 2048 else 4
@@ -545,47 +548,46 @@ class _Blocks:
         blocks.num_warps = 8 if blocks.block_m * blocks.block_k >= 2048 else 4
         return blocks
 
-    def work(self, k: int) -> int:
-        """Cost of one row against k centroids, in centroids computed (padding included)."""
-        return self.block_k * triton.cdiv(k, self.block_k)
+
+def _cdiv(a: np.ndarray, b) -> np.ndarray:
+    return -(-a // b)
 
 
-def _chunks(m: Tensor, work: Tensor, slot_bytes: Tensor, segments: int, block_m: int,
-            target: int, deterministic: bool) -> tuple[Tensor, Tensor]:
-    """Items per segment of one bucket and rows per item: the bucket's `target` items shared in proportion to the
-    segments' work (a segment's chunk of rows then costs about the same as any other's), at most
-    one per row tile, and in deterministic mode at most what keeps every segment's slots within
-    its share WORKSPACE_BYTES / `segments` of the workspace. For one problem of G groups this is
-    min(tiles, ceil(target / G)): every group alike."""
-    tiles = (m + block_m - 1) // block_m
-    total = max(1, int(work.sum()))
-    chunks = torch.minimum(tiles, ((target * work + total - 1) // total).clamp_min(1))
+def _chunks(m: np.ndarray, work: np.ndarray, slot_bytes: np.ndarray, segments: int, block_m: int,
+            target: int, deterministic: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Items per segment of one bucket and rows per item: the bucket's `target` items shared in
+    proportion to the segments' work (a segment's chunk of rows then costs about the same as any
+    other's), at most one per row tile, and in deterministic mode at most what keeps every
+    segment's slots within its share WORKSPACE_BYTES / `segments` of the workspace. For one
+    problem of G groups this is min(tiles, ceil(target / G)): every group alike."""
+    tiles = _cdiv(m, block_m)
+    chunks = np.minimum(tiles, np.maximum(1, _cdiv(target * work, max(1, int(work.sum())))))
     if deterministic:
-        chunks = torch.minimum(chunks, (WORKSPACE_BYTES // (segments * slot_bytes)).clamp_min(1))
+        chunks = np.minimum(chunks, np.maximum(1, WORKSPACE_BYTES // (segments * slot_bytes)))
     # Equal row tiles per item; a segment without rows (a rank holding none) has no items.
-    tiles_per_chunk = (tiles + chunks - 1) // chunks.clamp_min(1)
-    return torch.where(tiles > 0, (tiles + tiles_per_chunk - 1) // tiles_per_chunk.clamp_min(1),
-                       0), tiles_per_chunk * block_m
+    tiles_per_chunk = np.maximum(1, _cdiv(tiles, np.maximum(1, chunks)))
+    return _cdiv(tiles, tiles_per_chunk), tiles_per_chunk * block_m
 
 
 class _Bucket:
     """The segments of one kernel variant (weights dtype, d, centroid block) and their items:
     one launch per pass."""
 
-    def __init__(self, segments: list[int], blocks: _Blocks, backward_blocks: _Blocks, d: int,
-                 like: Tensor):
+    def __init__(self, segments: list[int], k: int, d: int, like: Tensor):
         self.segments = segments
-        self.like = like  # a tensor of the weights' dtype, which types the address tables
-        self.blocks, self.backward_blocks, self.output_blocks = (blocks, backward_blocks,
-                                                                 blocks.output())
+        self.blocks = _Blocks(k, d, SINGLE_BLOCK_TILE)
+        self.backward_blocks = _Blocks(k, d, BACKWARD_SINGLE_BLOCK_TILE)
+        self.output_blocks = self.blocks.output()
         self.d = d
+        self.like = like  # a tensor of the weights' dtype, which types the address tables
 
 
-def _to_device(values: Tensor, device: torch.device) -> Tensor:
+def _to_device(values: np.ndarray, device: torch.device) -> Tensor:
     """A host-built table on the device: from pinned memory, without waiting for the copy."""
+    table = torch.from_numpy(values)
     if device.type != "cuda":
-        return values
-    return values.pin_memory().to(device, non_blocking=True)
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 class RaggedPasses:
@@ -608,112 +610,105 @@ class RaggedPasses:
         self.device = weights[0].device
         self.atomic = not deterministic
         self.k_max, self.d_max = max(layout.ks), max(layout.dims)
-        # Per segment: its problem, group, rows, k and d.
-        owner = [(p, g) for p, groups in enumerate(layout.groups) for g in range(groups)]
-        self._owner = owner
-        m = [weights[p].shape[1] for p, _ in owner]
-        ks = [layout.ks[p] for p, _ in owner]
-        dims = [layout.dims[p] for p, _ in owner]
-        # One bucket per kernel variant; tiles depend on k only through the centroid block.
+        # One bucket per kernel variant (tiles depend on k only through the centroid block),
+        # segments in problem order within it.
         keyed: dict[tuple, list[int]] = {}
-        for s, (p, _) in enumerate(owner):
-            blocks = _Blocks(ks[s], dims[s], SINGLE_BLOCK_TILE)
-            key = (weights[p].dtype, dims[s], blocks.single_block, blocks.block_k)
-            keyed.setdefault(key, []).append(s)
-        self.buckets = [
-            _Bucket(segments, _Blocks(ks[segments[0]], d, SINGLE_BLOCK_TILE),
-                    _Blocks(ks[segments[0]], d, BACKWARD_SINGLE_BLOCK_TILE), d,
-                    weights[owner[segments[0]][0]])
-            for (_, d, _, _), segments in keyed.items()]
+        for p, (w, k, d) in enumerate(zip(weights, layout.ks, layout.dims)):
+            key = (w.dtype, d, k <= MAX_SINGLE_BLOCK_K, _block_k(k))
+            keyed.setdefault(key, []).append(p)
+        self.buckets = []
+        for (_, d, _, _), problems in keyed.items():
+            segments = [layout.starts[p] + g for p in problems for g in range(layout.groups[p])]
+            bucket = _Bucket(segments, layout.ks[problems[0]], d, weights[problems[0]])
+            bucket.problems = problems
+            self.buckets.append(bucket)
         # Tables, built here once from the shapes (host work only) and copied to the device in one
         # go: nothing is built or copied in a pass but the addresses of tensors a pass is handed
-        # (the upstream gradient, dW, W~; see _addresses).
+        # or makes (the upstream gradient, dW, W~; see _addresses).
         target = _program_target(self.device)
+        total_segments = layout.segments
         int_parts, scale_parts = [], []
-        self._slot_sizes = {}
-        reduce_rows = {kind: [None] * len(owner) for kind in ("forward", "backward")}
+        reduce_rows = {kind: np.zeros((total_segments, 5), np.int64)
+                       for kind in ("forward", "backward")}
         first = {kind: [0, 0] for kind in ("forward", "backward")}
         for bucket in self.buckets:
-            seg = torch.tensor(bucket.segments, dtype=torch.int64)
-            seg_m = torch.tensor([m[s] for s in bucket.segments], dtype=torch.int64)
-            seg_k = torch.tensor([ks[s] for s in bucket.segments], dtype=torch.int64)
-            int_parts.append(torch.stack([seg, seg_k], dim=1))
-            scale_parts.append(torch.tensor(
-                [[_LOG2E / taus[owner[s][0]], 2.0 / taus[owner[s][0]]] for s in bucket.segments],
-                dtype=torch.float32))
-            work = seg_m * torch.tensor([bucket.blocks.work(k) for k in seg_k.tolist()])
+            per_problem = lambda values: np.repeat(  # noqa: E731
+                np.asarray(values), [layout.groups[p] for p in bucket.problems])
+            seg = np.asarray(bucket.segments, np.int64)
+            seg_m = per_problem([weights[p].shape[1] for p in bucket.problems]).astype(np.int64)
+            seg_k = per_problem([layout.ks[p] for p in bucket.problems]).astype(np.int64)
+            tau = per_problem([taus[p] for p in bucket.problems]).astype(np.float64)
+            int_parts.append(np.stack([seg, seg_k], axis=1))
+            # log2(e)/tau and 2/tau rounded once to float32, as a Python float kernel argument is
+            scale_parts.append(np.stack([_LOG2E / tau, 2.0 / tau], axis=1).astype(np.float32))
+            work = seg_m * (_cdiv(seg_k, bucket.blocks.block_k) * bucket.blocks.block_k)
             slot_bytes = seg_k * (bucket.d + 1) * 4
             for kind, blocks in (("forward", bucket.blocks), ("backward", bucket.backward_blocks)):
-                chunks, rows_per_chunk = _chunks(seg_m, work, slot_bytes, len(owner),
+                chunks, rows_per_chunk = _chunks(seg_m, work, slot_bytes, total_segments,
                                                  blocks.block_m, target, deterministic)
-                int_parts.append(self._items(kind, bucket, seg, seg_m, seg_k, chunks,
-                                             rows_per_chunk, reduce_rows[kind], first[kind]))
-            tiles = (seg_m + bucket.output_blocks.block_m - 1) // bucket.output_blocks.block_m
-            int_parts.append(self._items("output", bucket, seg, seg_m, seg_k, tiles,
-                                         torch.full_like(seg_m, bucket.output_blocks.block_m),
-                                         None, None))
+                int_parts.append(self._items(bucket, seg, seg_m, seg_k, chunks, rows_per_chunk,
+                                             reduce_rows[kind], first[kind]))
+            block_m = bucket.output_blocks.block_m
+            int_parts.append(self._items(bucket, seg, seg_m, seg_k, _cdiv(seg_m, block_m),
+                                         np.full_like(seg_m, block_m), None, None))
         self._slot_sizes = {kind: tuple(first[kind]) for kind in first}
         if not self.atomic:
-            int_parts += [torch.tensor(reduce_rows[kind], dtype=torch.int64).view(-1, 5)
-                          for kind in ("forward", "backward")]
+            int_parts += [reduce_rows["forward"], reduce_rows["backward"]]
         int_parts.append(self._address_rows(weights))
-        tables = _to_device(torch.cat([part.reshape(-1) for part in int_parts]), self.device)
-        scales = _to_device(torch.cat([part.reshape(-1) for part in scale_parts]), self.device)
-        views, offset, scale_offset = [], 0, 0
+        tables = _to_device(np.concatenate([part.reshape(-1) for part in int_parts]), self.device)
+        scales = _to_device(np.concatenate([part.reshape(-1) for part in scale_parts]
+                                           or [np.zeros(0, np.float32)]), self.device)
+        views, offset = [], 0
         for part in int_parts:
-            views.append(tables[offset:offset + part.numel()].view(part.shape))
-            offset += part.numel()
+            views.append(tables[offset:offset + part.size].view(part.shape))
+            offset += part.size
+        views, offset = iter(views), 0
         for bucket in self.buckets:
-            count = 2 * len(bucket.segments)
-            bucket.scales = scales[scale_offset:scale_offset + count]
-            scale_offset += count
-        views = iter(views)
-        for bucket in self.buckets:
-            bucket.table, bucket.items = next(views), {}
-            for kind in ("forward", "backward", "output"):
-                bucket.items[kind] = next(views)
-        self._reduce_tables = ({"forward": next(views), "backward": next(views)}
-                               if not self.atomic else {})
+            bucket.table = next(views)
+            bucket.items = {kind: next(views) for kind in ("forward", "backward", "output")}
+            bucket.scales = scales[offset:offset + 2 * len(bucket.segments)]
+            offset += 2 * len(bucket.segments)
+        self._reduce_tables = ({} if self.atomic else
+                               {"forward": next(views), "backward": next(views)})
         self._address_cache = {self._key(weights): self._split_addresses(next(views))}
 
-    def _items(self, kind, bucket, seg, seg_m, seg_k, chunks, rows_per_chunk, reduce_rows, first):
-        """The (items, ITEM_FIELDS) table of one pass kind and bucket: for each segment, its
-        chunks of rows, each with its slot (deterministic: its own, its segment's slots one after
-        another; atomic: the segment's part of the packed result, whose row stride is d_max)."""
-        local = torch.arange(len(seg), dtype=torch.int64)
-        item_segment = torch.repeat_interleave(local, chunks)
-        starts = torch.cumsum(chunks, 0) - chunks
-        chunk = torch.arange(int(chunks.sum()), dtype=torch.int64) - starts[item_segment]
+    def _items(self, bucket, seg, seg_m, seg_k, chunks, rows_per_chunk, reduce_rows, first):
+        """The (items, ITEM_FIELDS) table of one pass and bucket: for each segment, its chunks of
+        rows, each with its slot (deterministic: its own, its segment's slots one after another,
+        with the segment's row of the reduction table; atomic: the segment's part of the packed
+        result, whose row stride is d_max). `reduce_rows` None: the output pass, no slots."""
+        item_segment = np.repeat(np.arange(len(seg), dtype=np.int64), chunks)
+        starts = np.cumsum(chunks) - chunks
+        chunk = np.arange(int(chunks.sum()), dtype=np.int64) - starts[item_segment]
         row_begin = chunk * rows_per_chunk[item_segment]
-        row_end = torch.minimum(row_begin + rows_per_chunk[item_segment], seg_m[item_segment])
+        row_end = np.minimum(row_begin + rows_per_chunk[item_segment], seg_m[item_segment])
         state = seg[item_segment]
-        if kind == "output":
-            sums = mass = torch.zeros_like(chunk)
+        if reduce_rows is None:
+            sums = mass = np.zeros_like(chunk)
         elif self.atomic:
             sums, mass = state * self.k_max * self.d_max, state * self.k_max
-        else:  # each segment's slots after the previous segments' (all buckets of this kind)
+        else:  # each segment's slots after the previous segments' (all buckets of this pass)
             sums_size, mass_size = seg_k * bucket.d, seg_k
-            first_sums = first[0] + torch.cumsum(chunks * sums_size, 0) - chunks * sums_size
-            first_mass = first[1] + torch.cumsum(chunks * mass_size, 0) - chunks * mass_size
+            first_sums = first[0] + np.cumsum(chunks * sums_size) - chunks * sums_size
+            first_mass = first[1] + np.cumsum(chunks * mass_size) - chunks * mass_size
             sums = first_sums[item_segment] + chunk * sums_size[item_segment]
             mass = first_mass[item_segment] + chunk * mass_size[item_segment]
-            for i, s in enumerate(seg.tolist()):
-                reduce_rows[s] = [int(chunks[i]), int(seg_k[i]), bucket.d, int(first_sums[i]),
-                                  int(first_mass[i])]
+            reduce_rows[seg] = np.stack([chunks, seg_k, np.full_like(seg_k, bucket.d),
+                                         first_sums, first_mass], axis=1)
             first[0] += int((chunks * sums_size).sum())
             first[1] += int((chunks * mass_size).sum())
-        return torch.stack([item_segment, row_begin, row_end, sums, mass], dim=1)
+        return np.stack([item_segment, row_begin, row_end, sums, mass], axis=1).astype(np.int64)
 
-    def _address_rows(self, tensors: list[Tensor]) -> Tensor:
+    def _address_rows(self, tensors: list[Tensor]) -> np.ndarray:
         """Each segment's address in `tensors` (one per problem, each (G, M, d) contiguous), in
         bucket order."""
-        rows = []
+        parts = []
         for bucket in self.buckets:
-            for s in bucket.segments:
-                p, g = self._owner[s]
+            for p in bucket.problems:
                 t = tensors[p]
-                rows.append(t.data_ptr() + g * t.shape[1] * t.shape[2] * t.element_size())
-        return torch.tensor(rows, dtype=torch.int64)
+                group_bytes = t.shape[1] * t.shape[2] * t.element_size()
+                parts.append(t.data_ptr() + group_bytes * np.arange(t.shape[0], dtype=np.int64))
+        return np.concatenate(parts or [np.zeros(0, np.int64)]).astype(np.int64)
 
     def _split_addresses(self, table: Tensor) -> list[Tensor]:
         views, offset = [], 0
