@@ -18,7 +18,8 @@ of passes (harness.counted_work, harness.passes_per_direction), at the card's ra
 start of the same run (measured_rates; --dry-run uses an H100 SXM's datasheet rates,
 harness.H100_SXM); the floor is the largest of the three times (harness.time_floor).
 `--resnet50` times the whole ResNet-50 8/8 clustering instead, one op call per layer and all
-layers in one `dkm_many` call.
+layers in one `dkm_many` call; for triton it records the passes class, the launches per pass and
+(one call) a CUDA-graph capture of the forward's iterations (docs/design.md §12).
 The reference's predicted memory, and the cap that skips it, is harness.naive_peak_bytes.
 """
 from __future__ import annotations
