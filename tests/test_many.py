@@ -134,14 +134,23 @@ def launch_counter(monkeypatch):
     return counts
 
 
-@pytest.mark.parametrize("dtype, deterministic", [(torch.float32, True), (torch.float32, False),
-                                                  (torch.float16, True)])
-def test_triton_ragged_passes_against_the_reference(dtype, deterministic, monkeypatch):
+@pytest.mark.parametrize("dtype, deterministic, small_tiles", [
+    (torch.float32, True, True), (torch.float32, False, False), (torch.float16, True, False)],
+    ids=["float32-deterministic-small-tiles", "float32-atomic", "float16-deterministic"])
+def test_triton_ragged_passes_against_the_reference(dtype, deterministic, small_tiles,
+                                                    monkeypatch):
     """dkm_many on the triton backend: every problem's values, centroids, iterations and gradients
     against the float64 reference by the rule of oracle.py; one launch per kernel variant and
-    pass (three variants, four problems)."""
+    pass (three variants, four problems). `small_tiles`: tiles of 16 rows and two items per
+    launch, so that the segments of a variant split their rows into different numbers of items
+    (40 rows: two, 30 rows: one) and a segment's slots are reduced across items."""
     if (reason := skip_reason("triton", dtype)) is not None:
         pytest.skip(reason)
+    if small_tiles:
+        from dkm_kernels.backends import triton_kernels
+        for name in ("SINGLE_BLOCK_TILE", "BACKWARD_SINGLE_BLOCK_TILE"):
+            monkeypatch.setattr(triton_kernels, name, 256)
+        monkeypatch.setattr(triton_kernels, "INTERPRETER_PROGRAMS", 2)
     found = ragged_problems(dtype)
     counts = launch_counter(monkeypatch)
     results, grads = forward_backward(
