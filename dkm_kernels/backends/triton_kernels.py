@@ -44,6 +44,7 @@ shape, cast at the end. Weights are not copied: the tables hold the address of e
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 
@@ -569,6 +570,13 @@ def _chunks(m: np.ndarray, work: np.ndarray, slot_bytes: np.ndarray, segments: i
     return _cdiv(tiles, tiles_per_chunk), tiles_per_chunk * block_m
 
 
+# Built tables by what they are built from (RaggedPasses._tables_key): a layer clustered call
+# after call, and the backward after its forward, reuse them (no host work, no copy). Addresses
+# are only numbers: a key's tables stay right whatever tensor later holds those addresses.
+_TABLES: collections.OrderedDict = collections.OrderedDict()
+TABLE_CACHE_SIZE = 256
+
+
 class _Bucket:
     """The segments of one kernel variant (weights dtype, d, centroid block) and their items:
     one launch per pass."""
@@ -579,7 +587,7 @@ class _Bucket:
         self.backward_blocks = _Blocks(k, d, BACKWARD_SINGLE_BLOCK_TILE)
         self.output_blocks = self.blocks.output()
         self.d = d
-        self.like = like  # a tensor of the weights' dtype, which types the address tables
+        self.like = like  # a one-element tensor of the weights' dtype: types the addresses
 
 
 def _to_device(values: np.ndarray, device: torch.device) -> Tensor:
@@ -610,6 +618,28 @@ class RaggedPasses:
         self.device = weights[0].device
         self.atomic = not deterministic
         self.k_max, self.d_max = max(layout.ks), max(layout.dims)
+        key = self._tables_key(taus)
+        built = _TABLES.get(key)
+        if built is None:
+            built = _TABLES[key] = self._build(taus, deterministic)
+            if len(_TABLES) > TABLE_CACHE_SIZE:
+                _TABLES.popitem(last=False)
+        _TABLES.move_to_end(key)
+        self.buckets, self._slot_sizes, self._reduce_tables, addresses = built
+        self._address_cache = {self._key(weights): addresses}
+
+    def _tables_key(self, taus: list[float]) -> tuple:
+        """Everything the tables are built from: the weights' addresses, dtypes and shapes, k,
+        tau, the mode, the device and the tile constants."""
+        return (self.device, self.atomic, _program_target(self.device), MAX_SINGLE_BLOCK_K,
+                MULTI_BLOCK_K, MULTI_BLOCK_M, SINGLE_BLOCK_TILE, BACKWARD_SINGLE_BLOCK_TILE,
+                WORKSPACE_BYTES, tuple(taus), tuple(self.layout.ks),
+                tuple((w.dtype, tuple(w.shape), w.data_ptr()) for w in self._problems))
+
+    def _build(self, taus: list[float], deterministic: bool) -> tuple:
+        """The buckets with their device tables, the slot buffer sizes, the reduction tables and
+        the weights' address tables."""
+        weights, layout = self._problems, self.layout
         # One bucket per kernel variant (tiles depend on k only through the centroid block),
         # segments in problem order within it.
         keyed: dict[tuple, list[int]] = {}
@@ -619,10 +649,11 @@ class RaggedPasses:
         self.buckets = []
         for (_, d, _, _), problems in keyed.items():
             segments = [layout.starts[p] + g for p in problems for g in range(layout.groups[p])]
-            bucket = _Bucket(segments, layout.ks[problems[0]], d, weights[problems[0]])
+            bucket = _Bucket(segments, layout.ks[problems[0]], d,
+                             torch.empty(1, dtype=weights[problems[0]].dtype, device=self.device))
             bucket.problems = problems
             self.buckets.append(bucket)
-        # Tables, built here once from the shapes (host work only) and copied to the device in one
+        # Tables, built once from the shapes (host work only) and copied to the device in one
         # go: nothing is built or copied in a pass but the addresses of tensors a pass is handed
         # or makes (the upstream gradient, dW, W~; see _addresses).
         target = _program_target(self.device)
@@ -651,7 +682,7 @@ class RaggedPasses:
             block_m = bucket.output_blocks.block_m
             int_parts.append(self._items(bucket, seg, seg_m, seg_k, _cdiv(seg_m, block_m),
                                          np.full_like(seg_m, block_m), None, None))
-        self._slot_sizes = {kind: tuple(first[kind]) for kind in first}
+        slot_sizes = {kind: tuple(first[kind]) for kind in first}
         if not self.atomic:
             int_parts += [reduce_rows["forward"], reduce_rows["backward"]]
         int_parts.append(self._address_rows(weights))
@@ -668,9 +699,8 @@ class RaggedPasses:
             bucket.items = {kind: next(views) for kind in ("forward", "backward", "output")}
             bucket.scales = scales[offset:offset + 2 * len(bucket.segments)]
             offset += 2 * len(bucket.segments)
-        self._reduce_tables = ({} if self.atomic else
-                               {"forward": next(views), "backward": next(views)})
-        self._address_cache = {self._key(weights): self._split_addresses(next(views))}
+        reduce_tables = {} if self.atomic else {"forward": next(views), "backward": next(views)}
+        return self.buckets, slot_sizes, reduce_tables, self._split_addresses(next(views))
 
     def _items(self, bucket, seg, seg_m, seg_k, chunks, rows_per_chunk, reduce_rows, first):
         """The (items, ITEM_FIELDS) table of one pass and bucket: for each segment, its chunks of
