@@ -534,7 +534,8 @@ class _Blocks:
     def __init__(self, k: int, d: int, tile: int):
         self.single_block = k <= MAX_SINGLE_BLOCK_K
         self.block_k = _block_k(k)
-        self.block_m = min(128, max(16, tile // self.block_k)) if self.single_block else MULTI_BLOCK_M
+        self.block_m = (min(128, max(16, tile // self.block_k)) if self.single_block
+                        else MULTI_BLOCK_M)
         self.block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs 16 or more
         # Chosen so that ptxas (sm_90, d = 8) reports no register spills for these tiles.
         self.num_warps = 8 if self.block_m * self.block_k >= 2048 else 4
@@ -772,15 +773,15 @@ class RaggedPasses:
 
     def _reduced(self, kind: str, run) -> tuple[Tensor, Tensor]:
         """Packed (S, k_max, d_max) sums and (S, k_max) masses of a reducing pass: `run(b,
-        bucket, sums, mass, slot_stride)` launches each bucket into the slots, then (deterministic) one
-        launch sums each segment's slots in chunk order."""
+        bucket, sums, mass, slot_stride)` launches each bucket into the slots, then
+        (deterministic) one launch sums each segment's slots in chunk order."""
         segments = self.layout.segments
         packed = segments * self.k_max * self.d_max
         if self.atomic:  # the items add into the packed result itself
             flat = torch.zeros(packed + segments * self.k_max, dtype=torch.float32,
                                device=self.device)
             sums, mass = flat[:packed], flat[packed:]
-            slot_sums, slot_mass, stride = sums, mass, self.d_max
+            slot_sums, slot_mass = sums, mass
         else:
             sums_size, mass_size = self._slot_sizes[kind]
             slots = torch.zeros(sums_size + mass_size, dtype=torch.float32, device=self.device)
