@@ -18,7 +18,8 @@ of passes (harness.counted_work, harness.passes_per_direction), at the card's ra
 start of the same run (measured_rates; --dry-run uses an H100 SXM's datasheet rates,
 harness.H100_SXM); the floor is the largest of the three times (harness.time_floor).
 `--resnet50` times the whole ResNet-50 8/8 clustering instead, one op call per layer and all
-layers in one `dkm_many` call.
+layers in one `dkm_many` call; for triton it records the passes class, the launches per pass and
+(one call) a CUDA-graph capture of the forward's iterations (docs/design.md §12).
 The reference's predicted memory, and the cap that skips it, is harness.naive_peak_bytes.
 """
 from __future__ import annotations
@@ -80,7 +81,9 @@ def floors(m: int, d: int, k: int, iterations: int, rates: Rates = H100_SXM) -> 
     }
 
 
-if not torch.cuda.is_available():  # the self-check runs the kernels in Triton's interpreter
+# The self-check runs the kernels in Triton's interpreter; the compile check compiles them (the
+# interpreter must be off before triton is imported).
+if not torch.cuda.is_available() and "--compile-check" not in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 try:
     import triton
@@ -165,13 +168,17 @@ def compile_check(cases) -> None:
     # Triton ships ptxas builds for several PTX versions: use the first that takes its PTX.
     ptxas_builds = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends",
                                                  "nvidia", "bin", "ptxas*"))) or ["ptxas"]
-    scalar_types = {"log2e_over_tau": "fp32", "two_over_tau": "fp32"}
-    int_pointers = {"active_ptr"}
+    # The tables are int64, `active` int32, every other pointer fp32; scalars are int32.
+    int_pointers = {"active_ptr": "*i32", "items_ptr": "*i64", "segments_ptr": "*i64",
+                    "table_ptr": "*i64"}
+
+    def pointer_type(name):
+        return "*i64" if name.endswith("_addrs_ptr") else int_pointers.get(name, "*fp32")
 
     def report(kernel, constexprs, num_warps):
         signature = {name: "constexpr" if name in constexprs else
-                     ("*i32" if name in int_pointers else "*fp32") if name.endswith("_ptr") else
-                     scalar_types.get(name, "i32") for name in kernel.arg_names}
+                     pointer_type(name) if name.endswith("_ptr") else "i32"
+                     for name in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", *SM90),
                                   options={"num_warps": num_warps, "num_stages": 1})
@@ -186,14 +193,15 @@ def compile_check(cases) -> None:
                     break
         usage = [line.split("info    : ")[-1] for line in result.stderr.splitlines()
                  if "registers" in line or "spill" in line]
-        print(f"  {kernel.__name__:24s} BLOCK_M={constexprs['BLOCK_M']:3d} "
-              f"BLOCK_K={constexprs['BLOCK_K']:3d} warps={num_warps}: {'; '.join(usage)}")
+        blocks = " ".join(f"{name}={constexprs[name]:3d}" for name in ("BLOCK_M", "BLOCK_K")
+                          if name in constexprs)
+        print(f"  {kernel.__name__:24s} {blocks} warps={num_warps}: {'; '.join(usage)}")
 
     for name, m, d, k in cases:
         print(name)
         for backward in (False, True):
-            tile = {"tile": tk.BACKWARD_SINGLE_BLOCK_TILE} if backward else {}
-            plan = tk._Plan(1, m, k, d, True, torch.device("cpu"), **tile)
+            plan = tk._Blocks(k, d, tk.BACKWARD_SINGLE_BLOCK_TILE if backward
+                              else tk.SINGLE_BLOCK_TILE)
             blocks = dict(D=d, BLOCK_D=plan.block_d, BLOCK_M=plan.block_m, BLOCK_K=plan.block_k)
             flags = dict(SINGLE_BLOCK=plan.single_block, ATOMIC=False)
             if backward:  # the first backward pass, with G~: the most registers
@@ -201,8 +209,10 @@ def compile_check(cases) -> None:
             kernel = tk._backward_kernel if backward else tk._attention_sums_kernel
             report(kernel, {**blocks, **flags}, plan.num_warps)
             if not backward:
-                report(tk._output_kernel, dict(blocks, BLOCK_M=plan.output_block_m,
-                                               BLOCK_K=plan.output_block_k), plan.output_warps)
+                out = plan.output()
+                report(tk._output_kernel, dict(blocks, BLOCK_M=out.block_m,
+                                               BLOCK_K=out.block_k), out.num_warps)
+    report(tk._reduce_slots_kernel, {"BLOCK": tk.REDUCE_BLOCK}, 4)
 
 
 def measure(backend: str, weights, centroids, iterations: int, do_bench,
@@ -243,19 +253,89 @@ def measure(backend: str, weights, centroids, iterations: int, do_bench,
             "forward+backward_ms": both_ms, "peak_bytes": peak.bytes if cuda else 0}
 
 
+@contextlib.contextmanager
+def counted_launches():
+    """Counts the triton backend's kernel launches by kernel name while the block runs."""
+    from dkm_kernels.backends import triton_kernels as tk
+
+    counts: dict[str, int] = {}
+    launch = tk._launch
+
+    def counted(kernel, *args, **kwargs):
+        counts[kernel.__name__] = counts.get(kernel.__name__, 0) + 1
+        return launch(kernel, *args, **kwargs)
+    tk._launch = counted
+    try:
+        yield counts
+    finally:
+        tk._launch = launch
+
+
+def graph_capture(params, centroids, iterations: int, deterministic: bool, do_bench) -> dict:
+    """The forward's iterations of the ragged triton passes (every layer in one launch per kernel
+    variant and pass, and the centroid update: no host sync in between) captured in one CUDA
+    graph: whether capture works, the replay against eager and both times. A failure is
+    reported, not raised. Without CUDA the loop runs eagerly once (the self-check)."""
+    from dkm_kernels import recurrence
+    from dkm_kernels.backends import triton_kernels as tk
+    from dkm_kernels.many import Layout
+
+    weights = [w.detach()[None] for w in params]
+    layout = Layout.of(weights, [c.shape[0] for c in centroids])
+    passes = tk.RaggedPasses(weights, layout, [PAPER_TAU] * len(weights), deterministic)
+    start = layout.pack([c[None].float() for c in centroids])
+    active = torch.ones(layout.segments, dtype=torch.bool, device=start.device)
+
+    def loop():
+        c = start
+        for _ in range(iterations):
+            sums, mass = passes.attention_sums(passes.weights, c, active)
+            c = torch.where(recurrence.has_mass(mass).unsqueeze(-1),
+                            sums / mass.clamp_min(recurrence.MIN_MASS).unsqueeze(-1), c)
+        return c
+
+    result = {"buckets": len(passes.buckets), "segments": layout.segments}
+    try:
+        eager = loop()  # compiles the kernels outside the capture
+        result["eager_ms"] = do_bench(loop, return_mode="median")
+        if start.device.type != "cuda":
+            result.update(captured=None, reason="no CUDA device")
+            return result
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+            for _ in range(2):
+                loop()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = loop()
+        graph.replay()
+        torch.cuda.synchronize()
+        result.update(captured=True, replay_ms=do_bench(graph.replay, return_mode="median"),
+                      replay_equals_eager=bool(torch.equal(captured, eager)) if deterministic
+                      else bool(torch.allclose(captured, eager, rtol=1e-5, atol=1e-6)))
+    except Exception as error:  # noqa: BLE001 (the session goes on; the failure is the result)
+        result.update(captured=False, error=f"{type(error).__name__}: {str(error)[:300]}")
+    return result
+
+
 def resnet50_clustering(backend: str, iterations: int, do_bench, rates: Rates,
                         device=torch.device("cuda"), layers: int | None = None,
-                        one_call: bool = False) -> dict:
+                        one_call: bool = False, rows: int | None = None) -> dict:
     """Every ResNet-50 weight at cv:8/8 fc:8/8 (benchmarks/resnet50_shapes.py), one op call per
     layer, or all of them in one `dkm_many` call (`one_call`, docs/design.md §12): all forwards,
     then one backward through all of them; median time, peak memory and the floor summed over
-    the layers."""
+    the layers. For triton also the passes class that runs the call, its launches per pass and,
+    for one call, a CUDA-graph capture of the forward's iterations (graph_capture). `rows` caps
+    every layer's rows and k (the self-check's tiny sizes)."""
     import dkm_kernels
 
     name = "triton" if backend.startswith("triton") else backend
     deterministic = backend == "triton-deterministic"
     gen = torch.Generator(device=device).manual_seed(0)
-    plan = clustering_plan()[:layers]
+    plan = [dict(layer, m=min(layer["m"], rows), k=min(layer["k"], rows)) if rows else layer
+            for layer in clustering_plan()[:layers]]
     params, centroids, upstream = [], [], []
     for layer in plan:
         w = trained_like_weights((layer["m"], layer["d"]), gen, device)
@@ -274,16 +354,28 @@ def resnet50_clustering(backend: str, iterations: int, do_bench, rates: Rates,
                     for w, c in zip(params, centroids)]
         torch.autograd.backward(outs, upstream)
 
+    extra = {}
+    if name == "triton":
+        ragged = dkm_kernels.backends.ragged_passes_class(name, device, params[0].dtype)
+        extra["passes"] = ("per problem" if not one_call or ragged is None
+                           else f"{ragged.__module__}.{ragged.__qualname__}")
+        with counted_launches() as counts:
+            forward_backward()  # also compiles and warms up
+        # attention-sums passes: L forward, one backward (G_L)
+        extra["launches"] = dict(counts)
+        extra["launches_per_pass"] = counts.get("_attention_sums_kernel", 0) / (iterations + 1)
     forward_backward()  # compile and warm up
     both_ms = do_bench(forward_backward, grad_to_none=params, return_mode="median")
     with (CudaPeak() if device.type == "cuda" else contextlib.nullcontext()) as peak:
         forward_backward()
+    if name == "triton" and one_call:
+        extra["cuda_graph"] = graph_capture(params, centroids, iterations, deterministic, do_bench)
     floor_s = sum(floors(layer["m"], layer["d"], layer["k"], iterations, rates)
                   ["forward+backward"]["floor_s"] for layer in plan)
     return {"backend": backend, "layers": len(plan), "one_call": one_call,
             "forward+backward_ms": both_ms,
             "peak_bytes": peak.bytes if peak else None, "floor_ms": floor_s * 1e3,
-            "x_floor": both_ms / (floor_s * 1e3)}
+            "x_floor": both_ms / (floor_s * 1e3), **extra}
 
 
 def _time_once(fn, grad_to_none=None, return_mode="median") -> float:
@@ -314,9 +406,10 @@ def self_check(iterations: int) -> int:
         row.update(measure(backend, weights, centroids, iterations, _time_once, device))
         rows.append(row)
     print(markdown_table(rows))
-    for one_call in (False, True):
-        print(resnet50_clustering("torch", iterations, _time_once, Rates(**rates), device,
-                                  layers=2, one_call=one_call))
+    for backend in ("torch", "triton", "triton-deterministic"):
+        for one_call in (False, True):  # layers of d = 1 and d = 8: two kernel variants
+            print(resnet50_clustering(backend, iterations, _time_once, Rates(**rates), device,
+                                      layers=3, one_call=one_call, rows=32))
     return 0
 
 

@@ -218,8 +218,9 @@ def dkm_many(problems, backend: str = "auto", deterministic: bool | None = None
     problems: a sequence of `DKMProblem(weights, centroids, tau, max_iter=5, epsilon=1e-4)` (or
         tuples of those fields), each as `dkm` takes it, with its own M, d, k, groups and options.
     Returns one DKMResult per problem, equal to `dkm(*problem, backend=backend)` (forward
-    bit-identical; backward too where problems share d), with gradients to every problem's
-    weights. Problems run through one recurrence per device, compute dtype and backend: its host
+    bit-identical; backward too where problems share d; on triton, whose launches take all
+    problems at once, only where a problem's rows are split into the same chunks as alone, else
+    to float32 rounding), with gradients to every problem's weights. Problems run through one recurrence per device, compute dtype and backend: its host
     work and its one host sync per iteration serve them all, where one `dkm` call per problem
     pays them per problem. No uniquification (§10) and no process group: use `dkm` for those.
     """

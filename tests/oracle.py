@@ -211,7 +211,7 @@ def input_rounding_sensitivity(weights, centroids, tau, max_iter, epsilon, exact
 
 
 def assert_low_precision_close(backend: str, weights, centroids, tau, max_iter=5, epsilon=0.0,
-                               **kwargs):
+                               ours=None, **kwargs):
     """Backend error vs float64 <= 2x the same-precision reference's error + one output rounding.
 
     The same-precision reference's error is the largest over REFERENCE_ORDERS row orders, and at
@@ -219,10 +219,12 @@ def assert_low_precision_close(backend: str, weights, centroids, tau, max_iter=5
     one float32 evaluation samples that error, and an ill-conditioned problem spreads the samples
     over orders of magnitude. epsilon defaults to 0 so that both runs take all max_iter
     iterations (a stop decided by a rounding difference would compare different functions).
+    `ours`: the backend's results computed elsewhere (by `dkm_many`, say), as `run` returns them.
     """
     assert weights.dtype in LOW_PRECISION
     exact = run("reference", weights.double(), centroids.double(), tau, max_iter, epsilon)
-    ours = run(backend, weights, centroids, tau, max_iter, epsilon, **kwargs)
+    if ours is None:
+        ours = run(backend, weights, centroids, tau, max_iter, epsilon, **kwargs)
     naive_runs = list(same_precision_reference_runs(weights.cpu(), centroids.cpu(), tau, max_iter,
                                                     epsilon))
     sensitivity = input_rounding_sensitivity(weights, centroids, tau, max_iter, epsilon, exact)
@@ -249,11 +251,13 @@ def assert_low_precision_close(backend: str, weights, centroids, tau, max_iter=5
 
 
 def assert_float32_close(backend: str, weights, centroids, tau, max_iter=5, epsilon=0.0,
-                         **kwargs):
-    """float32 inputs against float64 on the same rounded inputs: every output on its own."""
+                         ours=None, **kwargs):
+    """float32 inputs against float64 on the same rounded inputs: every output on its own.
+    `ours`: the backend's results computed elsewhere, as `run` returns them."""
     w32, c32 = weights.float(), centroids.float()
     device = device_of(backend)
-    ours = run(backend, w32.to(device), c32.to(device), tau, max_iter, epsilon, **kwargs)
+    if ours is None:
+        ours = run(backend, w32.to(device), c32.to(device), tau, max_iter, epsilon, **kwargs)
     ref = run("reference", w32.double(), c32.double(), tau, max_iter, epsilon)
     # The float32 reference in REFERENCE_ORDERS row orders: one float32 evaluation samples them.
     naive_runs = list(same_precision_reference_runs(w32, c32, tau, max_iter, epsilon))

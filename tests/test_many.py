@@ -13,7 +13,8 @@ from torch import nn
 import dkm_kernels
 from dkm_kernels import DKMProblem, compress, dkm, dkm_many
 from dkm_kernels import layer as layer_module
-from oracle import FUSED_BACKENDS, device_of, make_problem, skip_reason
+from oracle import (FUSED_BACKENDS, assert_float32_close, assert_low_precision_close, device_of,
+                    make_problem, pick_tau, skip_reason, upstream_gradient)
 
 
 def problems(dtype, dims=(1, 4, 8), seed=0):
@@ -34,14 +35,19 @@ def problems(dtype, dims=(1, 4, 8), seed=0):
     return found
 
 
-def forward_backward(call, weights: list, seed=3):
-    """Runs `call(leaves)` (a list of DKMResult), backward with fixed random upstream gradients;
-    returns the results and the weights' gradients."""
+def forward_backward(call, weights: list, seed=3, upstream=None):
+    """Runs `call(leaves)` (a list of DKMResult), backward with fixed random upstream gradients
+    (or the loss sum(W~ upstream(result)) in float64); returns the results and the weights'
+    gradients."""
     leaves = [w.detach().clone().requires_grad_(True) for w in weights]
     results = call(leaves)
-    gen = torch.Generator().manual_seed(seed)
-    upstream = [torch.randn(r.weights.shape, generator=gen).to(r.weights) for r in results]
-    torch.autograd.backward([r.weights for r in results], upstream)
+    if upstream is None:
+        gen = torch.Generator().manual_seed(seed)
+        upstream = [torch.randn(r.weights.shape, generator=gen).to(r.weights) for r in results]
+        torch.autograd.backward([r.weights for r in results], upstream)
+    else:
+        sum((r.weights.double() * upstream(r).to(r.weights.device)).sum()
+            for r in results).backward()
     return results, [leaf.grad for leaf in leaves]
 
 
@@ -90,6 +96,80 @@ def test_different_dimensions(backend):
         assert torch.equal(a.weights, b.weights) and torch.equal(a.centroids, b.centroids)
         assert torch.equal(a.iterations, b.iterations)
         torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6 * ga.abs().max().item())
+
+
+def ragged_problems(dtype):
+    """Problems of three kernel variants (d = 1, 2, 4; one centroid block, several blocks with
+    k = 260 > MAX_SINGLE_BLOCK_K and M < k), two of them in the same variant with their own k
+    and tau, and a group that stops at its first iteration (epsilon = 0 stops only a group whose
+    centroids do not move at all, so that no stop hangs on a rounding)."""
+    found = [DKMProblem(*make_problem(40, 1, 5, seed=10), 3, 0.0),
+             DKMProblem(*make_problem(30, 1, 3, seed=11), 2, 0.0)]
+    gen = torch.Generator().manual_seed(12)
+    weights = torch.randn(64, 2, generator=gen, dtype=torch.float64)
+    centroids = weights[torch.randint(64, (260,), generator=gen)] + 0.1 * torch.randn(
+        260, 2, generator=gen, dtype=torch.float64)
+    found.append(DKMProblem(weights, centroids, pick_tau(weights, centroids), 2, 0.0))
+    weights, centroids, tau = make_problem(48, 4, 16, groups=2, seed=13)
+    # one point of few mantissa bits: its float32 means are exact, so the group stops at once
+    weights[1] = centroids[1] = torch.round(centroids[1, 0] * 8) / 8
+    found.append(DKMProblem(weights, centroids, tau, 3, 0.0))
+    rounded = []
+    for p in found:
+        rounded.append(p._replace(weights=p.weights.to(dtype).to(device_of("triton")),
+                                  centroids=p.centroids.float().to(device_of("triton"))))
+    return rounded
+
+
+def launch_counter(monkeypatch):
+    """Counts the triton backend's launches by kernel."""
+    from dkm_kernels.backends import triton_kernels
+    counts = {}
+    launch = triton_kernels._launch
+
+    def counted(kernel, *args, **kwargs):
+        counts[kernel.__name__] = counts.get(kernel.__name__, 0) + 1
+        return launch(kernel, *args, **kwargs)
+    monkeypatch.setattr(triton_kernels, "_launch", counted)
+    return counts
+
+
+@pytest.mark.parametrize("dtype, deterministic, small_tiles", [
+    (torch.float32, True, True), (torch.float32, False, False), (torch.float16, True, False)],
+    ids=["float32-deterministic-small-tiles", "float32-atomic", "float16-deterministic"])
+def test_triton_ragged_passes_against_the_reference(dtype, deterministic, small_tiles,
+                                                    monkeypatch):
+    """dkm_many on the triton backend: every problem's values, centroids, iterations and gradients
+    against the float64 reference by the rule of oracle.py; one launch per kernel variant and
+    pass (three variants, four problems). `small_tiles`: tiles of 16 rows and two items per
+    launch, so that the segments of a variant split their rows into different numbers of items
+    (40 rows: two, 30 rows: one) and a segment's slots are reduced across items."""
+    if (reason := skip_reason("triton", dtype)) is not None:
+        pytest.skip(reason)
+    if small_tiles:
+        from dkm_kernels.backends import triton_kernels
+        for name in ("SINGLE_BLOCK_TILE", "BACKWARD_SINGLE_BLOCK_TILE"):
+            monkeypatch.setattr(triton_kernels, name, 256)
+        monkeypatch.setattr(triton_kernels, "INTERPRETER_PROGRAMS", 2)
+    found = ragged_problems(dtype)
+    counts = launch_counter(monkeypatch)
+    results, grads = forward_backward(
+        lambda leaves: dkm_many([p._replace(weights=w) for w, p in zip(leaves, found)],
+                                backend="triton", deterministic=deterministic),
+        [p.weights for p in found], upstream=lambda r: upstream_gradient(r.weights.shape))
+    steps, variants = max(p.max_iter for p in found), 3
+    assert counts == {"_attention_sums_kernel": (steps + 1) * variants,  # + the backward's G_L
+                      "_output_kernel": variants, "_backward_kernel": steps * variants,
+                      **({"_reduce_slots_kernel": 2 * steps + 1} if deterministic else {})}
+    assert results[3].iterations.tolist() == [3, 1]  # the second group stops on its own
+    for p, result, grad in zip(found, results, grads):
+        ours = (result.weights.detach(), result.centroids, result.iterations, grad)
+        if dtype == torch.float32:
+            assert_float32_close("triton", p.weights, p.centroids, p.tau, p.max_iter, p.epsilon,
+                                 ours=ours)
+        else:
+            assert_low_precision_close("triton", p.weights, p.centroids, p.tau, p.max_iter,
+                                       p.epsilon, ours=ours)
 
 
 def test_float64_against_the_reference():
