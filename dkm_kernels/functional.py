@@ -220,9 +220,9 @@ def dkm_many(problems, backend: str = "auto", deterministic: bool | None = None
     Returns one DKMResult per problem, equal to `dkm(*problem, backend=backend)` (forward
     bit-identical; backward too where problems share d; on triton, whose launches take all
     problems at once, only where a problem's rows are split into the same chunks as alone, else
-    to float32 rounding), with gradients to every problem's weights. Problems run through one recurrence per device, compute dtype and backend: its host
-    work and its one host sync per iteration serve them all, where one `dkm` call per problem
-    pays them per problem. No uniquification (§10) and no process group: use `dkm` for those.
+    to float32 rounding), with gradients to every problem's weights. Problems run through one
+    recurrence per device, compute dtype and backend: its host work and its one host sync per
+    iteration serve them all, where one `dkm` call per problem pays them per problem. No uniquification (§10) and no process group: use `dkm` for those.
     """
     if not isinstance(problems, (list, tuple)):
         problems = list(problems)
