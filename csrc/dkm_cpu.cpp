@@ -134,13 +134,15 @@ Plan make_plan(int64_t groups, int64_t m, int64_t d, int64_t k) {
   return p;
 }
 
-// Centroids (k, d) row-major -> (d, kp), padding columns set to `fill`.
-template <typename T>
-void transpose_pad(const T* c, const Plan& p, T* out, T fill = T(0)) {
-  std::fill(out, out + p.d * p.kp, fill);
-  for (int64_t j = 0; j < p.k; ++j)
-    for (int64_t l = 0; l < p.d; ++l) out[l * p.kp + j] = c[j * p.d + l];
-}
+// Where one problem's groups sit in a per-segment tensor, (S, k_max, d_max) or (S, k_max)
+// (d_max = 1): from segment `first` on, its centroids [:k] and coordinates [:d] (docs/design.md
+// §12). The one-problem ops are the case of one problem: S = G, k_max = k, d_max = d.
+struct Segments {
+  int64_t first, k_max, d_max;
+  Segments(int64_t first, const Tensor& packed)
+      : first(first), k_max(packed.size(1)), d_max(packed.dim() == 3 ? packed.size(2) : 1) {}
+  int64_t at(int64_t g, int64_t j = 0) const { return ((first + g) * k_max + j) * d_max; }
+};
 
 // Rows in the compute type: the input itself when the types agree, else a converted copy in buf.
 template <typename S, typename T>
@@ -151,22 +153,6 @@ const T* rows_as(const S* src, int64_t n, T* buf) {
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<T>(src[i]);
     return buf;
   }
-}
-
-template <typename T>
-Pass<T> base_pass(const Plan& plan, double tau) {
-  Pass<T> p;
-  p.k = plan.k;
-  p.kp = plan.kp;
-  p.d = plan.d;
-  p.exp2_scale = static_cast<T>(kLog2e / tau);
-  p.two_over_tau = static_cast<T>(2.0 / tau);
-  return p;
-}
-
-template <typename T>
-void attention_centroids(const T* c, const Plan& plan, T* out) {
-  transpose_pad(c, plan, out, FarAway<T>::value);
 }
 
 int64_t scratch_size(const Plan& plan) { return kScratchRows * (plan.kp + plan.d); }
@@ -183,79 +169,6 @@ void reduce_chunks(const Plan& plan, const T* partial, int64_t group, T* sum) {
   }
 }
 
-// Chunks per thread so that each thread gets a fraction of a millisecond of work at least: waking
-// threads for less costs more than it saves. Only the scheduling depends on it, never the arithmetic.
-int64_t grain(int64_t work_per_item) {
-  return std::max<int64_t>(1, kMinWorkPerThread / std::max<int64_t>(1, work_per_item));
-}
-
-// Runs body(group, first_row, end_row, partial) for every chunk of every listed group, in
-// parallel; `partial` is the chunk's own zeroed slot. Threads take chunks from a shared counter
-// rather than fixed ranges, so a thread the OS descheduled (a busy machine) does not hold the
-// pass up; which thread computes a chunk never changes what it computes.
-template <typename T, typename Body>
-void for_each_chunk(const Plan& plan, const std::vector<int64_t>& groups, T* partial, const Body& body) {
-  const int64_t items = static_cast<int64_t>(groups.size()) * plan.chunks;
-  const int64_t per_worker = grain(plan.rows * plan.kp * (plan.d + 4));
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (items + per_worker - 1) / per_worker);
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t q = next.fetch_add(1); q < items; q = next.fetch_add(1)) {
-        const int64_t g = groups[q / plan.chunks], c = q % plan.chunks;
-        T* slot = partial ? partial + (g * plan.chunks + c) * plan.slot() : nullptr;
-        if (slot) std::fill(slot, slot + plan.slot(), T(0));
-        body(g, c * plan.rows, std::min(plan.m, (c + 1) * plan.rows), slot);
-      }
-    }
-  });
-}
-
-std::vector<int64_t> all_groups(int64_t groups) {
-  std::vector<int64_t> list(groups);
-  for (int64_t g = 0; g < groups; ++g) list[g] = g;
-  return list;
-}
-
-// ---------------------------------------------------------------------------- the passes --
-
-// Every group's (k, d) centroids, transposed and padded for the kernels: (G, d, kp).
-template <typename T>
-std::vector<T> transposed(const Tensor& centroids, const Plan& plan, T fill) {
-  std::vector<T> out(plan.groups * plan.d * plan.kp);
-  const T* c = centroids.data_ptr<T>();
-  for (int64_t g = 0; g < plan.groups; ++g)
-    transpose_pad(c + g * plan.k * plan.d, plan, out.data() + g * plan.d * plan.kp, fill);
-  return out;
-}
-
-std::vector<int64_t> active_groups(const Tensor& active) {
-  const bool* flags = active.data_ptr<bool>();
-  std::vector<int64_t> list;
-  for (int64_t g = 0; g < active.size(0); ++g)
-    if (flags[g]) list.push_back(g);
-  return list;
-}
-
-// Per group, the sum of the chunk partials as (k, d) sums and (k,) totals (zero where inactive).
-template <typename T>
-std::tuple<Tensor, Tensor> reduced(const Plan& plan, const std::vector<T>& partial,
-                                   const std::vector<int64_t>& groups, const at::TensorOptions& opt) {
-  Tensor sums = at::zeros({plan.groups, plan.k, plan.d}, opt);
-  Tensor totals = at::zeros({plan.groups, plan.k}, opt);
-  T* s = sums.data_ptr<T>();
-  T* m = totals.data_ptr<T>();
-  std::vector<T> sum(plan.slot());
-  for (int64_t g : groups) {
-    reduce_chunks(plan, partial.data(), g, sum.data());
-    for (int64_t j = 0; j < plan.k; ++j) {
-      m[g * plan.k + j] = sum[plan.d * plan.kp + j];
-      for (int64_t l = 0; l < plan.d; ++l) s[(g * plan.k + j) * plan.d + l] = sum[l * plan.kp + j];
-    }
-  }
-  return {sums, totals};
-}
-
 // A block of rows in the compute type, converted into `buf` when the storage type differs.
 template <typename S, typename T>
 struct Rows {
@@ -268,7 +181,7 @@ struct Rows {
 
 // Rows b .. b + n of group g of a (G, M, d) input other than the weights, in the compute type:
 // the input itself when the types agree, else a copy in the calling thread's buffer (the block
-// bodies of reducing_pass convert one such block at a time).
+// bodies of run_items convert one such block at a time).
 template <typename S, typename T>
 const T* block_rows(const S* rows, const Plan& plan, int64_t g, int64_t b, int64_t n) {
   thread_local std::vector<T> buf;
@@ -276,21 +189,50 @@ const T* block_rows(const S* rows, const Plan& plan, int64_t g, int64_t b, int64
   return rows_as(rows + (g * plan.m + b) * plan.d, n * plan.d, buf.data());
 }
 
-// One pass's plan and every group's centroid matrices, laid out for the kernels (Pass).
+// Calls f(S{}) with S the storage type `type` of weights computed in T.
+template <typename T, typename F>
+void with_storage(at::ScalarType type, const F& f) {
+  if constexpr (std::is_same_v<T, double>) {
+    f(double{});  // only float64 weights compute in float64
+  } else {
+    switch (type) {
+      case at::kFloat: return f(float{});
+      case at::kHalf: return f(c10::Half{});
+      case at::kBFloat16: return f(c10::BFloat16{});
+      default: TORCH_CHECK_TYPE(false, "weights of ", type, " do not compute in float32");
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- the passes --
+// Every pass runs over many problems at once (docs/design.md §12); the one-problem ops are the
+// case of one. Each problem keeps the plan, centroid layout and partial sums it has alone, so its
+// results are bit-identical either way.
+
+// A pass's inputs, checked: per problem its weights (G, M, d), contiguous, an optional second
+// input of the same shape and dtype (the values or the upstream gradient), k and tau; per segment
+// the centroid tensors (S, k_max, d_max) and (S, k_max) of the compute type, as the pass needs.
+struct PassInputs {
+  std::vector<Tensor> weights, rows, grad_weights;
+  std::vector<int64_t> ks;
+  std::vector<double> taus;
+  Tensor centroids, final_centroids, grad_over_mass, grad_dot_next, active;
+};
+
+// One problem of a pass: its plan, its groups' centroid matrices laid out for the kernels (Pass),
+// its first segment, its tensors and its chunks' partial sums.
 template <typename T>
-struct PassData {
+struct Problem {
   Plan plan;
   Pass<T> base;
-  std::vector<T> cT, cLT, gmT, gdc;
-  PassData(const Tensor& weights, const Tensor& attention_centroids, double tau)
-      : plan(make_plan<T>(weights.size(0), weights.size(1), weights.size(2), attention_centroids.size(1))),
-        base(base_pass<T>(plan, tau)),
-        cT(transposed<T>(attention_centroids, plan, FarAway<T>::value)) {}
-  // The output and gradient passes also read the final centroids.
-  PassData(const Tensor& weights, const Tensor& attention_centroids, const Tensor& final_centroids, double tau)
-      : PassData(weights, attention_centroids, tau) {
-    cLT = transposed<T>(final_centroids, plan, T(0));
-  }
+  int64_t first;
+  at::ScalarType storage;
+  const void* w;
+  const void* x = nullptr;  // the second input's rows, of the storage type, or null
+  void* out = nullptr;      // output pass: W~ (G, M, d), of the storage type
+  T* dw = nullptr;          // gradient pass: the (G, M, d) accumulator
+  std::vector<T> cT, cLT, gmT, gdc, partial;
+
   Pass<T> group(int64_t g) const {
     const int64_t mat = plan.d * plan.kp;
     Pass<T> p = base;
@@ -300,95 +242,201 @@ struct PassData {
     if (!gdc.empty()) p.gdc = gdc.data() + g * plan.kp;
     return p;
   }
+
+  // Every group's (k, d) part of a (S, k_max, d_max) tensor, transposed and padded for the
+  // kernels, (G, d, kp), padding columns set to `fill`.
+  std::vector<T> transposed(const Tensor& packed, T fill) const {
+    const Segments seg(first, packed);
+    const T* c = packed.data_ptr<T>();
+    std::vector<T> out(plan.groups * plan.d * plan.kp, fill);
+    for (int64_t g = 0; g < plan.groups; ++g)
+      for (int64_t j = 0; j < plan.k; ++j)
+        for (int64_t l = 0; l < plan.d; ++l) out[(g * plan.d + l) * plan.kp + j] = c[seg.at(g, j) + l];
+    return out;
+  }
 };
 
-// Runs body(pass, rows, first_row, n, slot) on blocks of rows of every active group's chunks and
-// returns the chunk partials reduced per group: (G, k, d) sums and (G, k) totals.
-template <typename S, typename T, typename Body>
-std::tuple<Tensor, Tensor> reducing_pass(const PassData<T>& data, const Tensor& weights, const Tensor& active,
-                                         const at::TensorOptions& opt, const Body& body) {
-  const Plan& plan = data.plan;
-  std::vector<T> partial(plan.groups * plan.chunks * plan.slot());
-  const std::vector<int64_t> groups = active_groups(active);
-  for_each_chunk(plan, groups, partial.data(), [&](int64_t g, int64_t r0, int64_t r1, T* slot) {
-    const Pass<T> p = data.group(g);
-    std::vector<T> scratch(scratch_size(plan));
-    Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d);
-    const int64_t block = rows_per_call<S, T>(r1 - r0);
-    for (int64_t b = r0; b < r1; b += block) {
-      const int64_t n = std::min(block, r1 - b);
-      body(p, w.at(g, b, n), g, b, n, slot, scratch.data());
+// Every problem of a pass, with C_t (far away in the padding, so that it gets no attention) and,
+// for the output and gradient passes, C_L; partial sums for the passes that reduce.
+template <typename T>
+std::vector<Problem<T>> make_problems(const PassInputs& in, bool reduces) {
+  std::vector<Problem<T>> problems;
+  int64_t first = 0;
+  for (size_t q = 0; q < in.weights.size(); ++q) {
+    const Tensor& w = in.weights[q];
+    const Plan plan = make_plan<T>(w.size(0), w.size(1), w.size(2), in.ks[q]);
+    Pass<T> base;
+    base.k = plan.k;
+    base.kp = plan.kp;
+    base.d = plan.d;
+    base.exp2_scale = static_cast<T>(kLog2e / in.taus[q]);
+    base.two_over_tau = static_cast<T>(2.0 / in.taus[q]);
+    Problem<T> p{plan, base, first, w.scalar_type(), w.data_ptr()};
+    if (!in.rows.empty()) p.x = in.rows[q].data_ptr();
+    p.cT = p.transposed(in.centroids, FarAway<T>::value);
+    if (in.final_centroids.defined()) p.cLT = p.transposed(in.final_centroids, T(0));
+    if (reduces) p.partial.resize(plan.groups * plan.chunks * plan.slot());
+    problems.push_back(std::move(p));
+    first += plan.groups;
+  }
+  return problems;
+}
+
+// One chunk of one group of one problem: the unit of work a thread takes.
+struct Item {
+  int64_t problem, group, chunk, cost;
+};
+
+// Every chunk of every active segment (all of them if `active` is undefined), most costly first:
+// a large item taken last would leave the other threads idle.
+template <typename T>
+std::vector<Item> work_items(const std::vector<Problem<T>>& problems, const Tensor& active) {
+  const bool* flags = active.defined() ? active.data_ptr<bool>() : nullptr;
+  std::vector<Item> items;
+  for (size_t q = 0; q < problems.size(); ++q) {
+    const Plan& plan = problems[q].plan;
+    for (int64_t g = 0; g < plan.groups; ++g) {
+      if (flags && !flags[problems[q].first + g]) continue;
+      for (int64_t c = 0; c < plan.chunks; ++c) {
+        const int64_t rows = std::min(plan.m, (c + 1) * plan.rows) - c * plan.rows;
+        items.push_back({static_cast<int64_t>(q), g, c, rows * plan.kp * (plan.d + 4)});
+      }
     }
-  });
-  return reduced(plan, partial, groups, opt);
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  return items;
 }
 
-template <typename S, typename T>
-std::tuple<Tensor, Tensor> attention_sums_typed(const Tensor& weights, const Tensor& values,
-                                                const Tensor& centroids, const Tensor& active, double tau) {
-  const Kernels<T>& K = kernels<T>();
-  const PassData<T> data(weights, centroids, tau);
-  const int64_t mat = data.plan.d * data.plan.kp;
-  return reducing_pass<S, T>(data, weights, active, centroids.options(),
-                             [&](const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n, T* slot, T* scratch) {
-    const T* x = block_rows<S, T>(values.data_ptr<S>(), data.plan, g, b, n);
-    K.accumulate(p, w, x, n, slot, slot + mat, scratch);
-  });
-}
-
-template <typename S, typename T>
-Tensor output_typed(const Tensor& weights, const Tensor& attention_centroids, const Tensor& final_centroids,
-                    double tau) {
-  const Kernels<T>& K = kernels<T>();
-  const PassData<T> data(weights, attention_centroids, final_centroids, tau);
-  const Plan& plan = data.plan;
-  Tensor out = at::empty(weights.sizes(), weights.options());
-  S* o = out.data_ptr<S>();
-  for_each_chunk<T>(plan, all_groups(plan.groups), nullptr, [&](int64_t g, int64_t r0, int64_t r1, T*) {
-    const Pass<T> p = data.group(g);
-    std::vector<T> scratch(scratch_size(plan)), obuf(kBlockRows * plan.d);
-    Rows<S, T> w(weights.data_ptr<S>(), plan.m, plan.d);
-    const int64_t block = rows_per_call<S, T>(r1 - r0);
-    for (int64_t b = r0; b < r1; b += block) {
-      const int64_t n = std::min(block, r1 - b);
-      S* dst = o + (g * plan.m + b) * plan.d;
-      if constexpr (std::is_same_v<S, T>) {
-        K.output(p, w.at(g, b, n), n, dst, scratch.data());
-      } else {
-        K.output(p, w.at(g, b, n), n, obuf.data(), scratch.data());
-        for (int64_t i = 0; i < n * plan.d; ++i) dst[i] = static_cast<S>(obuf[i]);
+// Runs body(S{}, problem, pass, w, g, b, n, slot, scratch) on blocks of n rows from row b (the
+// weights `w` in the compute type) of every item, S the problem's storage type, `slot` the
+// item's own zeroed partial (null if the pass does not reduce): one parallel region for all
+// problems. Threads take items from a shared counter rather than fixed ranges, so a thread the
+// OS descheduled (a busy machine) does not hold the pass up; which thread computes an item never
+// changes what it computes. Threads are woken only for a fraction of a millisecond of work each
+// at least: for less, waking them costs more than it saves.
+template <typename T, typename Body>
+void run_items(std::vector<Problem<T>>& problems, const std::vector<Item>& items, const Body& body) {
+  int64_t work = 0;
+  for (const Item& item : items) work += item.cost;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (work + kMinWorkPerThread - 1) / kMinWorkPerThread);
+  const int64_t count = static_cast<int64_t>(items.size());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::max<int64_t>(workers, 1), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t q = next.fetch_add(1); q < count; q = next.fetch_add(1)) {
+        const Item& item = items[q];
+        Problem<T>& problem = problems[item.problem];
+        const Plan& plan = problem.plan;
+        T* slot = problem.partial.empty()
+                      ? nullptr
+                      : problem.partial.data() + (item.group * plan.chunks + item.chunk) * plan.slot();
+        if (slot) std::fill(slot, slot + plan.slot(), T(0));
+        const Pass<T> p = problem.group(item.group);
+        std::vector<T> scratch(scratch_size(plan));
+        const int64_t r0 = item.chunk * plan.rows, r1 = std::min(plan.m, r0 + plan.rows);
+        with_storage<T>(problem.storage, [&](auto tag) {
+          using S = decltype(tag);
+          Rows<S, T> w(static_cast<const S*>(problem.w), plan.m, plan.d);
+          const int64_t block = rows_per_call<S, T>(r1 - r0);
+          for (int64_t b = r0; b < r1; b += block) {
+            const int64_t n = std::min(block, r1 - b);
+            body(tag, problem, p, w.at(item.group, b, n), item.group, b, n, slot, scratch.data());
+          }
+        });
       }
     }
   });
-  return out;
 }
 
-// The gradient pass's inputs as cpu_gradient_pass checked them (contiguous, of matching shapes).
-struct GradientInputs {
-  Tensor weights;
-  std::optional<Tensor> grad_out;
-  Tensor centroids, grad_over_mass, grad_dot_next, final_centroids, active;
-};
+// Per active segment, the sum of its chunk partials, in chunk order, into `sums` (shaped as
+// `like`, (S, k_max, d_max)) and `totals` (S, k_max); zero elsewhere.
+template <typename T>
+std::tuple<Tensor, Tensor> reduced(const std::vector<Problem<T>>& problems, const Tensor& active, const Tensor& like) {
+  Tensor sums = at::zeros(like.sizes(), like.options());
+  Tensor totals = at::zeros({like.size(0), like.size(1)}, like.options());
+  const bool* flags = active.data_ptr<bool>();
+  T* s = sums.data_ptr<T>();
+  T* m = totals.data_ptr<T>();
+  for (const Problem<T>& problem : problems) {
+    const Plan& plan = problem.plan;
+    const Segments at_sum(problem.first, sums), at_total(problem.first, totals);
+    std::vector<T> sum(plan.slot());
+    for (int64_t g = 0; g < plan.groups; ++g) {
+      if (!flags[problem.first + g]) continue;
+      reduce_chunks(plan, problem.partial.data(), g, sum.data());
+      for (int64_t j = 0; j < plan.k; ++j) {
+        m[at_total.at(g, j)] = sum[plan.d * plan.kp + j];
+        for (int64_t l = 0; l < plan.d; ++l) s[at_sum.at(g, j) + l] = sum[l * plan.kp + j];
+      }
+    }
+  }
+  return {sums, totals};
+}
 
-template <typename S, typename T>
-Tensor gradient_typed(const GradientInputs& in, Tensor& grad_weights, double tau) {
+template <typename T>
+std::tuple<Tensor, Tensor> attention_sums_pass(const PassInputs& in) {
   const Kernels<T>& K = kernels<T>();
-  PassData<T> data(in.weights, in.centroids, in.final_centroids, tau);
-  const Plan& plan = data.plan;
-  data.gmT = transposed<T>(in.grad_over_mass, plan, T(0));
-  data.gdc.assign(plan.groups * plan.kp, T(0));
+  std::vector<Problem<T>> problems = make_problems<T>(in, true);
+  run_items(problems, work_items(problems, in.active),
+            [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n,
+                T* slot, T* scratch) {
+    using S = decltype(tag);
+    const T* x = block_rows<S, T>(static_cast<const S*>(problem.x), problem.plan, g, b, n);
+    K.accumulate(p, w, x, n, slot, slot + p.d * p.kp, scratch);
+  });
+  return reduced(problems, in.active, in.centroids);
+}
+
+template <typename T>
+std::vector<Tensor> output_pass(const PassInputs& in) {
+  const Kernels<T>& K = kernels<T>();
+  std::vector<Problem<T>> problems = make_problems<T>(in, false);
+  std::vector<Tensor> outs;
+  for (size_t q = 0; q < problems.size(); ++q) {
+    outs.push_back(at::empty(in.weights[q].sizes(), in.weights[q].options()));
+    problems[q].out = outs.back().data_ptr();
+  }
+  run_items(problems, work_items(problems, Tensor()),
+            [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n,
+                T*, T* scratch) {
+    using S = decltype(tag);
+    S* dst = static_cast<S*>(problem.out) + (g * problem.plan.m + b) * p.d;
+    if constexpr (std::is_same_v<S, T>) {
+      K.output(p, w, n, dst, scratch);
+    } else {
+      thread_local std::vector<T> buf;
+      buf.resize(kBlockRows * p.d);
+      K.output(p, w, n, buf.data(), scratch);
+      for (int64_t i = 0; i < n * p.d; ++i) dst[i] = static_cast<S>(buf[i]);
+    }
+  });
+  return outs;
+}
+
+template <typename T>
+Tensor gradient_pass(const PassInputs& in) {
+  const Kernels<T>& K = kernels<T>();
+  std::vector<Problem<T>> problems = make_problems<T>(in, true);
   const T* dot = in.grad_dot_next.data_ptr<T>();
-  for (int64_t g = 0; g < plan.groups; ++g)
-    std::copy(dot + g * plan.k, dot + (g + 1) * plan.k, data.gdc.data() + g * plan.kp);
-  T* dw = grad_weights.data_ptr<T>();
-  const S* go = in.grad_out ? in.grad_out->data_ptr<S>() : nullptr;
-  // Only the (G, k, d) sums: the recurrence needs no column totals of dS.
-  return std::get<0>(reducing_pass<S, T>(data, in.weights, in.active, in.centroids.options(),
-                                         [&](const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n, T* slot,
-                                             T* scratch) {
-    const T* gb = go ? block_rows<S, T>(go, plan, g, b, n) : nullptr;
-    K.grad_step(p, w, gb, n, dw + (g * plan.m + b) * p.d, slot, scratch);
-  }));
+  for (size_t q = 0; q < problems.size(); ++q) {
+    Problem<T>& problem = problems[q];
+    const Plan& plan = problem.plan;
+    problem.dw = in.grad_weights[q].data_ptr<T>();
+    problem.gmT = problem.transposed(in.grad_over_mass, T(0));
+    problem.gdc.assign(plan.groups * plan.kp, T(0));
+    const Segments seg(problem.first, in.grad_dot_next);
+    for (int64_t g = 0; g < plan.groups; ++g)
+      std::copy(dot + seg.at(g), dot + seg.at(g) + plan.k, problem.gdc.data() + g * plan.kp);
+  }
+  run_items(problems, work_items(problems, in.active),
+            [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n,
+                T* slot, T* scratch) {
+    using S = decltype(tag);
+    const T* gb = problem.x ? block_rows<S, T>(static_cast<const S*>(problem.x), problem.plan, g, b, n) : nullptr;
+    K.grad_step(p, w, gb, n, problem.dw + (g * problem.plan.m + b) * p.d, slot, scratch);
+  });
+  // Only the sums: the recurrence needs no column totals of dS.
+  return std::get<0>(reduced(problems, in.active, in.centroids));
 }
 
 // ------------------------------------------------------------------------------ the ops --
@@ -396,22 +444,30 @@ Tensor gradient_typed(const GradientInputs& in, Tensor& grad_weights, double tau
 // each other, dtypes, devices. Inputs are made contiguous; the one output written in place,
 // grad_weights, must be.
 
-void check_cpu(const Tensor& t, const char* name) {
+void check_cpu(const Tensor& t, const std::string& name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "the cpu backend takes CPU tensors, got ", name, " on ", t.device());
 }
 
+void check_tau(double tau, const std::string& name) {
+  TORCH_CHECK_VALUE(tau > 0 && std::isfinite(tau), name, " must be finite and > 0, got ", tau);
+}
+
 // weights (G, M, d) of a supported dtype; returns the compute type.
-at::ScalarType check_weights(const Tensor& weights, double tau) {
-  check_cpu(weights, "weights");
-  TORCH_CHECK_VALUE(weights.dim() == 3 && weights.size(2) >= 1, "weights must have shape (G, M, d) with d >= 1, got ",
+at::ScalarType check_weights(const Tensor& weights, const std::string& name) {
+  check_cpu(weights, name);
+  TORCH_CHECK_VALUE(weights.dim() == 3 && weights.size(2) >= 1, name, " must have shape (G, M, d) with d >= 1, got ",
                     weights.sizes());
-  TORCH_CHECK_VALUE(tau > 0 && std::isfinite(tau), "tau must be finite and > 0, got ", tau);
   switch (weights.scalar_type()) {
     case at::kFloat: case at::kHalf: case at::kBFloat16: return at::kFloat;
     case at::kDouble: return at::kDouble;
     default:
-      TORCH_CHECK_TYPE(false, "weights must be float16, bfloat16, float32 or float64, got ", weights.scalar_type());
+      TORCH_CHECK_TYPE(false, name, " must be float16, bfloat16, float32 or float64, got ", weights.scalar_type());
   }
+}
+
+void check_compute(const Tensor& t, const std::string& name, at::ScalarType compute, const Tensor& weights) {
+  TORCH_CHECK_TYPE(t.scalar_type() == compute, name, " must be ", compute, " (the compute type of ",
+                   weights.scalar_type(), " weights), got ", t.scalar_type());
 }
 
 // A (G, k, d) or (G, k) tensor of the compute type; k is taken from the first one checked (k < 0).
@@ -424,89 +480,186 @@ Tensor checked_per_centroid(const Tensor& t, const char* name, const Tensor& wei
   TORCH_CHECK_VALUE(ok, name, " must have shape ", with_d ? "(G, k, d)" : "(G, k)", " with G = ", weights.size(0),
                     with_d ? ", d = " + std::to_string(weights.size(2)) : std::string(),
                     k < 0 ? std::string(", k >= 1") : ", k = " + std::to_string(k), ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == compute, name, " must be ", compute, " (the compute type of ",
-                   weights.scalar_type(), " weights), got ", t.scalar_type());
+  check_compute(t, name, compute, weights);
   if (k < 0) k = t.size(1);
   return t.contiguous();
 }
 
-Tensor checked_rows(const Tensor& t, const char* name, const Tensor& weights) {
+Tensor checked_rows(const Tensor& t, const std::string& name, const Tensor& weights, const std::string& weights_name) {
   check_cpu(t, name);
-  TORCH_CHECK_VALUE(t.sizes() == weights.sizes(), name, " has shape ", t.sizes(), " but weights have ", weights.sizes());
+  TORCH_CHECK_VALUE(t.sizes() == weights.sizes(), name, " has shape ", t.sizes(), " but ", weights_name, " has ",
+                    weights.sizes());
   return t.to(weights.scalar_type()).contiguous();
 }
 
-Tensor checked_active(const Tensor& active, const Tensor& weights) {
+Tensor checked_active(const Tensor& active, int64_t segments, const char* what) {
   check_cpu(active, "active");
-  TORCH_CHECK_VALUE(active.dim() == 1 && active.size(0) == weights.size(0), "active must have shape (G,) = (",
-                    weights.size(0), ",), got ", active.sizes());
+  TORCH_CHECK_VALUE(active.dim() == 1 && active.size(0) == segments, "active must have shape (", what, ",) = (",
+                    segments, ",), got ", active.sizes());
   return active.to(at::kBool).contiguous();
 }
 
-// What every op checks first: tau and the weights (then made contiguous), the compute type they
-// imply, and k, taken from the first per-centroid input checked.
+void check_grad_weights(const Tensor& grad_weights, const std::string& name, const Tensor& weights,
+                        at::ScalarType compute) {
+  check_cpu(grad_weights, name);
+  TORCH_CHECK_VALUE(grad_weights.sizes() == weights.sizes() && grad_weights.is_contiguous(), name,
+                    " must be a contiguous tensor of the weights' shape ", weights.sizes(), ", got ",
+                    grad_weights.sizes());
+  TORCH_CHECK_TYPE(grad_weights.scalar_type() == compute, name, " must be ", compute, ", got ",
+                   grad_weights.scalar_type());
+}
+
+// What every one-problem op checks first: tau and the weights (then made contiguous), the compute
+// type they imply, and k, taken from the first per-centroid input checked.
 struct OpInputs {
   at::ScalarType compute;
-  Tensor weights;
+  PassInputs pass;
   int64_t k = -1;
-  OpInputs(const Tensor& weights_in, double tau)
-      : compute(check_weights(weights_in, tau)), weights(weights_in.contiguous()) {}
-  Tensor per_centroid(const Tensor& t, const char* name, bool with_d = true) {
-    return checked_per_centroid(t, name, weights, k, compute, with_d);
+  OpInputs(const Tensor& weights, double tau) : compute(check_weights(weights, "weights")) {
+    check_tau(tau, "tau");
+    pass.weights = {weights.contiguous()};
+    pass.taus = {tau};
   }
+  const Tensor& weights() const { return pass.weights[0]; }
+  Tensor per_centroid(const Tensor& t, const char* name, bool with_d = true) {
+    Tensor checked = checked_per_centroid(t, name, weights(), k, compute, with_d);
+    pass.ks = {k};
+    return checked;
+  }
+  void rows(const Tensor& t, const char* name) { pass.rows = {checked_rows(t, name, weights(), "weights")}; }
+  void active(const Tensor& t) { pass.active = checked_active(t, weights().size(0), "G"); }
 };
 
-#define DKM_DISPATCH(weights, NAME, ...)                                                  \
-  switch (weights.scalar_type()) {                                                        \
-    case at::kFloat: return NAME<float, float>(__VA_ARGS__);                              \
-    case at::kDouble: return NAME<double, double>(__VA_ARGS__);                           \
-    case at::kHalf: return NAME<c10::Half, float>(__VA_ARGS__);                           \
-    case at::kBFloat16: return NAME<c10::BFloat16, float>(__VA_ARGS__);                   \
-    default: TORCH_CHECK_TYPE(false, "unsupported weights dtype ", weights.scalar_type()); \
+// What every ragged op checks first: one entry per problem in each list; every problem's weights
+// (then made contiguous) of one compute type, k >= 1 and tau; and the per-segment tensors, (S,
+// k_max, d_max) or (S, k_max) with S the problems' groups summed, k_max and d_max at least every
+// problem's k and d.
+struct RaggedInputs {
+  at::ScalarType compute = at::kFloat;
+  PassInputs pass;
+  int64_t segments = 0, k_max = 1, d_max = 1;
+  RaggedInputs(at::TensorList weights, at::IntArrayRef ks, at::ArrayRef<double> taus) {
+    TORCH_CHECK_VALUE(!weights.empty() && ks.size() == weights.size() && taus.size() == weights.size(),
+                      "weights, ks and taus must be non-empty lists of one length (one entry per problem), got ",
+                      weights.size(), ", ", ks.size(), " and ", taus.size());
+    for (size_t q = 0; q < weights.size(); ++q) {
+      const std::string name = "weights[" + std::to_string(q) + "]";
+      const at::ScalarType type = check_weights(weights[q], name);
+      TORCH_CHECK_TYPE(q == 0 || type == compute, name, " is ", weights[q].scalar_type(), " but weights[0] is ",
+                       weights[0].scalar_type(), ": one call takes problems of one compute type");
+      compute = type;
+      TORCH_CHECK_VALUE(ks[q] >= 1, "ks[", q, "] must be >= 1, got ", ks[q]);
+      check_tau(taus[q], "taus[" + std::to_string(q) + "]");
+      pass.weights.push_back(weights[q].contiguous());
+      segments += weights[q].size(0);
+      k_max = std::max(k_max, ks[q]);
+      d_max = std::max(d_max, weights[q].size(2));
+    }
+    pass.ks = ks.vec();
+    pass.taus = taus.vec();
   }
+  Tensor packed(const Tensor& t, const char* name, bool with_d = true) {
+    check_cpu(t, name);
+    const bool ok = t.dim() == (with_d ? 3 : 2) && t.size(0) == segments && t.size(1) >= k_max &&
+                    (!with_d || t.size(2) >= d_max);
+    TORCH_CHECK_VALUE(ok, name, " must have shape ", with_d ? "(S, k_max, d_max)" : "(S, k_max)", " with S = ",
+                      segments, " (the weights' groups summed), k_max >= ", k_max,
+                      with_d ? ", d_max >= " + std::to_string(d_max) : std::string(), ", got ", t.sizes());
+    check_compute(t, name, compute, pass.weights[0]);
+    return t.contiguous();
+  }
+  // Every problem's (G, M, d) rows of a second input, as its weights; none if the list is empty.
+  std::vector<Tensor> rows(at::TensorList list, const char* name, bool optional = false) {
+    if (optional && list.empty()) return {};
+    TORCH_CHECK_VALUE(list.size() == pass.weights.size(), name, " must have one entry per problem (",
+                      pass.weights.size(), ")", optional ? " or none" : "", ", got ", list.size());
+    std::vector<Tensor> checked;
+    for (size_t q = 0; q < list.size(); ++q)
+      checked.push_back(checked_rows(list[q], std::string(name) + "[" + std::to_string(q) + "]", pass.weights[q],
+                                     "weights[" + std::to_string(q) + "]"));
+    return checked;
+  }
+  void active(const Tensor& t) { pass.active = checked_active(t, segments, "S"); }
+};
 
-std::tuple<Tensor, Tensor> cpu_attention_sums(const Tensor& weights_in, const Tensor& values_in,
-                                              const Tensor& centroids_in, const Tensor& active_in, double tau) {
-  OpInputs in(weights_in, tau);
-  const Tensor values = checked_rows(values_in, "values", in.weights);
-  const Tensor centroids = in.per_centroid(centroids_in, "centroids");
-  const Tensor active = checked_active(active_in, in.weights);
-  DKM_DISPATCH(in.weights, attention_sums_typed, in.weights, values, centroids, active, tau);
+#define DKM_DISPATCH(compute, NAME, ...) \
+  return (compute) == at::kDouble ? NAME<double>(__VA_ARGS__) : NAME<float>(__VA_ARGS__)
+
+std::tuple<Tensor, Tensor> cpu_attention_sums(const Tensor& weights, const Tensor& values, const Tensor& centroids,
+                                              const Tensor& active, double tau) {
+  OpInputs in(weights, tau);
+  in.rows(values, "values");
+  in.pass.centroids = in.per_centroid(centroids, "centroids");
+  in.active(active);
+  DKM_DISPATCH(in.compute, attention_sums_pass, in.pass);
 }
 
-Tensor cpu_output(const Tensor& weights_in, const Tensor& attention_in, const Tensor& final_in, double tau) {
-  OpInputs in(weights_in, tau);
-  const Tensor attention = in.per_centroid(attention_in, "attention_centroids");
-  const Tensor final_c = in.per_centroid(final_in, "final_centroids");
-  DKM_DISPATCH(in.weights, output_typed, in.weights, attention, final_c, tau);
+Tensor cpu_output(const Tensor& weights, const Tensor& attention_centroids, const Tensor& final_centroids,
+                  double tau) {
+  OpInputs in(weights, tau);
+  in.pass.centroids = in.per_centroid(attention_centroids, "attention_centroids");
+  in.pass.final_centroids = in.per_centroid(final_centroids, "final_centroids");
+  return (in.compute == at::kDouble ? output_pass<double>(in.pass) : output_pass<float>(in.pass))[0];
 }
 
-Tensor cpu_gradient_pass(const Tensor& weights_in, const std::optional<Tensor>& grad_out_in,
-                         const Tensor& centroids_in, const Tensor& grad_over_mass_in,
-                         const Tensor& grad_dot_next_in, const Tensor& final_in,
-                         const Tensor& active_in, Tensor& grad_weights, double tau) {
-  OpInputs in(weights_in, tau);
-  GradientInputs checked;
-  checked.weights = in.weights;
-  if (grad_out_in) checked.grad_out = checked_rows(*grad_out_in, "grad_out", in.weights);
-  checked.centroids = in.per_centroid(centroids_in, "centroids");
-  checked.grad_over_mass = in.per_centroid(grad_over_mass_in, "grad_over_mass");
-  checked.grad_dot_next = in.per_centroid(grad_dot_next_in, "grad_dot_next", false);
-  checked.final_centroids = in.per_centroid(final_in, "final_centroids");
-  checked.active = checked_active(active_in, in.weights);
-  check_cpu(grad_weights, "grad_weights");
-  TORCH_CHECK_VALUE(grad_weights.sizes() == in.weights.sizes() && grad_weights.is_contiguous(),
-                    "grad_weights must be a contiguous tensor of the weights' shape ", in.weights.sizes(), ", got ",
-                    grad_weights.sizes());
-  TORCH_CHECK_TYPE(grad_weights.scalar_type() == in.compute, "grad_weights must be ", in.compute, ", got ",
-                   grad_weights.scalar_type());
-  DKM_DISPATCH(in.weights, gradient_typed, checked, grad_weights, tau);
+Tensor cpu_gradient_pass(const Tensor& weights, const std::optional<Tensor>& grad_out, const Tensor& centroids,
+                         const Tensor& grad_over_mass, const Tensor& grad_dot_next, const Tensor& final_centroids,
+                         const Tensor& active, Tensor& grad_weights, double tau) {
+  OpInputs in(weights, tau);
+  if (grad_out) in.rows(*grad_out, "grad_out");
+  in.pass.centroids = in.per_centroid(centroids, "centroids");
+  in.pass.grad_over_mass = in.per_centroid(grad_over_mass, "grad_over_mass");
+  in.pass.grad_dot_next = in.per_centroid(grad_dot_next, "grad_dot_next", false);
+  in.pass.final_centroids = in.per_centroid(final_centroids, "final_centroids");
+  in.active(active);
+  check_grad_weights(grad_weights, "grad_weights", in.weights(), in.compute);
+  in.pass.grad_weights = {grad_weights};
+  DKM_DISPATCH(in.compute, gradient_pass, in.pass);
+}
+
+// The ragged ops: the same passes over many problems, their per-segment state packed as
+// many.Layout packs it (docs/design.md §12), in one parallel region per pass.
+
+std::tuple<Tensor, Tensor> cpu_ragged_attention_sums(at::TensorList weights, at::TensorList values,
+                                                     const Tensor& centroids, const Tensor& active, at::IntArrayRef ks,
+                                                     at::ArrayRef<double> taus) {
+  RaggedInputs in(weights, ks, taus);
+  in.pass.rows = in.rows(values, "values");
+  in.pass.centroids = in.packed(centroids, "centroids");
+  in.active(active);
+  DKM_DISPATCH(in.compute, attention_sums_pass, in.pass);
+}
+
+std::vector<Tensor> cpu_ragged_output(at::TensorList weights, const Tensor& attention_centroids,
+                                      const Tensor& final_centroids, at::IntArrayRef ks, at::ArrayRef<double> taus) {
+  RaggedInputs in(weights, ks, taus);
+  in.pass.centroids = in.packed(attention_centroids, "attention_centroids");
+  in.pass.final_centroids = in.packed(final_centroids, "final_centroids");
+  DKM_DISPATCH(in.compute, output_pass, in.pass);
+}
+
+Tensor cpu_ragged_gradient_pass(at::TensorList weights, at::TensorList grad_out, const Tensor& centroids,
+                                const Tensor& grad_over_mass, const Tensor& grad_dot_next,
+                                const Tensor& final_centroids, const Tensor& active, at::TensorList grad_weights,
+                                at::IntArrayRef ks, at::ArrayRef<double> taus) {
+  RaggedInputs in(weights, ks, taus);
+  in.pass.rows = in.rows(grad_out, "grad_out", true);
+  in.pass.centroids = in.packed(centroids, "centroids");
+  in.pass.grad_over_mass = in.packed(grad_over_mass, "grad_over_mass");
+  in.pass.grad_dot_next = in.packed(grad_dot_next, "grad_dot_next", false);
+  in.pass.final_centroids = in.packed(final_centroids, "final_centroids");
+  in.active(active);
+  TORCH_CHECK_VALUE(grad_weights.size() == weights.size(), "grad_weights must have one entry per problem (",
+                    weights.size(), "), got ", grad_weights.size());
+  for (size_t q = 0; q < grad_weights.size(); ++q)
+    check_grad_weights(grad_weights[q], "grad_weights[" + std::to_string(q) + "]", in.pass.weights[q], in.compute);
+  in.pass.grad_weights = grad_weights.vec();
+  DKM_DISPATCH(in.compute, gradient_pass, in.pass);
 }
 
 #undef DKM_DISPATCH
 
 }  // namespace
-
 const char* selected_isa() { return kernel_set().name; }
 
 }  // namespace dkm
@@ -519,12 +672,27 @@ TORCH_LIBRARY_FRAGMENT(dkm_kernels, m) {
       "cpu_gradient_pass(Tensor weights, Tensor? grad_out, Tensor centroids, Tensor grad_over_mass,"
       " Tensor grad_dot_next, Tensor final_centroids, Tensor active, Tensor(a!) grad_weights, float tau)"
       " -> Tensor");
+  // The same passes over many problems (docs/design.md §12), their per-segment state packed as
+  // dkm_kernels.many.Layout packs it; grad_out is empty except on the backward's first step.
+  m.def(
+      "cpu_ragged_attention_sums(Tensor[] weights, Tensor[] values, Tensor centroids, Tensor active, int[] ks,"
+      " float[] taus) -> (Tensor, Tensor)");
+  m.def(
+      "cpu_ragged_output(Tensor[] weights, Tensor attention_centroids, Tensor final_centroids, int[] ks,"
+      " float[] taus) -> Tensor[]");
+  m.def(
+      "cpu_ragged_gradient_pass(Tensor[] weights, Tensor[] grad_out, Tensor centroids, Tensor grad_over_mass,"
+      " Tensor grad_dot_next, Tensor final_centroids, Tensor active, Tensor(a!)[] grad_weights, int[] ks,"
+      " float[] taus) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(dkm_kernels, CPU, m) {
   m.impl("cpu_attention_sums", &dkm::cpu_attention_sums);
   m.impl("cpu_output", &dkm::cpu_output);
   m.impl("cpu_gradient_pass", &dkm::cpu_gradient_pass);
+  m.impl("cpu_ragged_attention_sums", &dkm::cpu_ragged_attention_sums);
+  m.impl("cpu_ragged_output", &dkm::cpu_ragged_output);
+  m.impl("cpu_ragged_gradient_pass", &dkm::cpu_ragged_gradient_pass);
 }
 
 // ------------------------------------------------------------------- the Python module --

@@ -10,6 +10,11 @@ bit-identical run to run and for any number of threads (so `deterministic` chang
 The kernels are compiled for generic vectors (SSE2 / NEON), AVX2 and AVX-512 and chosen at run
 time (`isa()`; the environment variable DKM_KERNELS_ISA=generic|avx2|avx512 forces one).
 
+Many problems in one call (`dkm_many`, docs/design.md §12) run on `cpu_ragged_attention_sums`,
+`cpu_ragged_output` and `cpu_ragged_gradient_pass` (`RaggedPasses`): the same passes over the
+chunks of every problem's groups in one parallel region per pass, each problem chunked and reduced
+as alone, so its results are bit-identical to those of its own calls.
+
 Without the compiled extension the package still imports and `auto` uses the `torch` backend;
 importing warns once and says how to build it.
 """
@@ -83,3 +88,27 @@ class Passes:
         return torch.ops.dkm_kernels.cpu_gradient_pass(
             self.weights, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
             active, grad_weights, self.tau)
+
+
+class RaggedPasses:
+    """recurrence.Passes over many problems (many.RaggedPasses' interface, docs/design.md §12): one
+    C++ op call, one parallel region, per pass for all of them. The weights are not copied."""
+
+    def __init__(self, weights: list[Tensor], layout, taus: list[float], deterministic: bool):
+        self.weights = weights
+        self.layout = layout
+        self.taus = [float(tau) for tau in taus]
+
+    def attention_sums(self, values, centroids, active):
+        return torch.ops.dkm_kernels.cpu_ragged_attention_sums(
+            self.weights, values, centroids, active, self.layout.ks, self.taus)
+
+    def output(self, attention_centroids, final_centroids):
+        return torch.ops.dkm_kernels.cpu_ragged_output(
+            self.weights, attention_centroids, final_centroids, self.layout.ks, self.taus)
+
+    def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
+                 active, grad_weights):
+        return torch.ops.dkm_kernels.cpu_ragged_gradient_pass(
+            self.weights, [] if grad_out is None else grad_out, centroids, grad_over_mass,
+            grad_dot_next, final_centroids, active, grad_weights, self.layout.ks, self.taus)
