@@ -2,6 +2,7 @@
 
     python benchmarks/resnet50_clustering.py                      # cpu backend, per layer and in one
                                                                   # dkm_many call; writes results/cpu_resnet50_clustering.json
+    python benchmarks/resnet50_clustering.py --repeats 3 --rounds 3   # as recorded
     python benchmarks/resnet50_clustering.py --measure-reference  # also the reference, per layer shape (minutes)
     python benchmarks/resnet50_clustering.py --layers 2 --measure-reference --out /tmp/c.json  # a quick check
 
@@ -15,6 +16,15 @@ high-water mark above its state once the weights and upstream gradients exist (s
 benchmarks/harness.py for the method; here without its separate mappings, as recorded). Targets:
 under 1 GB peak and under 16 s on a 2-core CPU.
 
+Three ways are compared, each in a fresh process per round and interleaved round by round (on a
+shared machine a slow spell then hits all of them): one `dkm` call per layer; one `dkm_many` call
+on the per-problem passes (`many.RaggedPasses`: every layer's own pass ops, one after another);
+one `dkm_many` call on the backend's own passes over all layers (the cpu backend: one parallel
+region per pass, docs/design.md §12). Ratios are taken within a round, then the median. The
+floor (benchmarks/cpu_floor.py: per pass the larger of compute and memory time at this machine's
+rates, measured before and after) is summed over the layers; CPU time over it is the steadier
+measure on a shared machine.
+
 The naive DKM (`reference`) keeps L * M * k float32 attention values per layer for backward; summed
 over the model that bound is printed (measured once for docs/design.md §2: 19.1 GB peak, ~160 s). With
 --measure-reference each distinct layer shape is measured once with the reference in a fresh
@@ -24,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -45,6 +56,7 @@ from harness import (  # noqa: E402
     time_forward_backward,
     write_json,
 )
+from cpu_floor import floor, measure_rates  # noqa: E402
 from resnet50_shapes import clustering_plan, numel  # noqa: E402
 
 # The naive DKM on the whole clustering as measured once (docs/design.md §2) (recorded, not rerun: over the cap).
@@ -54,6 +66,11 @@ REFERENCE_DESIGN_SECONDS = 160
 PEAK_TARGET_BYTES = 1e9
 TIME_TARGET_SECONDS = 16
 
+# The ways of running the model's clustering: result key -> label.
+WAYS = {"backend_result": "one dkm call per layer",
+        "per_problem_passes_result": "one dkm_many call, per-problem passes",
+        "one_call_result": "one dkm_many call"}
+
 
 def _worker(job: dict) -> dict:
     import torch
@@ -62,6 +79,8 @@ def _worker(job: dict) -> dict:
 
     if job["threads"]:
         torch.set_num_threads(job["threads"])
+    if job["way"] == "per_problem_passes_result":  # dkm_many without the backend's own passes
+        dkm_kernels.backends.ragged_passes_class = lambda *args: None
     gen = torch.Generator().manual_seed(0)
     layers = []
     for layer in clustering_plan()[:job["layer_count"]]:
@@ -79,7 +98,7 @@ def _worker(job: dict) -> dict:
     with ResidentPeak() as peak:
         for _ in range(job["repeats"]):
             params = [rows.detach().requires_grad_(True) for rows, _, _ in layers]
-            if job["one_call"]:  # every layer in one dkm_many call (docs/design.md §12)
+            if job["way"] != "backend_result":  # every layer in one dkm_many call (docs/design.md §12)
                 def forward():
                     problems = [(p, c, PAPER_TAU, ITERATIONS, 0.0) for p, (_, c, _) in zip(params, layers)]
                     return [r.weights for r in dkm_kernels.dkm_many(problems, backend=job["backend"])]
@@ -101,11 +120,26 @@ def _worker(job: dict) -> dict:
 
 
 def run_model(backend: str, repeats: int, threads: int | None, layer_count: int,
-              one_call: bool = False) -> dict:
+              way: str = "backend_result") -> dict:
     # Without measure_case's separate mappings: the figure in results/ was recorded so.
-    job = dict(backend=backend, repeats=repeats, threads=threads, layer_count=layer_count,
-               one_call=one_call)
+    job = dict(backend=backend, repeats=repeats, threads=threads, layer_count=layer_count, way=way)
     return run_worker(__file__, job, separate_mappings=False)
+
+
+def interleaved(args) -> tuple[dict, list[dict]]:
+    """Every way once per round, in a fresh process each; per way the median over rounds of each
+    field, and every round's results."""
+    rounds = []
+    for r in range(args.rounds):
+        found = {}
+        for way, label in WAYS.items():
+            print(f"  round {r + 1}/{args.rounds}: {label} ...", flush=True)
+            found[way] = run_model(args.backend, args.repeats, args.threads, args.layers, way)
+        rounds.append(found)
+    median = {way: {key: (statistics.median(r[way][key] for r in rounds)
+                          if isinstance(rounds[0][way][key], (int, float)) else rounds[0][way][key])
+                    for key in rounds[0][way]} for way in WAYS}
+    return median, rounds
 
 
 def reference_per_shape(plan: list[dict], cap_bytes: int) -> dict:
@@ -131,6 +165,7 @@ def main(argv=None) -> dict:
     parser = script_parser(__doc__, backend="cpu", repeats=1, reference_cap=True,
                            out="cpu_resnet50_clustering.json")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the three ways")
     parser.add_argument("--measure-reference", action="store_true")
     parser.add_argument("--layers", type=int, default=len(clustering_plan()),
                         help="only the first N weights, for a quick check of the script")
@@ -141,10 +176,15 @@ def main(argv=None) -> dict:
     pairs = sum(p["m"] * p["k"] for p in plan)
     print(f"ResNet-50 cv:8/8 fc:8/8: {len(plan)} weights, {sum(p['numel'] for p in plan):,} elements, "
           f"sum of M*k = {pairs:,}")
-    print(f"measuring {args.backend} (all layers, forward then backward, one process) ...", flush=True)
-    ours = run_model(args.backend, args.repeats, args.threads, args.layers)
+    print(f"measuring {args.backend} (all layers, forward then backward, one process per way and "
+          f"round) ...", flush=True)
+    rates = [measure_rates()]
+    ways, rounds = interleaved(args)
+    rates.append(measure_rates())
+    best = {key: max(r[key] for r in rates) for key in rates[0]}
+    ours = ways["backend_result"]
     result = dict(benchmark="resnet50_clustering", tau=PAPER_TAU, max_iter=ITERATIONS, epsilon=0.0,
-                  machine=machine(), layers=plan, backend_result=ours,
+                  machine=machine(), layers=plan, **ways, rounds=rounds,
                   reference_attention_bytes_lower_bound=attention_bound,
                   reference_design_measurement=dict(peak_bytes=REFERENCE_DESIGN_PEAK_BYTES,
                                                     forward_backward_s=REFERENCE_DESIGN_SECONDS))
@@ -152,17 +192,32 @@ def main(argv=None) -> dict:
     work = [counted_work(p["m"], p["d"], p["k"], passes) for p in plan]
     result["work"] = dict(passes=passes, exponentials=sum(w["exps"] for w in work),
                           multiply_adds=sum(w["fmas"] for w in work))
-
-    print("measuring the same in one dkm_many call ...", flush=True)
-    together = run_model(args.backend, args.repeats, args.threads, args.layers, one_call=True)
-    result["one_call_result"] = together
-    for label, found in (("one dkm call per layer", ours), ("one dkm_many call", together)):
+    floors = {unit: sum(floor(p["m"], p["d"], p["k"], best, unit=unit)[f"floor_{unit}"] for p in plan)
+              for unit in ("s", "cpu_s")}
+    result["floor"] = dict(rates=best, summed_floor_s=floors["s"], summed_floor_cpu_s=floors["cpu_s"])
+    for way, label in WAYS.items():
+        found = ways[way]
+        found["cpu_over_summed_floor"] = found["forward_backward_cpu_s"] / floors["cpu_s"]
+        found["wall_over_summed_floor"] = found["forward_backward_s"] / floors["s"]
         print(f"\n{args.backend}, {label}: forward {found['forward_s']:.2f} s, backward "
               f"{found['backward_s']:.2f} s, forward+backward {found['forward_backward_s']:.2f} s "
               f"(process CPU {found['forward_backward_cpu_s']:.2f} s, {found['threads_used']} threads), "
-              f"peak {mib(found['peak_bytes'])}")
-    result["one_call_over_per_layer"] = together["forward_backward_s"] / ours["forward_backward_s"]
-    print(f"one call / per layer, forward+backward: {result['one_call_over_per_layer']:.3f}")
+              f"peak {mib(found['peak_bytes'])}; CPU time {found['cpu_over_summed_floor']:.2f}x the "
+              f"layers' summed floor ({floors['cpu_s']:.2f} CPU s)")
+    for way in ("per_problem_passes_result", "one_call_result"):
+        for field, name in (("forward_backward_s", "wall"), ("forward_backward_cpu_s", "cpu")):
+            key = way.replace("_result", "") + f"_over_per_layer_{name}"
+            result[key] = statistics.median(r[way][field] / r["backend_result"][field] for r in rounds)
+    result["one_call_over_per_layer"] = result["one_call_over_per_layer_wall"]
+    result["one_call_over_per_problem_passes_cpu"] = statistics.median(
+        r["one_call_result"]["forward_backward_cpu_s"] / r["per_problem_passes_result"]["forward_backward_cpu_s"]
+        for r in rounds)
+    print(f"forward+backward, medians over {args.rounds} round(s) of the ratios within a round: "
+          f"one call / per layer {result['one_call_over_per_layer_wall']:.3f} wall, "
+          f"{result['one_call_over_per_layer_cpu']:.3f} CPU; per-problem passes / per layer "
+          f"{result['per_problem_passes_over_per_layer_wall']:.3f} wall, "
+          f"{result['per_problem_passes_over_per_layer_cpu']:.3f} CPU; one call / per-problem passes "
+          f"{result['one_call_over_per_problem_passes_cpu']:.3f} CPU")
     print(f"reference: keeps >= {attention_bound / 1e9:.1f} GB of attention for backward "
           f"(sum of L*M*k*4 bytes); measured once (docs/design.md §2): {REFERENCE_DESIGN_PEAK_BYTES / 1e9:.1f} GB peak, "
           f"~{REFERENCE_DESIGN_SECONDS} s")
