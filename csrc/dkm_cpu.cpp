@@ -1,17 +1,21 @@
 // Backend `cpu`: the three DKM passes of docs/design.md §3 as fused CPU kernels, registered as the
-// ops dkm_kernels::cpu_attention_sums, cpu_output and cpu_gradient_pass. The recurrence that runs
+// ops dkm_kernels::cpu_attention_sums, cpu_output and cpu_gradient_pass, and as the same passes
+// over many problems at once, cpu_ragged_attention_sums, cpu_ragged_output and
+// cpu_ragged_gradient_pass (dkm_many, docs/design.md §12). The recurrence that runs
 // them (iterations, the epsilon stop, the backward's order) is shared by every backend and lives
 // in dkm_kernels/recurrence.py; docs/design.md §4 says why it costs nothing measurable here.
 //
 // This file owns everything that touches ATen: checks, dtypes, threads and the reductions. A pass
 // splits every group's rows into a fixed number of chunks (a function of the shapes only, never of
-// the thread count); the threads of at::parallel_for take (group, chunk) items from a shared
-// counter; each item accumulates into its own k x d partial sum, and the partials are added in
-// chunk order. Results are therefore bit-identical run to run and for any number of threads. The
-// row work itself is in kernel_impl.h, compiled per instruction set and chosen at run time.
+// the thread count); the threads of one at::parallel_for (per pass, or per wave of problems: see
+// Memory) take (problem, group, chunk) items, most costly first, from a shared counter; each item accumulates into its own k x d partial sum, and
+// each group's partials are added in chunk order. Results are therefore bit-identical run to run,
+// for any number of threads, and whether a problem runs alone or among others. The row work
+// itself is in kernel_impl.h, compiled per instruction set and chosen at run time.
 //
 // Memory: nothing of size M x k exists. Per pass the workspace is the partial sums (at most
-// kPartialBudget bytes, independent of M) plus a few rows of kp values per thread.
+// kPartialBudget bytes, independent of M and of the number of problems: a pass over problems
+// whose partials exceed it runs in waves) plus a few rows of kp values per thread.
 
 #include <Python.h>
 
@@ -257,9 +261,9 @@ struct Problem {
 };
 
 // Every problem of a pass, with C_t (far away in the padding, so that it gets no attention) and,
-// for the output and gradient passes, C_L; partial sums for the passes that reduce.
+// for the output and gradient passes, C_L.
 template <typename T>
-std::vector<Problem<T>> make_problems(const PassInputs& in, bool reduces) {
+std::vector<Problem<T>> make_problems(const PassInputs& in) {
   std::vector<Problem<T>> problems;
   int64_t first = 0;
   for (size_t q = 0; q < in.weights.size(); ++q) {
@@ -275,7 +279,6 @@ std::vector<Problem<T>> make_problems(const PassInputs& in, bool reduces) {
     if (!in.rows.empty()) p.x = in.rows[q].data_ptr();
     p.cT = p.transposed(in.centroids, FarAway<T>::value);
     if (in.final_centroids.defined()) p.cLT = p.transposed(in.final_centroids, T(0));
-    if (reduces) p.partial.resize(plan.groups * plan.chunks * plan.slot());
     problems.push_back(std::move(p));
     first += plan.groups;
   }
@@ -287,13 +290,13 @@ struct Item {
   int64_t problem, group, chunk, cost;
 };
 
-// Every chunk of every active segment (all of them if `active` is undefined), most costly first:
-// a large item taken last would leave the other threads idle.
+// Every chunk of every active segment (all of them if `active` is undefined) of problems
+// [begin, end), most costly first: a large item taken last would leave the other threads idle.
 template <typename T>
-std::vector<Item> work_items(const std::vector<Problem<T>>& problems, const Tensor& active) {
+std::vector<Item> work_items(const std::vector<Problem<T>>& problems, size_t begin, size_t end, const Tensor& active) {
   const bool* flags = active.defined() ? active.data_ptr<bool>() : nullptr;
   std::vector<Item> items;
-  for (size_t q = 0; q < problems.size(); ++q) {
+  for (size_t q = begin; q < end; ++q) {
     const Plan& plan = problems[q].plan;
     for (int64_t g = 0; g < plan.groups; ++g) {
       if (flags && !flags[problems[q].first + g]) continue;
@@ -310,7 +313,7 @@ std::vector<Item> work_items(const std::vector<Problem<T>>& problems, const Tens
 // Runs body(S{}, problem, pass, w, g, b, n, slot, scratch) on blocks of n rows from row b (the
 // weights `w` in the compute type) of every item, S the problem's storage type, `slot` the
 // item's own zeroed partial (null if the pass does not reduce): one parallel region for all
-// problems. Threads take items from a shared counter rather than fixed ranges, so a thread the
+// the items. Threads take items from a shared counter rather than fixed ranges, so a thread the
 // OS descheduled (a busy machine) does not hold the pass up; which thread computes an item never
 // changes what it computes. Threads are woken only for a fraction of a millisecond of work each
 // at least: for less, waking them costs more than it saves.
@@ -348,26 +351,42 @@ void run_items(std::vector<Problem<T>>& problems, const std::vector<Item>& items
   });
 }
 
-// Per active segment, the sum of its chunk partials, in chunk order, into `sums` (shaped as
-// `like`, (S, k_max, d_max)) and `totals` (S, k_max); zero elsewhere.
-template <typename T>
-std::tuple<Tensor, Tensor> reduced(const std::vector<Problem<T>>& problems, const Tensor& active, const Tensor& like) {
+// Runs body (as run_items) on every item of the active segments and returns, per active segment,
+// the sum of its chunk partials in chunk order: `sums` shaped as `like`, (S, k_max, d_max), and
+// `totals` (S, k_max), zero elsewhere. One parallel region per wave of consecutive problems whose
+// partial sums fit in kPartialBudget together (one problem's always do), so that a pass over many
+// problems needs no more workspace than a pass over one; a wave's partials are freed once reduced.
+template <typename T, typename Body>
+std::tuple<Tensor, Tensor> reducing_pass(std::vector<Problem<T>>& problems, const Tensor& active, const Tensor& like,
+                                         const Body& body) {
   Tensor sums = at::zeros(like.sizes(), like.options());
   Tensor totals = at::zeros({like.size(0), like.size(1)}, like.options());
   const bool* flags = active.data_ptr<bool>();
   T* s = sums.data_ptr<T>();
   T* m = totals.data_ptr<T>();
-  for (const Problem<T>& problem : problems) {
-    const Plan& plan = problem.plan;
-    const Segments at_sum(problem.first, sums), at_total(problem.first, totals);
-    std::vector<T> sum(plan.slot());
-    for (int64_t g = 0; g < plan.groups; ++g) {
-      if (!flags[problem.first + g]) continue;
-      reduce_chunks(plan, problem.partial.data(), g, sum.data());
-      for (int64_t j = 0; j < plan.k; ++j) {
-        m[at_total.at(g, j)] = sum[plan.d * plan.kp + j];
-        for (int64_t l = 0; l < plan.d; ++l) s[at_sum.at(g, j) + l] = sum[l * plan.kp + j];
+  const auto partial_size = [&](size_t q) { return problems[q].plan.groups * problems[q].plan.chunks * problems[q].plan.slot(); };
+  for (size_t begin = 0, end; begin < problems.size(); begin = end) {
+    int64_t bytes = partial_size(begin) * static_cast<int64_t>(sizeof(T));
+    for (end = begin + 1; end < problems.size(); ++end) {
+      bytes += partial_size(end) * static_cast<int64_t>(sizeof(T));
+      if (bytes > kPartialBudget) break;
+    }
+    for (size_t q = begin; q < end; ++q) problems[q].partial.resize(partial_size(q));
+    run_items(problems, work_items(problems, begin, end, active), body);
+    for (size_t q = begin; q < end; ++q) {
+      Problem<T>& problem = problems[q];
+      const Plan& plan = problem.plan;
+      const Segments at_sum(problem.first, sums), at_total(problem.first, totals);
+      std::vector<T> sum(plan.slot());
+      for (int64_t g = 0; g < plan.groups; ++g) {
+        if (!flags[problem.first + g]) continue;
+        reduce_chunks(plan, problem.partial.data(), g, sum.data());
+        for (int64_t j = 0; j < plan.k; ++j) {
+          m[at_total.at(g, j)] = sum[plan.d * plan.kp + j];
+          for (int64_t l = 0; l < plan.d; ++l) s[at_sum.at(g, j) + l] = sum[l * plan.kp + j];
+        }
       }
+      std::vector<T>().swap(problem.partial);
     }
   }
   return {sums, totals};
@@ -376,27 +395,26 @@ std::tuple<Tensor, Tensor> reduced(const std::vector<Problem<T>>& problems, cons
 template <typename T>
 std::tuple<Tensor, Tensor> attention_sums_pass(const PassInputs& in) {
   const Kernels<T>& K = kernels<T>();
-  std::vector<Problem<T>> problems = make_problems<T>(in, true);
-  run_items(problems, work_items(problems, in.active),
-            [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n,
-                T* slot, T* scratch) {
+  std::vector<Problem<T>> problems = make_problems<T>(in);
+  return reducing_pass(problems, in.active, in.centroids,
+                       [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b,
+                           int64_t n, T* slot, T* scratch) {
     using S = decltype(tag);
     const T* x = block_rows<S, T>(static_cast<const S*>(problem.x), problem.plan, g, b, n);
     K.accumulate(p, w, x, n, slot, slot + p.d * p.kp, scratch);
   });
-  return reduced(problems, in.active, in.centroids);
 }
 
 template <typename T>
 std::vector<Tensor> output_pass(const PassInputs& in) {
   const Kernels<T>& K = kernels<T>();
-  std::vector<Problem<T>> problems = make_problems<T>(in, false);
+  std::vector<Problem<T>> problems = make_problems<T>(in);
   std::vector<Tensor> outs;
   for (size_t q = 0; q < problems.size(); ++q) {
     outs.push_back(at::empty(in.weights[q].sizes(), in.weights[q].options()));
     problems[q].out = outs.back().data_ptr();
   }
-  run_items(problems, work_items(problems, Tensor()),
+  run_items(problems, work_items(problems, 0, problems.size(), Tensor()),
             [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n,
                 T*, T* scratch) {
     using S = decltype(tag);
@@ -416,7 +434,7 @@ std::vector<Tensor> output_pass(const PassInputs& in) {
 template <typename T>
 Tensor gradient_pass(const PassInputs& in) {
   const Kernels<T>& K = kernels<T>();
-  std::vector<Problem<T>> problems = make_problems<T>(in, true);
+  std::vector<Problem<T>> problems = make_problems<T>(in);
   const T* dot = in.grad_dot_next.data_ptr<T>();
   for (size_t q = 0; q < problems.size(); ++q) {
     Problem<T>& problem = problems[q];
@@ -428,15 +446,14 @@ Tensor gradient_pass(const PassInputs& in) {
     for (int64_t g = 0; g < plan.groups; ++g)
       std::copy(dot + seg.at(g), dot + seg.at(g) + plan.k, problem.gdc.data() + g * plan.kp);
   }
-  run_items(problems, work_items(problems, in.active),
-            [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n,
-                T* slot, T* scratch) {
+  // Only the sums: the recurrence needs no column totals of dS.
+  return std::get<0>(reducing_pass(problems, in.active, in.centroids,
+                                   [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g,
+                                       int64_t b, int64_t n, T* slot, T* scratch) {
     using S = decltype(tag);
     const T* gb = problem.x ? block_rows<S, T>(static_cast<const S*>(problem.x), problem.plan, g, b, n) : nullptr;
     K.grad_step(p, w, gb, n, problem.dw + (g * problem.plan.m + b) * p.d, slot, scratch);
-  });
-  // Only the sums: the recurrence needs no column totals of dS.
-  return std::get<0>(reduced(problems, in.active, in.centroids));
+  }));
 }
 
 // ------------------------------------------------------------------------------ the ops --

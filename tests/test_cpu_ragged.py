@@ -113,6 +113,23 @@ def test_passes_match_the_one_problem_ops_with_inactive_segments():
             assert torch.equal(a, b)
 
 
+@pytest.mark.slow
+def test_partial_sums_beyond_the_budget_run_in_waves():
+    """Two problems whose chunk partials take 40 MiB each, over the 64 MiB a pass may hold (csrc's
+    kPartialBudget): the pass runs them one wave each, with the same sums."""
+    gen = torch.Generator().manual_seed(2)
+    weights = [torch.randn(80, 16_384, 1, generator=gen) for _ in range(2)]  # 80 x 256 chunks x 2 KiB
+    layout = many.Layout.of(weights, [256, 250])
+    centroids = layout.pack([torch.randn(80, k, 1, generator=gen) for k in layout.ks])
+    active = torch.ones(layout.segments, dtype=torch.bool)
+    ragged = cpu.RaggedPasses(weights, layout, [0.01, 0.02], True)
+    alone = many.RaggedPasses([cpu.Passes(w, k, tau, True) for w, k, tau in
+                               zip(weights, layout.ks, [0.01, 0.02])], layout)
+    for a, b in zip(ragged.attention_sums(weights, centroids, active),
+                    alone.attention_sums(weights, centroids, active)):
+        assert torch.equal(a, b)
+
+
 def test_dkm_many_uses_the_ragged_ops_on_the_weights_themselves(monkeypatch):
     """On the cpu backend dkm_many never builds the per-problem passes, and its passes hold the
     caller's weights, not copies."""
