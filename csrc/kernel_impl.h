@@ -702,7 +702,7 @@ void lane_grad_step(const Pass<T>& p, const T* w, const T* grad_out, int64_t row
   vec<T> acc[D * K];
   for (int i = 0; i < D * K; ++i) acc[i] = vec<T>{};
   lane_steps<T, lane_blocks<D, K>()>(rows, [&]<int B>(int64_t i, int n) {
-    vec<T> wl[B * D], gl[B * D], e[B * K], da[B * K], inv[B];
+    vec<T> wl[B * D], gl[B * D]{}, e[B * K], da[B * K], inv[B];
     blocks_to_lanes<T, D, B>(w + i * D, n, wl);
     if (grad_out) blocks_to_lanes<T, D, B>(grad_out + i * D, n, gl);
     lane_attention<T, D, K, B>(p, wl, n, e, inv);
