@@ -13,6 +13,11 @@
 
 #include "kernels.h"
 
+// The helpers of the lane kernels must melt into their callers (a call per block of rows, with
+// the block's vectors passed through memory, costs a third of a pass at d = 1): inlining is forced
+// where the compiler's size heuristics could decline.
+#define DKM_ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace dkm {
 namespace DKM_ISA_NS {
 namespace {
@@ -478,7 +483,7 @@ constexpr int kLaneK = 16;  // the largest k taken here
 // The even and the odd lanes of the 2N lanes of (a, b), and its inverse, zip: lo, hi = the first
 // and the second half of a0 b0 a1 b1 ... Single instructions with AVX-512 and SSE, two with AVX2.
 template <typename T>
-inline void unzip(vec<T> a, vec<T> b, vec<T>& even, vec<T>& odd) {
+DKM_ALWAYS_INLINE void unzip(vec<T> a, vec<T> b, vec<T>& even, vec<T>& odd) {
   constexpr int N = Vec<T>::lanes;
   if constexpr (N == 2) {
     even = __builtin_shufflevector(a, b, 0, 2);
@@ -497,7 +502,7 @@ inline void unzip(vec<T> a, vec<T> b, vec<T>& even, vec<T>& odd) {
 }
 
 template <typename T>
-inline void zip(vec<T> a, vec<T> b, vec<T>& lo, vec<T>& hi) {
+DKM_ALWAYS_INLINE void zip(vec<T> a, vec<T> b, vec<T>& lo, vec<T>& hi) {
   constexpr int N = Vec<T>::lanes;
   if constexpr (N == 2) {
     lo = __builtin_shufflevector(a, b, 0, 2);
@@ -519,7 +524,7 @@ inline void zip(vec<T> a, vec<T> b, vec<T>& lo, vec<T>& hi) {
 // A full block is D vector loads and log2(D) rounds of D / 2 unzips (the flat index r D + l loses
 // its lowest bit of l per round), instead of N D single-lane inserts.
 template <typename T, int D>
-inline void rows_to_lanes(const T* x, int n, vec<T>* out) {
+DKM_ALWAYS_INLINE void rows_to_lanes(const T* x, int n, vec<T>* out) {
   constexpr int N = Vec<T>::lanes;
   if (n == N) {
     if constexpr (D == 1) {
@@ -546,7 +551,7 @@ inline void rows_to_lanes(const T* x, int n, vec<T>* out) {
 
 // The inverse of rows_to_lanes for the n valid rows: x[r * D + l] (+)= v[l][r].
 template <typename T, int D, bool Add>
-inline void lanes_to_rows(const vec<T>* v, int n, T* x) {
+DKM_ALWAYS_INLINE void lanes_to_rows(const vec<T>* v, int n, T* x) {
   constexpr int N = Vec<T>::lanes;
   if (n == N) {
     if constexpr (D == 1) {
@@ -588,7 +593,7 @@ constexpr int lane_blocks() {
 // the n valid rows so that they contribute nothing. Per row the same operations in the same order
 // whatever B.
 template <typename T, int D, int K, int B>
-inline void lane_attention(const Pass<T>& p, const vec<T>* w, int n, vec<T>* e, vec<T>* inv) {
+DKM_ALWAYS_INLINE void lane_attention(const Pass<T>& p, const vec<T>* w, int n, vec<T>* e, vec<T>* inv) {
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
   vec<T> lowest[B], sum[B];
@@ -632,7 +637,7 @@ inline void lane_steps(int64_t rows, const Step& step) {
 
 // The rows of B blocks (n valid rows in all) in lanes, D vectors per block.
 template <typename T, int D, int B>
-inline void blocks_to_lanes(const T* x, int n, vec<T>* out) {
+DKM_ALWAYS_INLINE void blocks_to_lanes(const T* x, int n, vec<T>* out) {
   constexpr int N = Vec<T>::lanes;
   for (int b = 0; b < B; ++b) {
     const int nb = n - b * N < N ? n - b * N : N;
