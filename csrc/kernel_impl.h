@@ -13,6 +13,11 @@
 
 #include "kernels.h"
 
+// The helpers of the lane kernels must melt into their callers (a call per block of rows, with
+// the block's vectors passed through memory, costs a third of a pass at d = 1): inlining is forced
+// where the compiler's size heuristics could decline.
+#define DKM_ALWAYS_INLINE inline __attribute__((always_inline))
+
 namespace dkm {
 namespace DKM_ISA_NS {
 namespace {
@@ -468,56 +473,176 @@ void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t row
 // (distance from exact differences, exponent (dmin - dist) * scale), so results agree to rounding.
 constexpr int kLaneK = 16;  // the largest k taken here
 
-// N rows (n <= N valid, the rest zero) of x, one coordinate per vector: out[l][r] = x[r * D + l].
-template <typename T, int D>
-inline void rows_to_lanes(const T* x, int n, vec<T>* out) {
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define DKM_HAS_SHUFFLE 1
+#endif
+#endif
+
+#ifdef DKM_HAS_SHUFFLE
+// The even and the odd lanes of the 2N lanes of (a, b), and its inverse, zip: lo, hi = the first
+// and the second half of a0 b0 a1 b1 ... Single instructions with AVX-512 and SSE, two with AVX2.
+template <typename T>
+DKM_ALWAYS_INLINE void unzip(vec<T> a, vec<T> b, vec<T>& even, vec<T>& odd) {
   constexpr int N = Vec<T>::lanes;
-  for (int l = 0; l < D; ++l) out[l] = vec<T>{};
-  if (D == 1 && n == N) {
-    out[0] = load(x);
-    return;
+  if constexpr (N == 2) {
+    even = __builtin_shufflevector(a, b, 0, 2);
+    odd = __builtin_shufflevector(a, b, 1, 3);
+  } else if constexpr (N == 4) {
+    even = __builtin_shufflevector(a, b, 0, 2, 4, 6);
+    odd = __builtin_shufflevector(a, b, 1, 3, 5, 7);
+  } else if constexpr (N == 8) {
+    even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
+    odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+  } else {
+    static_assert(N == 16, "vectors of 2 to 16 lanes");
+    even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
   }
+}
+
+template <typename T>
+DKM_ALWAYS_INLINE void zip(vec<T> a, vec<T> b, vec<T>& lo, vec<T>& hi) {
+  constexpr int N = Vec<T>::lanes;
+  if constexpr (N == 2) {
+    lo = __builtin_shufflevector(a, b, 0, 2);
+    hi = __builtin_shufflevector(a, b, 1, 3);
+  } else if constexpr (N == 4) {
+    lo = __builtin_shufflevector(a, b, 0, 4, 1, 5);
+    hi = __builtin_shufflevector(a, b, 2, 6, 3, 7);
+  } else if constexpr (N == 8) {
+    lo = __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11);
+    hi = __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+  } else {
+    lo = __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    hi = __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  }
+}
+#endif
+
+// N rows (n <= N valid, the rest zero) of x, one coordinate per vector: out[l][r] = x[r * D + l].
+// A full block is D vector loads and log2(D) rounds of D / 2 unzips (the flat index r D + l loses
+// its lowest bit of l per round), instead of N D single-lane inserts.
+template <typename T, int D>
+DKM_ALWAYS_INLINE void rows_to_lanes(const T* x, int n, vec<T>* out) {
+  constexpr int N = Vec<T>::lanes;
+  if (n == N) {
+    if constexpr (D == 1) {
+      out[0] = load(x);
+      return;
+    }
+#ifdef DKM_HAS_SHUFFLE
+    if constexpr (D == 2 || D == 4 || D == 8) {
+      vec<T> cur[D], next[D];
+      for (int q = 0; q < D; ++q) cur[q] = load(x + q * N);
+      for (int round = 1; round < D; round *= 2) {
+        for (int q = 0; q < D / 2; ++q) unzip<T>(cur[2 * q], cur[2 * q + 1], next[q], next[q + D / 2]);
+        for (int q = 0; q < D; ++q) cur[q] = next[q];
+      }
+      for (int l = 0; l < D; ++l) out[l] = cur[l];
+      return;
+    }
+#endif
+  }
+  for (int l = 0; l < D; ++l) out[l] = vec<T>{};
   for (int r = 0; r < n; ++r)
     for (int l = 0; l < D; ++l) out[l][r] = x[r * D + l];
 }
 
 // The inverse of rows_to_lanes for the n valid rows: x[r * D + l] (+)= v[l][r].
 template <typename T, int D, bool Add>
-inline void lanes_to_rows(const vec<T>* v, int n, T* x) {
+DKM_ALWAYS_INLINE void lanes_to_rows(const vec<T>* v, int n, T* x) {
   constexpr int N = Vec<T>::lanes;
-  if (D == 1 && n == N) {
-    store(x, Add ? load(x) + v[0] : v[0]);
-    return;
+  if (n == N) {
+    if constexpr (D == 1) {
+      store(x, Add ? load(x) + v[0] : v[0]);
+      return;
+    }
+#ifdef DKM_HAS_SHUFFLE
+    if constexpr (D == 2 || D == 4 || D == 8) {
+      vec<T> cur[D], next[D];
+      for (int q = 0; q < D; ++q) cur[q] = v[q];
+      for (int round = 1; round < D; round *= 2) {
+        for (int q = 0; q < D / 2; ++q) zip<T>(cur[q], cur[q + D / 2], next[2 * q], next[2 * q + 1]);
+        for (int q = 0; q < D; ++q) cur[q] = next[q];
+      }
+      for (int q = 0; q < D; ++q) store(x + q * N, Add ? load(x + q * N) + cur[q] : cur[q]);
+      return;
+    }
+#endif
   }
   for (int r = 0; r < n; ++r)
     for (int l = 0; l < D; ++l) x[r * D + l] = Add ? x[r * D + l] + v[l][r] : v[l][r];
 }
 
-// The attention of N rows (lanes) to K centroids: e[j] = exp(S_ij - max_j S_ij) and, returned,
-// 1 / sum_j e[j], set to 0 in lanes past the n valid rows so that they contribute nothing.
-template <typename T, int D, int K>
-inline vec<T> lane_attention(const Pass<T>& p, const vec<T>* w, int n, vec<T>* e) {
+// Blocks of N rows taken per step: B blocks go through each fused step together, so that the B
+// independent chains (distance, exponential, normaliser, division, sums) overlap. One block's
+// chain is long (the exponential alone is a 7-deep multiply-add chain, then the sum over centroids
+// and a division) and holds only a hundred-odd operations, which is too little to keep the vector
+// units busy. More blocks than the registers hold (about 2 (D + K) vectors per block) spill.
+#ifndef DKM_LANE_BLOCKS
+#define DKM_LANE_BLOCKS 2
+#endif
+template <int D, int K>
+constexpr int lane_blocks() {
+  return DKM_LANE_BLOCKS;
+}
+
+// The attention of B blocks of N rows (block b, lane r: row b N + r) to K centroids:
+// e[b K + j] = exp(S_ij - max_j S_ij) and inv[b] = 1 / sum_j e[b K + j], set to 0 in lanes past
+// the n valid rows so that they contribute nothing. Per row the same operations in the same order
+// whatever B.
+template <typename T, int D, int K, int B>
+DKM_ALWAYS_INLINE void lane_attention(const Pass<T>& p, const vec<T>* w, int n, vec<T>* e, vec<T>* inv) {
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
-  vec<T> lowest = splat<T>(__builtin_inf());
+  vec<T> lowest[B], sum[B];
+  for (int b = 0; b < B; ++b) lowest[b] = splat<T>(__builtin_inf()), sum[b] = vec<T>{};
   for (int j = 0; j < K; ++j) {
-    vec<T> acc{};
+    vec<T> acc[B];
+    for (int b = 0; b < B; ++b) acc[b] = vec<T>{};
     for (int l = 0; l < D; ++l) {
-      const vec<T> diff = p.cT[l * kp + j] - w[l];
-      acc += diff * diff;
+      const T c = p.cT[l * kp + j];
+      for (int b = 0; b < B; ++b) {
+        const vec<T> diff = c - w[b * D + l];
+        acc[b] += diff * diff;
+      }
     }
-    e[j] = acc;
-    lowest = vmin<T>(lowest, acc);
+    for (int b = 0; b < B; ++b) {
+      e[b * K + j] = acc[b];
+      lowest[b] = vmin<T>(lowest[b], acc[b]);
+    }
   }
-  vec<T> sum{};
-  for (int j = 0; j < K; ++j) {
-    e[j] = vexp2((lowest - e[j]) * p.exp2_scale);
-    sum += e[j];
+  for (int j = 0; j < K; ++j)
+    for (int b = 0; b < B; ++b) {
+      e[b * K + j] = vexp2((lowest[b] - e[b * K + j]) * p.exp2_scale);
+      sum[b] += e[b * K + j];
+    }
+  for (int b = 0; b < B; ++b) inv[b] = T(1) / sum[b];
+  if (n < B * N)
+    for (int r = n; r < B * N; ++r) inv[r / N][r % N] = T(0);
+}
+
+// Runs step.template operator()<B>(first_row, valid_rows) over `rows` rows: steps of B blocks of
+// N rows while they are full, then one block at a time. Blocks are taken in row order either way,
+// and each lane's sums see its rows in that order, so results do not depend on B.
+template <typename T, int B, typename Step>
+inline void lane_steps(int64_t rows, const Step& step) {
+  constexpr int N = Vec<T>::lanes;
+  int64_t i = 0;
+  if constexpr (B > 1)
+    for (; i + B * N <= rows; i += B * N) step.template operator()<B>(i, B * N);
+  for (; i < rows; i += N) step.template operator()<1>(i, rows - i < N ? static_cast<int>(rows - i) : N);
+}
+
+// The rows of B blocks (n valid rows in all) in lanes, D vectors per block.
+template <typename T, int D, int B>
+DKM_ALWAYS_INLINE void blocks_to_lanes(const T* x, int n, vec<T>* out) {
+  constexpr int N = Vec<T>::lanes;
+  for (int b = 0; b < B; ++b) {
+    const int nb = n - b * N < N ? n - b * N : N;
+    rows_to_lanes<T, D>(x + b * N * D, nb > 0 ? nb : 0, out + b * D);
   }
-  vec<T> inv = T(1) / sum;
-  if (n < N)
-    for (int r = n; r < N; ++r) inv[r] = T(0);
-  return inv;
 }
 
 // Adds the per-lane sums acc[l * K + j] into accT[l][j] (and mass[j] += msum[j]).
@@ -531,81 +656,100 @@ inline void lanes_to_sums(const Pass<T>& p, const vec<T>* acc, const vec<T>* msu
 
 template <typename T, int D, int K>
 void lane_accumulate(const Pass<T>& p, const T* w, const T* x, int64_t rows, T* accT, T* mass) {
-  constexpr int N = Vec<T>::lanes;
   vec<T> acc[D * K], msum[K];
   for (int i = 0; i < D * K; ++i) acc[i] = vec<T>{};
   for (int j = 0; j < K; ++j) msum[j] = vec<T>{};
-  for (int64_t i = 0; i < rows; i += N) {
-    const int n = rows - i < N ? static_cast<int>(rows - i) : N;
-    vec<T> wl[D], xl[D], e[K];
-    rows_to_lanes<T, D>(w + i * D, n, wl);
-    rows_to_lanes<T, D>(x + i * D, n, xl);
-    const vec<T> inv = lane_attention<T, D, K>(p, wl, n, e);
-    for (int l = 0; l < D; ++l) xl[l] *= inv;  // A_ij x_il = e_ij (x_il / sum_j e_ij)
-    for (int j = 0; j < K; ++j) {
-      msum[j] += e[j] * inv;
-      for (int l = 0; l < D; ++l) acc[l * K + j] += e[j] * xl[l];
-    }
-  }
+  lane_steps<T, lane_blocks<D, K>()>(rows, [&]<int B>(int64_t i, int n) {
+    vec<T> wl[B * D], xl[B * D], e[B * K], inv[B];
+    blocks_to_lanes<T, D, B>(w + i * D, n, wl);
+    if (D > 1 && x == w)  // the forward's iterations: the values are the rows, transposed once
+      for (int q = 0; q < B * D; ++q) xl[q] = wl[q];
+    else
+      blocks_to_lanes<T, D, B>(x + i * D, n, xl);
+    lane_attention<T, D, K, B>(p, wl, n, e, inv);
+    for (int b = 0; b < B; ++b)
+      for (int l = 0; l < D; ++l) xl[b * D + l] *= inv[b];  // A_ij x_il = e_ij (x_il / sum_j e_ij)
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < K; ++j) {
+        msum[j] += e[b * K + j] * inv[b];
+        for (int l = 0; l < D; ++l) acc[l * K + j] += e[b * K + j] * xl[b * D + l];
+      }
+  });
   lanes_to_sums<T, D, K>(p, acc, msum, accT, mass);
 }
 
 template <typename T, int D, int K>
 void lane_output(const Pass<T>& p, const T* w, int64_t rows, T* out) {
   constexpr int N = Vec<T>::lanes;
-  for (int64_t i = 0; i < rows; i += N) {
-    const int n = rows - i < N ? static_cast<int>(rows - i) : N;
-    vec<T> wl[D], e[K], o[D];
-    rows_to_lanes<T, D>(w + i * D, n, wl);
-    const vec<T> inv = lane_attention<T, D, K>(p, wl, n, e);
-    for (int l = 0; l < D; ++l) o[l] = vec<T>{};
+  lane_steps<T, lane_blocks<D, K>()>(rows, [&]<int B>(int64_t i, int n) {
+    vec<T> wl[B * D], e[B * K], inv[B], o[B * D];
+    blocks_to_lanes<T, D, B>(w + i * D, n, wl);
+    lane_attention<T, D, K, B>(p, wl, n, e, inv);
+    for (int q = 0; q < B * D; ++q) o[q] = vec<T>{};
     for (int j = 0; j < K; ++j)
-      for (int l = 0; l < D; ++l) o[l] += e[j] * p.cLT[l * p.kp + j];
-    for (int l = 0; l < D; ++l) o[l] *= inv;
-    lanes_to_rows<T, D, false>(o, n, out + i * D);
-  }
+      for (int l = 0; l < D; ++l) {
+        const T c = p.cLT[l * p.kp + j];
+        for (int b = 0; b < B; ++b) o[b * D + l] += e[b * K + j] * c;
+      }
+    for (int b = 0; b < B; ++b) {
+      for (int l = 0; l < D; ++l) o[b * D + l] *= inv[b];
+      const int nb = n - b * N < N ? n - b * N : N;
+      lanes_to_rows<T, D, false>(o + b * D, nb, out + (i + b * N) * D);
+    }
+  });
 }
 
-// The backward step of grad_row, N rows at a time (same formulas, same order per row).
+// The backward step of grad_row, B blocks of N rows at a time (same formulas, same order per row).
 template <typename T, int D, int K>
 void lane_grad_step(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw, T* accT) {
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
   vec<T> acc[D * K];
   for (int i = 0; i < D * K; ++i) acc[i] = vec<T>{};
-  for (int64_t i = 0; i < rows; i += N) {
-    const int n = rows - i < N ? static_cast<int>(rows - i) : N;
-    vec<T> wl[D], gl[D]{}, e[K], da[K];
-    rows_to_lanes<T, D>(w + i * D, n, wl);
-    if (grad_out) rows_to_lanes<T, D>(grad_out + i * D, n, gl);
-    const vec<T> inv = lane_attention<T, D, K>(p, wl, n, e);
-    vec<T> u[D], v[D];  // sum_j e_ij gm_jl and sum_j dS_ij (c_jl - w_il)
-    for (int l = 0; l < D; ++l) u[l] = v[l] = vec<T>{};
-    vec<T> dot{};
+  lane_steps<T, lane_blocks<D, K>()>(rows, [&]<int B>(int64_t i, int n) {
+    vec<T> wl[B * D], gl[B * D]{}, e[B * K], da[B * K], inv[B];
+    blocks_to_lanes<T, D, B>(w + i * D, n, wl);
+    if (grad_out) blocks_to_lanes<T, D, B>(grad_out + i * D, n, gl);
+    lane_attention<T, D, K, B>(p, wl, n, e, inv);
+    vec<T> u[B * D], v[B * D], dot[B];  // sum_j e_ij gm_jl and sum_j dS_ij (c_jl - w_il)
+    for (int q = 0; q < B * D; ++q) u[q] = v[q] = vec<T>{};
+    for (int b = 0; b < B; ++b) dot[b] = vec<T>{};
     for (int j = 0; j < K; ++j) {
-      vec<T> d = splat<T>(-p.gdc[j]);
+      vec<T> d[B];
+      for (int b = 0; b < B; ++b) d[b] = splat<T>(-p.gdc[j]);
       for (int l = 0; l < D; ++l) {
         const T g = p.gmT[l * kp + j];
-        d += g * wl[l];
-        u[l] += e[j] * g;
+        for (int b = 0; b < B; ++b) {
+          d[b] += g * wl[b * D + l];
+          u[b * D + l] += e[b * K + j] * g;
+        }
       }
       if (grad_out)
-        for (int l = 0; l < D; ++l) d += p.cLT[l * kp + j] * gl[l];
-      e[j] *= inv;  // A_ij from here on
-      da[j] = d;
-      dot += e[j] * d;
-    }
-    for (int j = 0; j < K; ++j) {
-      const vec<T> ds = e[j] * (da[j] - dot);
-      for (int l = 0; l < D; ++l) {
-        const vec<T> diff = p.cT[l * kp + j] - wl[l];
-        v[l] += ds * diff;
-        acc[l * K + j] -= ds * diff;
+        for (int l = 0; l < D; ++l) {
+          const T c = p.cLT[l * kp + j];
+          for (int b = 0; b < B; ++b) d[b] += c * gl[b * D + l];
+        }
+      for (int b = 0; b < B; ++b) {
+        e[b * K + j] *= inv[b];  // A_ij from here on
+        da[b * K + j] = d[b];
+        dot[b] += e[b * K + j] * d[b];
       }
     }
-    for (int l = 0; l < D; ++l) u[l] = u[l] * inv + v[l] * p.two_over_tau;
-    lanes_to_rows<T, D, true>(u, n, dw + i * D);
-  }
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j < K; ++j) {
+        const vec<T> ds = e[b * K + j] * (da[b * K + j] - dot[b]);
+        for (int l = 0; l < D; ++l) {
+          const vec<T> diff = p.cT[l * kp + j] - wl[b * D + l];
+          v[b * D + l] += ds * diff;
+          acc[l * K + j] -= ds * diff;
+        }
+      }
+    for (int b = 0; b < B; ++b) {
+      for (int l = 0; l < D; ++l) u[b * D + l] = u[b * D + l] * inv[b] + v[b * D + l] * p.two_over_tau;
+      const int nb = n - b * N < N ? n - b * N : N;
+      lanes_to_rows<T, D, true>(u + b * D, nb, dw + (i + b * N) * D);
+    }
+  });
   lanes_to_sums<T, D, K>(p, acc, nullptr, accT, nullptr);
 }
 
