@@ -20,5 +20,5 @@ DKM_KERNELS_SANITIZE=address python setup.py -q build_ext --inplace --force >bui
 # libstdc++ is preloaded too, so that ASan finds the C++ exception functions it intercepts.
 libasan="$(${CXX:-c++} -print-file-name=libasan.so)"
 export LD_PRELOAD="$libasan $(${CXX:-c++} -print-file-name=libstdc++.so)" ASAN_OPTIONS="detect_leaks=0:abort_on_error=1"
-python -m pytest -q -p no:cacheprovider tests/test_cpu_backend.py tests/test_cpu_numerics.py \
+python -m pytest -q -p no:cacheprovider tests/test_cpu_backend.py tests/test_cpu_ragged.py tests/test_cpu_numerics.py \
     tests/test_op_contract.py tests/test_backends.py -k "cpu or op or contract or numerics" "$@"
