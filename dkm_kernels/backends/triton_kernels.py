@@ -40,7 +40,13 @@ Memory: nothing is saved for backward beyond the op's outputs (history, masses, 
 Transient: the slots, k x (d + 1) floats per item, whose count the deterministic mode bounds by
 WORKSPACE_BYTES (so a very large k runs on fewer items there); none in the atomic mode; the tables
 (a few int64 per segment and per item); and for float16/bfloat16 weights an fp32 dW buffer of W's
-shape, cast at the end. Weights are not copied: the tables hold the address of each segment's rows.
+shape, cast at the end. Weights are not copied: a table holds each problem's address, and each
+segment's row gives its first element there.
+
+CUDA graphs (docs/design.md §12): after a first call has built and cached the tables, a call
+copies nothing to the device (the addresses of G~, dW and W~ are kernel arguments of
+`_store_addresses_kernel`) and, under capture, reads nothing from it (recurrence.py), so a whole
+forward+backward can be captured and replayed.
 """
 from __future__ import annotations
 
