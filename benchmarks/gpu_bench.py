@@ -169,7 +169,8 @@ def compile_check(cases) -> None:
     # Triton ships ptxas builds for several PTX versions: use the first that takes its PTX.
     ptxas_builds = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends",
                                                  "nvidia", "bin", "ptxas*"))) or ["ptxas"]
-    # The tables are int64, `active` int32, every other pointer fp32; scalars are int32.
+    # The tables are int64, `active` int32, every other pointer fp32; scalars are int32 but the
+    # addresses a0.. of _store_addresses_kernel, int64.
     int_pointers = {"active_ptr": "*i32", "items_ptr": "*i64", "segments_ptr": "*i64",
                     "table_ptr": "*i64"}
 
@@ -178,7 +179,8 @@ def compile_check(cases) -> None:
 
     def report(kernel, constexprs, num_warps):
         signature = {name: "constexpr" if name in constexprs else
-                     pointer_type(name) if name.endswith("_ptr") else "i32"
+                     pointer_type(name) if name.endswith("_ptr") else
+                     "i64" if name[0] == "a" and name[1:].isdigit() else "i32"
                      for name in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", *SM90),
@@ -214,6 +216,7 @@ def compile_check(cases) -> None:
                 report(tk._output_kernel, dict(blocks, BLOCK_M=out.block_m,
                                                BLOCK_K=out.block_k), out.num_warps)
     report(tk._reduce_slots_kernel, {"BLOCK": tk.REDUCE_BLOCK}, 4)
+    report(tk._store_addresses_kernel, {}, 1)
 
 
 def measure(backend: str, weights, centroids, iterations: int, do_bench,

@@ -164,7 +164,7 @@ def _backward_steps(iterations: Tensor, max_iter: int) -> int:
     """The longest group's iteration count, after checking that every count indexes the history
     (out of range they would read outside it); one host sync for both. Under CUDA-graph capture,
     which cannot read the device, the check runs on the device and every step runs: a group past
-    its own count is inactive in the later steps, whose passes skip it, so the result is the same."""
+    its own count is inactive in the later steps, whose passes skip it: the same result."""
     if not iterations.numel():
         return 0
     if capturing():

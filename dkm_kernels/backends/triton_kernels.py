@@ -135,8 +135,8 @@ def _rows_of(addresses_ptr, segments_ptr, segment, like_ptr):
     """The segment's (m, D) rows in one tensor per problem: the problem's address from
     `addresses_ptr` (problems,), typed as `like_ptr`, plus the segment's first element."""
     fields = segments_ptr + segment * SEGMENT_FIELDS
-    rows = tl.load(addresses_ptr + tl.load(fields + 2)).to(tl.pointer_type(like_ptr.dtype.element_ty))
-    return rows + tl.load(fields + 3)
+    address = tl.load(addresses_ptr + tl.load(fields + 2))
+    return address.to(tl.pointer_type(like_ptr.dtype.element_ty)) + tl.load(fields + 3)
 
 
 @triton.jit
