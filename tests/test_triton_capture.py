@@ -62,11 +62,12 @@ def fake_capture(monkeypatch, assert_async=None):
 
 
 def one_problem():
-    """Two groups; the second is one repeated point, so it stops after its first iteration and the
-    backward's later steps must leave it alone."""
+    """Two groups that stop before max_iter = 6, after 4 iterations and after 1 (one repeated
+    point): the backward's steps past a group's count, and under capture the steps past the
+    longest count, must leave it alone."""
     weights, centroids, tau = make_problem(24, 2, 4, groups=2, seed=20)
     weights[1], centroids[1] = centroids[1, 0], centroids[1, 0]
-    return DKMProblem(weights.float().to(DEVICE), centroids.float().to(DEVICE), tau, 4, 1e-3)
+    return DKMProblem(weights.float().to(DEVICE), centroids.float().to(DEVICE), tau, 6, 1e-2)
 
 
 def many_problems():
@@ -75,6 +76,19 @@ def many_problems():
     weights, centroids, tau = make_problem(20, 1, 3, seed=21)
     first = DKMProblem(weights.float().to(DEVICE), centroids.float().to(DEVICE), tau, 3, 0.0)
     return [first, one_problem()]
+
+
+def backward_launches(monkeypatch) -> list:
+    """Records every launch of the backward kernel."""
+    launches = []
+    launch = triton_kernels._launch
+
+    def counted(kernel, *args, **kwargs):
+        if kernel is triton_kernels._backward_kernel:
+            launches.append(kernel)
+        return launch(kernel, *args, **kwargs)
+    monkeypatch.setattr(triton_kernels, "_launch", counted)
+    return launches
 
 
 def run(call, problems, upstream):
@@ -99,11 +113,17 @@ def test_captured_call_reads_and_copies_nothing_and_equals_eager(name, call, pro
     problems = [p._replace(weights=p.weights.requires_grad_(True)) for p in problems]
     gen = torch.Generator().manual_seed(22)
     upstream = [torch.randn(p.weights.shape, generator=gen).to(p.weights) for p in problems]
+    launches = backward_launches(monkeypatch)
     eager = run(call, problems, upstream)  # also the warm-up: builds and caches the tables
-    assert [r[2].tolist() for r in eager][-1] == [4, 1]  # a group stops early
+    assert eager[-1][2].tolist() == [4, 1]  # every group stops before max_iter = 6
+    eager_launches, launches[:] = len(launches), []
     with fake_capture(monkeypatch) as (forbidden, asserted):
         captured = run(call, problems, upstream)
     assert forbidden == {}, f"{name} under capture read the device or copied to it: {forbidden}"
+    # Eager runs the backward's 4 steps (the longest count), captured all 6, one launch each per
+    # kernel variant; the 2 more find every group inactive.
+    variants = len(problems)
+    assert (eager_launches, len(launches)) == (4 * variants, 6 * variants)
     # The forward's NaN/Inf check and the backward's check of the counts, on the device.
     assert len(asserted) == 2 and all(bool(a) for a in asserted)
     for ours, theirs in zip(captured, eager):
