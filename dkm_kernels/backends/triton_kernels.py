@@ -279,7 +279,7 @@ def _add_to_slot(sums_ptr, mass_ptr, stride, cols, col_mask, dims, block_sums, b
 @triton.jit
 def _attention_sums_kernel(
     items_ptr,           # (items, ITEM_FIELDS) int64
-    segments_ptr,        # (segments, SEGMENT_FIELDS) int64: state index, k
+    segments_ptr,        # (segments, SEGMENT_FIELDS) int64: state index, k, problem, first element
     scales_ptr,          # (segments, SCALE_FIELDS) fp32: log2(e)/tau, 2/tau
     weight_addrs_ptr,    # (problems,) int64: address of each problem's W (_rows_of)
     value_addrs_ptr,     # (problems,) int64: of its v_i (W, or G~), summed with weights A_ij
