@@ -102,6 +102,9 @@ def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float | T
     # iteration with no host sync in between: the stop costs a launch that does nothing instead
     # of a sync per iteration. The others read the stop test on the host and break early.
     stops_on_device = getattr(passes, "stops_on_device", False)
+    if not stops_on_device and capturing():
+        raise RuntimeError("only backend='triton' runs under CUDA-graph capture: the other "
+                           "backends read their stop test on the host each iteration")
     history = centroids.new_empty((max_iter + 1, groups, k, d))
     masses = centroids.new_zeros((max_iter, groups, k))
     iterations = (torch.full((groups,), max_iter, dtype=torch.int64, device=centroids.device)

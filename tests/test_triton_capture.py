@@ -180,3 +180,11 @@ def test_a_real_capture_replays_the_eager_results():
     for ours, theirs in zip(captured, eager):
         for a, b in zip(ours, theirs):
             assert torch.equal(a, b)
+
+
+def test_a_backend_that_reads_the_host_is_refused_under_capture(monkeypatch):
+    """The torch backend reads its stop test on the host each iteration: under capture it says
+    which backend can run instead of failing inside CUDA."""
+    problem = one_problem()
+    with fake_capture(monkeypatch), pytest.raises(RuntimeError, match="backend='triton'"):
+        dkm(*problem, backend="torch")
