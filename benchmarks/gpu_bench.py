@@ -19,7 +19,8 @@ start of the same run (measured_rates; --dry-run uses an H100 SXM's datasheet ra
 harness.H100_SXM); the floor is the largest of the three times (harness.time_floor).
 `--resnet50` times the whole ResNet-50 8/8 clustering instead, one op call per layer and all
 layers in one `dkm_many` call; for triton it records the passes class, the launches per pass and
-(one call) a CUDA-graph capture of the forward's iterations (docs/design.md §12).
+(one call) CUDA-graph captures of the forward's iterations and of the whole forward+backward, with
+eager and replay times (docs/design.md §12).
 The reference's predicted memory, and the cap that skips it, is harness.naive_peak_bytes.
 """
 from __future__ import annotations
@@ -168,7 +169,8 @@ def compile_check(cases) -> None:
     # Triton ships ptxas builds for several PTX versions: use the first that takes its PTX.
     ptxas_builds = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends",
                                                  "nvidia", "bin", "ptxas*"))) or ["ptxas"]
-    # The tables are int64, `active` int32, every other pointer fp32; scalars are int32.
+    # The tables are int64, `active` int32, every other pointer fp32; scalars are int32 but the
+    # addresses a0.. of _store_addresses_kernel, int64.
     int_pointers = {"active_ptr": "*i32", "items_ptr": "*i64", "segments_ptr": "*i64",
                     "table_ptr": "*i64"}
 
@@ -177,7 +179,8 @@ def compile_check(cases) -> None:
 
     def report(kernel, constexprs, num_warps):
         signature = {name: "constexpr" if name in constexprs else
-                     pointer_type(name) if name.endswith("_ptr") else "i32"
+                     pointer_type(name) if name.endswith("_ptr") else
+                     "i64" if name[0] == "a" and name[1:].isdigit() else "i32"
                      for name in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constexprs),
                                   target=GPUTarget("cuda", *SM90),
@@ -213,6 +216,7 @@ def compile_check(cases) -> None:
                 report(tk._output_kernel, dict(blocks, BLOCK_M=out.block_m,
                                                BLOCK_K=out.block_k), out.num_warps)
     report(tk._reduce_slots_kernel, {"BLOCK": tk.REDUCE_BLOCK}, 4)
+    report(tk._store_addresses_kernel, {}, 1)
 
 
 def measure(backend: str, weights, centroids, iterations: int, do_bench,
@@ -320,6 +324,68 @@ def graph_capture(params, centroids, iterations: int, deterministic: bool, do_be
     return result
 
 
+def call_capture(params, centroids, upstream, iterations: int, deterministic: bool,
+                 do_bench) -> dict:
+    """A whole forward+backward of every layer in one `dkm_many` call (triton) captured in one
+    CUDA graph (docs/design.md §12): static inputs (weights, centroids, upstream gradients), an
+    eager call first (it compiles the kernels and builds the tables), the warm-up on a side stream
+    as torch.cuda.graph asks, capture, replay. Reports whether capture works, the replay's values,
+    centroids, iterations and weight gradients against the eager call's (bit for bit in
+    deterministic mode), and eager and replay times; a failure is reported, not raised. Without
+    CUDA only the eager call runs (the self-check)."""
+    import dkm_kernels
+
+    leaves = [w.detach().clone().requires_grad_(True) for w in params]
+
+    def step():
+        results = dkm_kernels.dkm_many(
+            [(w, c, PAPER_TAU, iterations, 0.0) for w, c in zip(leaves, centroids)],
+            backend="triton", deterministic=deterministic)
+        grads = torch.autograd.grad([r.weights for r in results], leaves, upstream)
+        return ([r.weights.detach() for r in results] + [r.centroids for r in results]
+                + [r.iterations for r in results] + list(grads))
+
+    result = {"layers": len(leaves)}
+    try:
+        eager = [t.clone() for t in step()]
+        result["eager_ms"] = do_bench(step, return_mode="median")
+        if leaves[0].device.type != "cuda":
+            result.update(captured=None, reason="no CUDA device")
+            return result
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = step()
+        graph.replay()
+        torch.cuda.synchronize()
+        if deterministic:
+            equal = all(torch.equal(a, b) for a, b in zip(static, eager))
+        else:  # atomics: the order of the additions, and so the last bits, differ run to run
+            equal = all(torch.equal(a, b) if not a.is_floating_point()
+                        else torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                        for a, b in zip(static, eager))
+        result.update(captured=True, replay_equals_eager=bool(equal),
+                      replay_ms=do_bench(graph.replay, return_mode="median"))
+        # Replays read the inputs in place: new weights give the eager call's new results.
+        with torch.no_grad():
+            for leaf in leaves:
+                leaf.mul_(1.01)
+        graph.replay()
+        fresh = step()
+        torch.cuda.synchronize()
+        result["replay_follows_new_inputs"] = bool(all(
+            torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5)
+            for a, b in zip(static, fresh)))
+    except Exception as error:  # noqa: BLE001 (the session goes on; the failure is the result)
+        result.update(captured=False, error=f"{type(error).__name__}: {str(error)[:300]}")
+    return result
+
+
 def resnet50_clustering(backend: str, iterations: int, do_bench, rates: Rates,
                         device=torch.device("cuda"), layers: int | None = None,
                         one_call: bool = False, rows: int | None = None) -> dict:
@@ -327,8 +393,9 @@ def resnet50_clustering(backend: str, iterations: int, do_bench, rates: Rates,
     layer, or all of them in one `dkm_many` call (`one_call`, docs/design.md §12): all forwards,
     then one backward through all of them; median time, peak memory and the floor summed over
     the layers. For triton also the passes class that runs the call, its launches per pass and,
-    for one call, a CUDA-graph capture of the forward's iterations (graph_capture). `rows` caps
-    every layer's rows and k (the self-check's tiny sizes)."""
+    for one call, CUDA-graph captures of the forward's iterations (graph_capture) and of the whole
+    forward+backward (call_capture). `rows` caps every layer's rows and k (the self-check's tiny
+    sizes)."""
     import dkm_kernels
 
     name = "triton" if backend.startswith("triton") else backend
@@ -370,6 +437,8 @@ def resnet50_clustering(backend: str, iterations: int, do_bench, rates: Rates,
         forward_backward()
     if name == "triton" and one_call:
         extra["cuda_graph"] = graph_capture(params, centroids, iterations, deterministic, do_bench)
+        extra["cuda_graph_call"] = call_capture(params, centroids, upstream, iterations,
+                                                deterministic, do_bench)
     floor_s = sum(floors(layer["m"], layer["d"], layer["k"], iterations, rates)
                   ["forward+backward"]["floor_s"] for layer in plan)
     return {"backend": backend, "layers": len(plan), "one_call": one_call,

@@ -47,10 +47,11 @@ if (( SELF_CHECK )); then
 else
     step tests 170 "$PYTHON" -m pytest -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" \
         tests/test_triton_backend.py tests/test_op_contract.py tests/test_memory.py tests/test_backends.py \
-        tests/test_many.py
+        tests/test_many.py tests/test_triton_capture.py
     step op_cases 150 "$PYTHON" benchmarks/gpu_bench.py --out "$OUT/gpu_bench.json"
-    # per layer and in one dkm_many call (the ragged passes: launches per pass, a CUDA-graph
-    # capture of the forward's iterations, reported and never fatal)
+    # per layer and in one dkm_many call (the ragged passes: launches per pass, CUDA-graph
+    # captures of the forward's iterations and of the whole forward+backward, reported and never
+    # fatal)
     step resnet50_clustering 90 "$PYTHON" benchmarks/gpu_bench.py --resnet50 \
         --backends torch,triton,triton-deterministic --out "$OUT/gpu_resnet50_clustering.json"
     for batch in 64 256; do

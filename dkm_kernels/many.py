@@ -32,7 +32,12 @@ from torch import Tensor
 
 from . import backends, recurrence
 from ._ops import ErrorPrefix, check_backward_inputs, check_inputs, empty_forward_outputs
+from .capture import DeviceCache
 from .recurrence import compute_dtype
+
+# Layout.per_segment's tensors: a model's calls repeat the same few, and a captured call may
+# copy nothing to the device.
+_PER_SEGMENT = DeviceCache(256)
 
 
 class Layout(NamedTuple):
@@ -74,9 +79,12 @@ class Layout(NamedTuple):
         return packed
 
     def per_segment(self, values: list, dtype: torch.dtype, device) -> Tensor:
-        """Each problem's scalar repeated over its segments: (S,)."""
-        return torch.tensor([value for value, groups in zip(values, self.groups)
-                             for _ in range(groups)], dtype=dtype, device=device)
+        """Each problem's scalar repeated over its segments: (S,), copied to the device on the
+        first call with these values and kept (shared: read it, never write it)."""
+        key = (tuple(values), tuple(self.groups), dtype, torch.device(device))
+        return _PER_SEGMENT.get(key, lambda: torch.tensor(
+            [value for value, groups in zip(values, self.groups) for _ in range(groups)],
+            dtype=dtype, device=device))
 
 
 class RaggedPasses:

@@ -22,6 +22,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from .capture import capturing
+
 # A centroid whose attention mass is below this counts as having none: it keeps its position, its
 # 1/s terms vanish and its gradient passes through unchanged. The float32 backends flush or lose
 # attention values below float32's smallest normal number (2^-126) in every row; even summed over
@@ -100,6 +102,9 @@ def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float | T
     # iteration with no host sync in between: the stop costs a launch that does nothing instead
     # of a sync per iteration. The others read the stop test on the host and break early.
     stops_on_device = getattr(passes, "stops_on_device", False)
+    if not stops_on_device and capturing():
+        raise RuntimeError("only backend='triton' runs under CUDA-graph capture: the other "
+                           "backends read their stop test on the host each iteration")
     history = centroids.new_empty((max_iter + 1, groups, k, d))
     masses = centroids.new_zeros((max_iter, groups, k))
     iterations = (torch.full((groups,), max_iter, dtype=torch.int64, device=centroids.device)
@@ -138,26 +143,37 @@ def forward(passes: Passes, centroids: Tensor, max_iter: int, epsilon: float | T
         if not any_active:
             history[t + 2:] = c_next
             break
-    if stops_on_device:
+    if stops_on_device and capturing():
+        # A captured graph cannot read the device: the check runs there and fails the next launch.
+        torch._assert_async(finite, NOT_FINITE)
+    elif stops_on_device:
         _check_finite(bool(finite))  # the forward's one host sync
     group = torch.arange(groups, device=centroids.device)
     out = passes.output(history[iterations - 1, group], history[iterations, group])
     return out, history, masses, iterations
 
 
+NOT_FINITE = ("weights or centroids contain NaN or Inf, or weights so large that their squared "
+              "distances overflow float32 (|w| above about 1e18); DKM needs finite weights: check "
+              "the layer's values or the training step that produced them")
+
+
 def _check_finite(finite: bool) -> None:
     if not finite:
-        raise ValueError(
-            "weights or centroids contain NaN or Inf, or weights so large that their squared "
-            "distances overflow float32 (|w| above about 1e18); DKM needs finite weights: check "
-            "the layer's values or the training step that produced them")
+        raise ValueError(NOT_FINITE)
 
 
 def _backward_steps(iterations: Tensor, max_iter: int) -> int:
     """The longest group's iteration count, after checking that every count indexes the history
-    (out of range they would read outside it); one host sync for both."""
+    (out of range they would read outside it); one host sync for both. Under CUDA-graph capture,
+    which cannot read the device, the check runs on the device and every step runs: a group past
+    its own count is inactive in the later steps, whose passes skip it: the same result."""
     if not iterations.numel():
         return 0
+    if capturing():
+        torch._assert_async((iterations.min() >= 1) & (iterations.max() <= max_iter),
+                             f"iterations must lie in [1, {max_iter}] (what the forward returned)")
+        return max_iter
     low, high = torch.stack([iterations.min(), iterations.max()]).tolist()
     if low < 1 or high > max_iter:
         raise ValueError(f"iterations must lie in [1, {max_iter}] (what the forward "

@@ -40,11 +40,16 @@ Memory: nothing is saved for backward beyond the op's outputs (history, masses, 
 Transient: the slots, k x (d + 1) floats per item, whose count the deterministic mode bounds by
 WORKSPACE_BYTES (so a very large k runs on fewer items there); none in the atomic mode; the tables
 (a few int64 per segment and per item); and for float16/bfloat16 weights an fp32 dW buffer of W's
-shape, cast at the end. Weights are not copied: the tables hold the address of each segment's rows.
+shape, cast at the end. Weights are not copied: a table holds each problem's address, and each
+segment's row gives its first element there.
+
+CUDA graphs (docs/design.md §12): after a first call has built and cached the tables, a call
+copies nothing to the device (the addresses of G~, dW and W~ are kernel arguments of
+`_store_addresses_kernel`) and, under capture, reads nothing from it (recurrence.py), so a whole
+forward+backward can be captured and replayed.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 
@@ -54,6 +59,8 @@ from torch import Tensor
 
 import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 import triton.language as tl
+
+from ..capture import DeviceCache
 
 
 # k up to this many centroids is handled as one block per tile (softmax in registers).
@@ -79,9 +86,10 @@ _LOG2E = 1.4426950408889634
 
 # Table layouts (int64 rows). An item: its segment (row of the bucket's segment table), its rows
 # [row_begin, row_end), and the offsets of its slot's sums and masses. A segment: its index in the
-# packed state, its k. Scales (float32): log2(e)/tau, 2/tau per segment.
+# packed state, its k, its problem (index in the call) and the element where its group's rows
+# start in that problem's (G, M, d) tensors. Scales (float32): log2(e)/tau, 2/tau per segment.
 ITEM_FIELDS: tl.constexpr = tl.constexpr(5)
-SEGMENT_FIELDS: tl.constexpr = tl.constexpr(2)
+SEGMENT_FIELDS: tl.constexpr = tl.constexpr(4)
 SCALE_FIELDS: tl.constexpr = tl.constexpr(2)
 REDUCE_FIELDS: tl.constexpr = tl.constexpr(5)
 
@@ -123,9 +131,12 @@ def _item(items_ptr, segments_ptr, scales_ptr):
 
 
 @triton.jit
-def _rows_of(addresses_ptr, segment, like_ptr):
-    """The segment's (m, D) rows: its address from the table, typed as `like_ptr`."""
-    return tl.load(addresses_ptr + segment).to(tl.pointer_type(like_ptr.dtype.element_ty))
+def _rows_of(addresses_ptr, segments_ptr, segment, like_ptr):
+    """The segment's (m, D) rows in one tensor per problem: the problem's address from
+    `addresses_ptr` (problems,), typed as `like_ptr`, plus the segment's first element."""
+    fields = segments_ptr + segment * SEGMENT_FIELDS
+    address = tl.load(addresses_ptr + tl.load(fields + 2))
+    return address.to(tl.pointer_type(like_ptr.dtype.element_ty)) + tl.load(fields + 3)
 
 
 @triton.jit
@@ -268,10 +279,10 @@ def _add_to_slot(sums_ptr, mass_ptr, stride, cols, col_mask, dims, block_sums, b
 @triton.jit
 def _attention_sums_kernel(
     items_ptr,           # (items, ITEM_FIELDS) int64
-    segments_ptr,        # (segments, SEGMENT_FIELDS) int64: state index, k
+    segments_ptr,        # (segments, SEGMENT_FIELDS) int64: state index, k, problem, first element
     scales_ptr,          # (segments, SCALE_FIELDS) fp32: log2(e)/tau, 2/tau
-    weight_addrs_ptr,    # (segments,) int64: address of each segment's (m, D) rows of W
-    value_addrs_ptr,     # (segments,) int64: of its v_i (W, or G~), summed with weights A_ij
+    weight_addrs_ptr,    # (problems,) int64: address of each problem's W (_rows_of)
+    value_addrs_ptr,     # (problems,) int64: of its v_i (W, or G~), summed with weights A_ij
     like_ptr,            # any tensor of the weights' dtype: types the addresses
     centroids_ptr,       # (S, k_max, d_max) fp32, packed: the centroids of the attention
     active_ptr,          # (S,) int32: 0 for a segment that has stopped (its items do nothing)
@@ -284,8 +295,8 @@ def _attention_sums_kernel(
     (segment, state, k, row_begin, row_end, sums_offset, mass_offset, log2e_over_tau,
      _) = _item(items_ptr, segments_ptr, scales_ptr)
     if tl.load(active_ptr + state) != 0:
-        w_ptr = _rows_of(weight_addrs_ptr, segment, like_ptr)
-        v_ptr = _rows_of(value_addrs_ptr, segment, like_ptr)
+        w_ptr = _rows_of(weight_addrs_ptr, segments_ptr, segment, like_ptr)
+        v_ptr = _rows_of(value_addrs_ptr, segments_ptr, segment, like_ptr)
         c_ptr = centroids_ptr + state * k_max * d_max
         slot_sums_ptr = sums_ptr + sums_offset
         slot_mass_ptr = mass_ptr + mass_offset
@@ -332,8 +343,8 @@ def _attention_sums_kernel(
 @triton.jit
 def _output_kernel(
     items_ptr, segments_ptr, scales_ptr,  # as in _attention_sums_kernel; an item is a row tile
-    weight_addrs_ptr,    # (segments,) int64: each segment's rows of W
-    out_addrs_ptr,       # (segments,) int64: each segment's rows of W~ (weights' dtype)
+    weight_addrs_ptr,    # (problems,) int64: each problem's W
+    out_addrs_ptr,       # (problems,) int64: each problem's W~ (weights' dtype)
     like_ptr,            # any tensor of the weights' dtype
     attend_ptr,          # (S, k_max, d_max) fp32: C_{L-1}, the centroids of the last attention
     final_ptr,           # (S, k_max, d_max) fp32: C_L
@@ -342,8 +353,8 @@ def _output_kernel(
 ):
     (segment, state, k, row_begin, row_end, _, _, log2e_over_tau,
      _) = _item(items_ptr, segments_ptr, scales_ptr)
-    w_ptr = _rows_of(weight_addrs_ptr, segment, like_ptr)
-    out_ptr = _rows_of(out_addrs_ptr, segment, like_ptr)
+    w_ptr = _rows_of(weight_addrs_ptr, segments_ptr, segment, like_ptr)
+    out_ptr = _rows_of(out_addrs_ptr, segments_ptr, segment, like_ptr)
     c_ptr = attend_ptr + state * k_max * d_max
     f_ptr = final_ptr + state * k_max * d_max
     dims = tl.arange(0, BLOCK_D)
@@ -366,9 +377,9 @@ def _output_kernel(
 @triton.jit
 def _backward_kernel(
     items_ptr, segments_ptr, scales_ptr,  # as in _attention_sums_kernel
-    weight_addrs_ptr,    # (segments,) int64: each segment's rows of W
-    grad_out_addrs_ptr,  # (segments,) int64: its rows of G~ (read only when HAS_GRAD_OUT)
-    grad_w_addrs_ptr,    # (segments,) int64: its rows of dW (fp32), this pass's terms added
+    weight_addrs_ptr,    # (problems,) int64: each problem's W
+    grad_out_addrs_ptr,  # (problems,) int64: its G~ (read only when HAS_GRAD_OUT)
+    grad_w_addrs_ptr,    # (problems,) int64: its dW (fp32), this pass's terms added
     like_ptr,            # any tensor of the weights' dtype
     centroids_ptr,       # (S, k_max, d_max) fp32: C_t
     grad_over_mass_ptr,  # (S, k_max, d_max) fp32: G_{t+1,j} / s_{t,j}, zero without mass
@@ -384,9 +395,9 @@ def _backward_kernel(
     (segment, state, k, row_begin, row_end, sums_offset, mass_offset, log2e_over_tau,
      two_over_tau) = _item(items_ptr, segments_ptr, scales_ptr)
     if tl.load(active_ptr + state) != 0:
-        w_ptr = _rows_of(weight_addrs_ptr, segment, like_ptr)
-        go_ptr = _rows_of(grad_out_addrs_ptr, segment, like_ptr)
-        gw_ptr = tl.load(grad_w_addrs_ptr + segment).to(tl.pointer_type(tl.float32))
+        w_ptr = _rows_of(weight_addrs_ptr, segments_ptr, segment, like_ptr)
+        go_ptr = _rows_of(grad_out_addrs_ptr, segments_ptr, segment, like_ptr)
+        gw_ptr = _rows_of(grad_w_addrs_ptr, segments_ptr, segment, centroids_ptr)  # fp32
         c_ptr = centroids_ptr + state * k_max * d_max
         n_ptr = grad_dot_next_ptr + state * k_max
         g_ptr = grad_over_mass_ptr + state * k_max * d_max
@@ -461,6 +472,34 @@ def _backward_kernel(
                                  tl.sum(grad_s, axis=0), D, ATOMIC)
                 grad_w -= two_over_tau * w * grad_s_rows[:, None]
                 _add_to_rows(gw_ptr, rows, row_mask, dims, grad_w, D)
+
+
+ADDRESSES_PER_LAUNCH = 16
+
+
+# The addresses are arguments, not specialised on (a value divisible by 16 would be): any
+# addresses run the one compiled kernel, and a captured launch keeps its arguments.
+@triton.jit(do_not_specialize=[f"a{i}" for i in range(ADDRESSES_PER_LAUNCH)])
+def _store_addresses_kernel(table_ptr, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12,
+                            a13, a14, a15):
+    """table[0:16] = a0..a15: tensors' addresses written on the device from launch arguments,
+    with no host-to-device copy (RaggedPasses._addresses)."""
+    tl.store(table_ptr + 0, a0)
+    tl.store(table_ptr + 1, a1)
+    tl.store(table_ptr + 2, a2)
+    tl.store(table_ptr + 3, a3)
+    tl.store(table_ptr + 4, a4)
+    tl.store(table_ptr + 5, a5)
+    tl.store(table_ptr + 6, a6)
+    tl.store(table_ptr + 7, a7)
+    tl.store(table_ptr + 8, a8)
+    tl.store(table_ptr + 9, a9)
+    tl.store(table_ptr + 10, a10)
+    tl.store(table_ptr + 11, a11)
+    tl.store(table_ptr + 12, a12)
+    tl.store(table_ptr + 13, a13)
+    tl.store(table_ptr + 14, a14)
+    tl.store(table_ptr + 15, a15)
 
 
 @triton.jit
@@ -572,10 +611,11 @@ def _chunks(m: np.ndarray, work: np.ndarray, slot_bytes: np.ndarray, segments: i
 
 
 # Built tables by what they are built from (RaggedPasses._tables_key): a layer clustered call
-# after call, and the backward after its forward, reuse them (no host work, no copy). Addresses
-# are only numbers: a key's tables stay right whatever tensor later holds those addresses.
-_TABLES: collections.OrderedDict = collections.OrderedDict()
+# after call, and the backward after its forward, reuse them (no host work, no copy), and those a
+# CUDA graph captured stay for its replays. Addresses are only numbers: a key's tables stay right
+# whatever tensor later holds those addresses.
 TABLE_CACHE_SIZE = 256
+_TABLES = DeviceCache(TABLE_CACHE_SIZE)
 
 
 class _Bucket:
@@ -619,13 +659,7 @@ class RaggedPasses:
         self.device = weights[0].device
         self.atomic = not deterministic
         self.k_max, self.d_max = max(layout.ks), max(layout.dims)
-        key = self._tables_key(taus)
-        built = _TABLES.get(key)
-        if built is None:
-            built = _TABLES[key] = self._build(taus, deterministic)
-            if len(_TABLES) > TABLE_CACHE_SIZE:
-                _TABLES.popitem(last=False)
-        _TABLES.move_to_end(key)
+        built = _TABLES.get(self._tables_key(taus), lambda: self._build(taus, deterministic))
         self.buckets, self._slot_sizes, self._reduce_tables, addresses = built
         self._address_cache = {self._key(weights): addresses}
 
@@ -639,7 +673,7 @@ class RaggedPasses:
 
     def _build(self, taus: list[float], deterministic: bool) -> tuple:
         """The buckets with their device tables, the slot buffer sizes, the reduction tables and
-        the weights' address tables."""
+        the weights' address table."""
         weights, layout = self._problems, self.layout
         # One bucket per kernel variant (tiles depend on k only through the centroid block),
         # segments in problem order within it.
@@ -655,8 +689,8 @@ class RaggedPasses:
             bucket.problems = problems
             self.buckets.append(bucket)
         # Tables, built once from the shapes (host work only) and copied to the device in one
-        # go: nothing is built or copied in a pass but the addresses of tensors a pass is handed
-        # or makes (the upstream gradient, dW, W~; see _addresses).
+        # go: a pass copies nothing to the device (the addresses of tensors it is handed or
+        # makes, the upstream gradient, dW and W~, are written there by a kernel: _addresses).
         target = _program_target(self.device)
         total_segments = layout.segments
         int_parts, scale_parts = [], []
@@ -670,7 +704,10 @@ class RaggedPasses:
             seg_m = per_problem([weights[p].shape[1] for p in bucket.problems]).astype(np.int64)
             seg_k = per_problem([layout.ks[p] for p in bucket.problems]).astype(np.int64)
             tau = per_problem([taus[p] for p in bucket.problems]).astype(np.float64)
-            int_parts.append(np.stack([seg, seg_k], axis=1))
+            problem = per_problem(bucket.problems).astype(np.int64)
+            first_row = seg - np.asarray(layout.starts, np.int64)[problem]  # the group
+            first_element = first_row * seg_m * np.asarray(layout.dims, np.int64)[problem]
+            int_parts.append(np.stack([seg, seg_k, problem, first_element], axis=1))
             # log2(e)/tau and 2/tau rounded once to float32, as a Python float kernel argument is
             scale_parts.append(np.stack([_LOG2E / tau, 2.0 / tau], axis=1).astype(np.float32))
             work = seg_m * (_cdiv(seg_k, bucket.blocks.block_k) * bucket.blocks.block_k)
@@ -686,7 +723,7 @@ class RaggedPasses:
         slot_sizes = {kind: tuple(first[kind]) for kind in first}
         if not self.atomic:
             int_parts += [reduce_rows["forward"], reduce_rows["backward"]]
-        int_parts.append(self._address_rows(weights))
+        int_parts.append(np.asarray(self._key(weights), np.int64))
         tables = _to_device(np.concatenate([part.reshape(-1) for part in int_parts]), self.device)
         scales = _to_device(np.concatenate([part.reshape(-1) for part in scale_parts]
                                            or [np.zeros(0, np.float32)]), self.device)
@@ -701,7 +738,7 @@ class RaggedPasses:
             bucket.scales = scales[offset:offset + 2 * len(bucket.segments)]
             offset += 2 * len(bucket.segments)
         reduce_tables = {} if self.atomic else {"forward": next(views), "backward": next(views)}
-        return self.buckets, slot_sizes, reduce_tables, self._split_addresses(next(views))
+        return self.buckets, slot_sizes, reduce_tables, next(views)
 
     def _items(self, bucket, seg, seg_m, seg_k, chunks, rows_per_chunk, reduce_rows, first):
         """The (items, ITEM_FIELDS) table of one pass and bucket: for each segment, its chunks of
@@ -730,41 +767,36 @@ class RaggedPasses:
             first[1] += int((chunks * mass_size).sum())
         return np.stack([item_segment, row_begin, row_end, sums, mass], axis=1).astype(np.int64)
 
-    def _address_rows(self, tensors: list[Tensor]) -> np.ndarray:
-        """Each segment's address in `tensors` (one per problem, each (G, M, d) contiguous), in
-        bucket order."""
-        parts = []
-        for bucket in self.buckets:
-            for p in bucket.problems:
-                t = tensors[p]
-                group_bytes = t.shape[1] * t.shape[2] * t.element_size()
-                parts.append(t.data_ptr() + group_bytes * np.arange(t.shape[0], dtype=np.int64))
-        return np.concatenate(parts or [np.zeros(0, np.int64)]).astype(np.int64)
-
-    def _split_addresses(self, table: Tensor) -> list[Tensor]:
-        views, offset = [], 0
-        for bucket in self.buckets:
-            views.append(table[offset:offset + len(bucket.segments)])
-            offset += len(bucket.segments)
-        return views
-
     @staticmethod
     def _key(tensors: list[Tensor]) -> tuple:
         return tuple(t.data_ptr() for t in tensors)
 
-    def _addresses(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Per bucket, the address table of these tensors' segments: the weights' from __init__;
-        for tensors a pass is handed (G~, dW) or makes (W~), one table per distinct list, copied
-        to the device without a host sync and kept for the next pass that sees the same list."""
+    def _addresses(self, tensors: list[Tensor]) -> Tensor:
+        """Each problem's address in `tensors` (one per problem, shaped as its weights,
+        contiguous), a device table (problems,) int64 that the kernels read with the segments'
+        first elements (_rows_of): the weights' from the cached tables; for tensors a pass is
+        handed (G~, dW) or makes (W~), written by `_store_addresses_kernel` from launch arguments,
+        16 per launch, and kept for the next pass of this call that sees the same list. Nothing is
+        copied from the host, so a CUDA graph captures these launches, with the addresses its
+        replays will use."""
         for p, t in enumerate(tensors):
             if not t.is_contiguous() or t.shape != self._problems[p].shape:
                 raise ValueError(f"tensor {p} of shape {tuple(t.shape)} must be contiguous and "
                                  f"shaped as weights[{p}] {tuple(self._problems[p].shape)}")
         key = self._key(tensors)
-        if key not in self._address_cache:
-            self._address_cache[key] = self._split_addresses(
-                _to_device(self._address_rows(tensors), self.device))
-        return self._address_cache[key]
+        table = self._address_cache.get(key)
+        if table is None:
+            per_launch = ADDRESSES_PER_LAUNCH
+            table = torch.empty(-(-len(key) // per_launch) * per_launch, dtype=torch.int64,
+                                device=self.device)
+            with self._device():
+                for first in range(0, len(key), per_launch):
+                    addresses = key[first:first + per_launch]
+                    # the last launch's spare arguments repeat an address: one signature
+                    addresses += addresses[-1:] * (per_launch - len(addresses))
+                    _launch(_store_addresses_kernel, 1, table[first:], *addresses)
+            self._address_cache[key] = table
+        return table
 
     def _device(self):
         """Launch on the tensors' GPU, not on whichever is current."""
@@ -772,8 +804,8 @@ class RaggedPasses:
                 else contextlib.nullcontext())
 
     def _reduced(self, kind: str, run) -> tuple[Tensor, Tensor]:
-        """Packed (S, k_max, d_max) sums and (S, k_max) masses of a reducing pass: `run(b,
-        bucket, sums, mass, slot_stride)` launches each bucket into the slots, then
+        """Packed (S, k_max, d_max) sums and (S, k_max) masses of a reducing pass: `run(bucket,
+        sums, mass, slot_stride)` launches each bucket into the slots, then
         (deterministic) one launch sums each segment's slots in chunk order."""
         segments = self.layout.segments
         packed = segments * self.k_max * self.d_max
@@ -789,8 +821,8 @@ class RaggedPasses:
             sums = torch.empty(packed, dtype=torch.float32, device=self.device)
             mass = torch.empty(segments * self.k_max, dtype=torch.float32, device=self.device)
         with self._device():
-            for b, bucket in enumerate(self.buckets):
-                run(b, bucket, slot_sums, slot_mass, self.d_max if self.atomic else bucket.d)
+            for bucket in self.buckets:
+                run(bucket, slot_sums, slot_mass, self.d_max if self.atomic else bucket.d)
             if not self.atomic:
                 block = min(REDUCE_BLOCK, triton.next_power_of_2(self.k_max * self.d_max))
                 _launch(_reduce_slots_kernel,
@@ -804,10 +836,10 @@ class RaggedPasses:
         weights, values = self._addresses(self._problems), self._addresses(values)
         active = active.to(torch.int32)
 
-        def run(b, bucket, sums, mass, stride):
+        def run(bucket, sums, mass, stride):
             blocks = bucket.blocks
             _launch(_attention_sums_kernel, len(bucket.items["forward"]),
-                    bucket.items["forward"], bucket.table, bucket.scales, weights[b], values[b],
+                    bucket.items["forward"], bucket.table, bucket.scales, weights, values,
                     bucket.like, centroids, active, sums,
                     mass, self.k_max, self.d_max, stride,
                     D=bucket.d, BLOCK_D=blocks.block_d, BLOCK_M=blocks.block_m,
@@ -819,10 +851,10 @@ class RaggedPasses:
         out = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in self._problems]
         weights, outs = self._addresses(self._problems), self._addresses(out)
         with self._device():
-            for b, bucket in enumerate(self.buckets):
+            for bucket in self.buckets:
                 blocks = bucket.output_blocks
                 _launch(_output_kernel, len(bucket.items["output"]),
-                        bucket.items["output"], bucket.table, bucket.scales, weights[b], outs[b],
+                        bucket.items["output"], bucket.table, bucket.scales, weights, outs,
                         bucket.like, attention_centroids,
                         final_centroids, self.k_max, self.d_max,
                         D=bucket.d, BLOCK_D=blocks.block_d, BLOCK_M=blocks.block_m,
@@ -836,11 +868,11 @@ class RaggedPasses:
         grad_over_mass, grad_dot_next = grad_over_mass.contiguous(), grad_dot_next.contiguous()
         active = active.to(torch.int32)
 
-        def run(b, bucket, ds_w, ds, stride):
+        def run(bucket, ds_w, ds, stride):
             blocks = bucket.backward_blocks
             _launch(_backward_kernel, len(bucket.items["backward"]),
-                    bucket.items["backward"], bucket.table, bucket.scales, weights[b],
-                    grad_outs[b], grad_w[b], bucket.like,
+                    bucket.items["backward"], bucket.table, bucket.scales, weights,
+                    grad_outs, grad_w, bucket.like,
                     centroids, grad_over_mass, grad_dot_next, final_centroids, active, ds_w, ds,
                     self.k_max, self.d_max, stride,
                     D=bucket.d, BLOCK_D=blocks.block_d, BLOCK_M=blocks.block_m,
