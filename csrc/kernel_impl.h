@@ -492,8 +492,13 @@ DKM_ALWAYS_INLINE void unzip(vec<T> a, vec<T> b, vec<T>& even, vec<T>& odd) {
     even = __builtin_shufflevector(a, b, 0, 2, 4, 6);
     odd = __builtin_shufflevector(a, b, 1, 3, 5, 7);
   } else if constexpr (N == 8) {
-    even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
-    odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+    // AVX2 has no two-source permute across its 128-bit halves: the straight shuffle becomes two
+    // index-vector permutes and a blend per output. An in-half shuffle (vshufps) and one
+    // single-source permute of 64-bit pairs do it in two.
+    const vec<T> e = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14);
+    const vec<T> o = __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    even = __builtin_shufflevector(e, e, 0, 1, 4, 5, 2, 3, 6, 7);
+    odd = __builtin_shufflevector(o, o, 0, 1, 4, 5, 2, 3, 6, 7);
   } else {
     static_assert(N == 16, "vectors of 2 to 16 lanes");
     even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -511,11 +516,37 @@ DKM_ALWAYS_INLINE void zip(vec<T> a, vec<T> b, vec<T>& lo, vec<T>& hi) {
     lo = __builtin_shufflevector(a, b, 0, 4, 1, 5);
     hi = __builtin_shufflevector(a, b, 2, 6, 3, 7);
   } else if constexpr (N == 8) {
-    lo = __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11);
-    hi = __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+    // In-half interleaves (vunpcklps, vunpckhps), then the halves recombined (vperm2f128), as in
+    // unzip.
+    const vec<T> l = __builtin_shufflevector(a, b, 0, 8, 1, 9, 4, 12, 5, 13);
+    const vec<T> h = __builtin_shufflevector(a, b, 2, 10, 3, 11, 6, 14, 7, 15);
+    lo = __builtin_shufflevector(l, h, 0, 1, 2, 3, 8, 9, 10, 11);
+    hi = __builtin_shufflevector(l, h, 4, 5, 6, 7, 12, 13, 14, 15);
   } else {
     lo = __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     hi = __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  }
+}
+#endif
+
+#ifdef DKM_HAS_SHUFFLE
+// The transpose of 8 vectors of 8 lanes, in place: r[l][q] <-> r[q][l]. The classic AVX2 form:
+// 24 in-half shuffles and half swaps, against 48 for three rounds of unzips.
+template <typename T>
+DKM_ALWAYS_INLINE void transpose8(vec<T>* r) {
+  vec<T> t[8], s[8];
+  for (int q = 0; q < 4; ++q) {
+    t[2 * q] = __builtin_shufflevector(r[2 * q], r[2 * q + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[2 * q + 1] = __builtin_shufflevector(r[2 * q], r[2 * q + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int h = 0; h < 2; ++h)  // rows 4h .. 4h + 3
+    for (int q = 0; q < 2; ++q) {
+      s[4 * h + 2 * q] = __builtin_shufflevector(t[4 * h + q], t[4 * h + q + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      s[4 * h + 2 * q + 1] = __builtin_shufflevector(t[4 * h + q], t[4 * h + q + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int l = 0; l < 4; ++l) {
+    r[l] = __builtin_shufflevector(s[l], s[l + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[l + 4] = __builtin_shufflevector(s[l], s[l + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 #endif
@@ -532,6 +563,11 @@ DKM_ALWAYS_INLINE void rows_to_lanes(const T* x, int n, vec<T>* out) {
       return;
     }
 #ifdef DKM_HAS_SHUFFLE
+    if constexpr (D == 8 && N == 8) {
+      for (int q = 0; q < 8; ++q) out[q] = load(x + q * N);
+      transpose8<T>(out);
+      return;
+    }
     if constexpr (D == 2 || D == 4 || D == 8) {
       vec<T> cur[D], next[D];
       for (int q = 0; q < D; ++q) cur[q] = load(x + q * N);
@@ -559,6 +595,13 @@ DKM_ALWAYS_INLINE void lanes_to_rows(const vec<T>* v, int n, T* x) {
       return;
     }
 #ifdef DKM_HAS_SHUFFLE
+    if constexpr (D == 8 && N == 8) {
+      vec<T> cur[8];
+      for (int q = 0; q < 8; ++q) cur[q] = v[q];
+      transpose8<T>(cur);
+      for (int q = 0; q < 8; ++q) store(x + q * N, Add ? load(x + q * N) + cur[q] : cur[q]);
+      return;
+    }
     if constexpr (D == 2 || D == 4 || D == 8) {
       vec<T> cur[D], next[D];
       for (int q = 0; q < D; ++q) cur[q] = v[q];
@@ -669,11 +712,13 @@ void lane_accumulate(const Pass<T>& p, const T* w, const T* x, int64_t rows, T* 
     lane_attention<T, D, K, B>(p, wl, n, e, inv);
     for (int b = 0; b < B; ++b)
       for (int l = 0; l < D; ++l) xl[b * D + l] *= inv[b];  // A_ij x_il = e_ij (x_il / sum_j e_ij)
-    for (int b = 0; b < B; ++b)
-      for (int j = 0; j < K; ++j) {
-        msum[j] += e[b * K + j] * inv[b];
-        for (int l = 0; l < D; ++l) acc[l * K + j] += e[b * K + j] * xl[b * D + l];
-      }
+    // Blocks innermost: each per-lane sum, which spills at D K > 8, is loaded and stored once per
+    // step, not once per block; every sum still takes block 0's rows, then block 1's.
+    for (int j = 0; j < K; ++j) {
+      for (int b = 0; b < B; ++b) msum[j] += e[b * K + j] * inv[b];
+      for (int l = 0; l < D; ++l)
+        for (int b = 0; b < B; ++b) acc[l * K + j] += e[b * K + j] * xl[b * D + l];
+    }
   });
   lanes_to_sums<T, D, K>(p, acc, msum, accT, mass);
 }
@@ -735,15 +780,18 @@ void lane_grad_step(const Pass<T>& p, const T* w, const T* grad_out, int64_t row
         dot[b] += e[b * K + j] * d[b];
       }
     }
-    for (int b = 0; b < B; ++b)
-      for (int j = 0; j < K; ++j) {
-        const vec<T> ds = e[b * K + j] * (da[b * K + j] - dot[b]);
-        for (int l = 0; l < D; ++l) {
-          const vec<T> diff = p.cT[l * kp + j] - wl[b * D + l];
-          v[b * D + l] += ds * diff;
-          acc[l * K + j] -= ds * diff;
+    for (int j = 0; j < K; ++j) {  // blocks innermost, as in lane_accumulate
+      vec<T> ds[B];
+      for (int b = 0; b < B; ++b) ds[b] = e[b * K + j] * (da[b * K + j] - dot[b]);
+      for (int l = 0; l < D; ++l) {
+        const T c = p.cT[l * kp + j];
+        for (int b = 0; b < B; ++b) {
+          const vec<T> diff = c - wl[b * D + l];
+          v[b * D + l] += ds[b] * diff;
+          acc[l * K + j] -= ds[b] * diff;
         }
       }
+    }
     for (int b = 0; b < B; ++b) {
       for (int l = 0; l < D; ++l) u[b * D + l] = u[b * D + l] * inv[b] + v[b * D + l] * p.two_over_tau;
       const int nb = n - b * N < N ? n - b * N : N;
