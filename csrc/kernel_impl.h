@@ -408,7 +408,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   const int64_t kp = p.kp;
   const T scale = p.exp2_scale;
   T dmin[R], inv[R], dots[R];
-  T* ds = scratch + R * kp;  // R rows: dA, then dS
+  T* ds = scratch + R * kp;  // R rows: dA, then (2/tau) dS
   distances<T, D, R>(p, w, scratch, dmin);
   vec<T> wv[R * D], gv[R * D];  // w_il and G~_il pre-broadcast, as in distances
   for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]), gv[q] = gi ? splat<T>(gi[q]) : vec<T>{};
