@@ -175,19 +175,30 @@ inline vec<double> vexp2(vec<double> y) {
 // Squared distances of R rows to every centroid: scores[r * kp + j]. Padding centroids sit at a
 // huge coordinate, so their distance is huge and their attention exactly 0. Returns each row's
 // smallest distance in dmin[r]. D is d when known at compile time, else 0.
+// With d known, the R d coordinates enter pre-broadcast (wv, from the stack, as a memory operand):
+// a scalar read through w is a broadcast per use, and the compiler re-reads it after every store
+// into scores, which might alias it.
 template <typename T, int D, int R>
 inline void distances(const Pass<T>& p, const T* w, T* scores, T* dmin) {
   constexpr int N = Vec<T>::lanes;
   const int64_t d = D ? D : p.d, kp = p.kp;
+  const T* const cT = p.cT;
+  vec<T> wv[D ? R * D : 1];
+  if constexpr (D != 0)
+    for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]);
   vec<T> lowest[R];
   for (int r = 0; r < R; ++r) lowest[r] = splat<T>(__builtin_inf());
   for (int64_t j = 0; j < kp; j += N) {
     vec<T> acc[R];
     for (int r = 0; r < R; ++r) acc[r] = vec<T>{};
     for (int64_t l = 0; l < d; ++l) {
-      const vec<T> c = load(p.cT + l * kp + j);
+      const vec<T> c = load(cT + l * kp + j);
       for (int r = 0; r < R; ++r) {
-        const vec<T> diff = c - w[r * d + l];
+        vec<T> diff;
+        if constexpr (D != 0)
+          diff = c - wv[r * D + l];
+        else
+          diff = c - w[r * d + l];
         acc[r] += diff * diff;
       }
     }
@@ -384,63 +395,94 @@ inline void grad_rows(const Pass<T>& p, const T* w, const T* grad_out, T* dw, T*
 // grad_rows for R rows at once, d known (R = 4): the per-row form reads and writes every
 // centroid's k x d sums (accT) and reads cT and gm once per row, which leaves L1 at k = 256,
 // d = 8 (three 8 KiB matrices) and L2 at k = 4096. Here each vector of them is loaded once per R
-// rows: the first sweep forms dA of the R rows from one load of gm (and C_L); the second takes
-// the coordinates one at a time over a tile of centroids, so that the R rows' A and dS (2R tile
-// rows, 16 KiB) stay in L1 while the coordinate's slices of cT, gm and accT stream past them.
-// Same formulas and the same differences as grad_row; only the order of the sums differs.
+// rows. After the distances, one sweep forms the exponentials, their sums, dA (from one load of gm,
+// and C_L) and sum_j e_ij dA_ij of the R rows: sum_j A_ij dA_ij is that times 1 / sum_j e_ij, so the
+// softmax and dA need no second sweep. Then, tile by tile of centroids, A and dS replace e and dA
+// in place, and the tile (4R KiB, in L1 at any k) serves the coordinates one at a time while the
+// coordinate's slices of cT, gm and accT stream past it.
+// Same formulas and the same differences as grad_row; the order of the sums differs.
 template <typename T, int D, int R>
 inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, T* accT, T* scratch) {
   constexpr int N = Vec<T>::lanes;
   constexpr int64_t kTile = 2048 / sizeof(T);  // centroids per tile: a multiple of kPadding
   const int64_t kp = p.kp;
+  const T scale = p.exp2_scale;
   T dmin[R], inv[R], dots[R];
-  T* ds = scratch + R * kp;  // R rows: dA, then dS
+  T* ds = scratch + R * kp;  // R rows: dA, then (2/tau) dS
   distances<T, D, R>(p, w, scratch, dmin);
-  for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
-  vec<T> dot[R];
-  for (int r = 0; r < R; ++r) dot[r] = vec<T>{};
+  vec<T> wv[R * D], gv[R * D];  // w_il and G~_il pre-broadcast, as in distances
+  for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]), gv[q] = gi ? splat<T>(gi[q]) : vec<T>{};
+  const T* const cT = p.cT;
+  const T* const gmT = p.gmT;
+  const T* const cLT = p.cLT;
+  vec<T> sum[R], dot[R];
+  for (int r = 0; r < R; ++r) sum[r] = dot[r] = vec<T>{};
   for (int64_t j = 0; j < kp; j += N) {
     vec<T> da[R];
     const vec<T> next = -load(p.gdc + j);
     for (int r = 0; r < R; ++r) da[r] = next;
     for (int l = 0; l < D; ++l) {
-      const vec<T> g = load(p.gmT + l * kp + j);
-      for (int r = 0; r < R; ++r) da[r] += g * w[r * D + l];
+      const vec<T> g = load(gmT + l * kp + j);
+      for (int r = 0; r < R; ++r) da[r] += g * wv[r * D + l];
     }
     if (gi)
       for (int l = 0; l < D; ++l) {
-        const vec<T> c = load(p.cLT + l * kp + j);
-        for (int r = 0; r < R; ++r) da[r] += c * gi[r * D + l];
+        const vec<T> c = load(cLT + l * kp + j);
+        for (int r = 0; r < R; ++r) da[r] += c * gv[r * D + l];
       }
     for (int r = 0; r < R; ++r) {
-      const vec<T> a = load(scratch + r * kp + j) * inv[r];
-      store(scratch + r * kp + j, a);
+      const vec<T> e = vexp2((dmin[r] - load(scratch + r * kp + j)) * scale);  // as exponentiate
+      store(scratch + r * kp + j, e);
       store(ds + r * kp + j, da[r]);
-      dot[r] += a * da[r];
+      sum[r] += e;
+      dot[r] += e * da[r];
     }
   }
-  for (int r = 0; r < R; ++r) dots[r] = hsum<T>(dot[r]);
-  for (int64_t j = 0; j < kp; j += N)
-    for (int r = 0; r < R; ++r)
-      store(ds + r * kp + j, load(scratch + r * kp + j) * (load(ds + r * kp + j) - dots[r]));
+  for (int r = 0; r < R; ++r) {
+    inv[r] = T(1) / hsum<T>(sum[r]);
+    dots[r] = hsum<T>(dot[r]) * inv[r];
+  }
+  // Per tile: A and dS' = (2/tau) dS of the R rows in place of e and dA, then the coordinates LB
+  // at a time. Per centroid vector and row, A and dS' are loaded once for LB coordinates, and the
+  // row's two sums of grad_row share one accumulator: sum_j A_ij gm_jl + dS'_ij (c_jl - w_il).
+  // t = dS'_ij (c_jl - w_il) is formed once and added into both that and the centroid's sum (which
+  // takes tau/2 once per centroid vector and coordinate, for R rows): a multiply and two adds
+  // instead of two multiply-adds, so that the adders, not only the multiply-add units, work. R LB
+  // accumulators with the LB slices of cT and gm fill the 16 AVX2 registers at R = 4, LB = 2.
+  constexpr int LB = D >= 2 ? 2 : 1;
+  const T half_tau = T(1) / p.two_over_tau;
   for (int64_t j0 = 0; j0 < kp; j0 += kTile) {
     const int64_t j1 = j0 + kTile < kp ? j0 + kTile : kp;
-    for (int l = 0; l < D; ++l) {
-      vec<T> u[R], v[R];  // sum_j A_ij gm_jl and sum_j dS_ij (c_jl - w_il)
-      for (int r = 0; r < R; ++r) u[r] = v[r] = vec<T>{};
-      for (int64_t j = j0; j < j1; j += N) {
-        const vec<T> c = load(p.cT + l * kp + j), g = load(p.gmT + l * kp + j);
-        vec<T> sum{};
-        for (int r = 0; r < R; ++r) {
-          const vec<T> diff = c - w[r * D + l];
-          const vec<T> dsr = load(ds + r * kp + j);
-          sum += dsr * diff;
-          v[r] += dsr * diff;
-          u[r] += load(scratch + r * kp + j) * g;
-        }
-        store(accT + l * kp + j, load(accT + l * kp + j) - sum);
+    for (int64_t j = j0; j < j1; j += N)
+      for (int r = 0; r < R; ++r) {
+        const vec<T> a = load(scratch + r * kp + j) * inv[r];
+        store(scratch + r * kp + j, a);
+        store(ds + r * kp + j, a * (load(ds + r * kp + j) - dots[r]) * p.two_over_tau);
       }
-      for (int r = 0; r < R; ++r) dw[r * D + l] += hsum<T>(u[r]) + p.two_over_tau * hsum<T>(v[r]);
+    for (int l = 0; l < D; l += LB) {
+      vec<T> acc[R * LB];
+      for (int q = 0; q < R * LB; ++q) acc[q] = vec<T>{};
+      for (int64_t j = j0; j < j1; j += N) {
+        vec<T> c[LB], g[LB], sum[LB];
+        for (int q = 0; q < LB; ++q) {
+          c[q] = load(cT + (l + q) * kp + j);
+          g[q] = load(gmT + (l + q) * kp + j);
+          sum[q] = vec<T>{};
+        }
+        for (int r = 0; r < R; ++r) {
+          const vec<T> a = load(scratch + r * kp + j), dsr = load(ds + r * kp + j);
+          for (int q = 0; q < LB; ++q) {
+            const vec<T> t = dsr * (c[q] - wv[r * D + l + q]);
+            acc[r * LB + q] += a * g[q];
+            acc[r * LB + q] += t;
+            sum[q] += t;
+          }
+        }
+        for (int q = 0; q < LB; ++q)
+          store(accT + (l + q) * kp + j, load(accT + (l + q) * kp + j) - sum[q] * half_tau);
+      }
+      for (int r = 0; r < R; ++r)
+        for (int q = 0; q < LB; ++q) dw[r * D + l + q] += hsum<T>(acc[r * LB + q]);
     }
   }
 }
@@ -492,8 +534,13 @@ DKM_ALWAYS_INLINE void unzip(vec<T> a, vec<T> b, vec<T>& even, vec<T>& odd) {
     even = __builtin_shufflevector(a, b, 0, 2, 4, 6);
     odd = __builtin_shufflevector(a, b, 1, 3, 5, 7);
   } else if constexpr (N == 8) {
-    even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14);
-    odd = __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+    // AVX2 has no two-source permute across its 128-bit halves: the straight shuffle becomes two
+    // index-vector permutes and a blend per output. An in-half shuffle (vshufps) and one
+    // single-source permute of 64-bit pairs do it in two.
+    const vec<T> e = __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14);
+    const vec<T> o = __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    even = __builtin_shufflevector(e, e, 0, 1, 4, 5, 2, 3, 6, 7);
+    odd = __builtin_shufflevector(o, o, 0, 1, 4, 5, 2, 3, 6, 7);
   } else {
     static_assert(N == 16, "vectors of 2 to 16 lanes");
     even = __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
@@ -511,11 +558,37 @@ DKM_ALWAYS_INLINE void zip(vec<T> a, vec<T> b, vec<T>& lo, vec<T>& hi) {
     lo = __builtin_shufflevector(a, b, 0, 4, 1, 5);
     hi = __builtin_shufflevector(a, b, 2, 6, 3, 7);
   } else if constexpr (N == 8) {
-    lo = __builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11);
-    hi = __builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+    // In-half interleaves (vunpcklps, vunpckhps), then the halves recombined (vperm2f128), as in
+    // unzip.
+    const vec<T> l = __builtin_shufflevector(a, b, 0, 8, 1, 9, 4, 12, 5, 13);
+    const vec<T> h = __builtin_shufflevector(a, b, 2, 10, 3, 11, 6, 14, 7, 15);
+    lo = __builtin_shufflevector(l, h, 0, 1, 2, 3, 8, 9, 10, 11);
+    hi = __builtin_shufflevector(l, h, 4, 5, 6, 7, 12, 13, 14, 15);
   } else {
     lo = __builtin_shufflevector(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     hi = __builtin_shufflevector(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  }
+}
+#endif
+
+#ifdef DKM_HAS_SHUFFLE
+// The transpose of 8 vectors of 8 lanes, in place: r[l][q] <-> r[q][l]. The classic AVX2 form:
+// 24 in-half shuffles and half swaps, against 48 for three rounds of unzips.
+template <typename T>
+DKM_ALWAYS_INLINE void transpose8(vec<T>* r) {
+  vec<T> t[8], s[8];
+  for (int q = 0; q < 4; ++q) {
+    t[2 * q] = __builtin_shufflevector(r[2 * q], r[2 * q + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[2 * q + 1] = __builtin_shufflevector(r[2 * q], r[2 * q + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int h = 0; h < 2; ++h)  // rows 4h .. 4h + 3
+    for (int q = 0; q < 2; ++q) {
+      s[4 * h + 2 * q] = __builtin_shufflevector(t[4 * h + q], t[4 * h + q + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      s[4 * h + 2 * q + 1] = __builtin_shufflevector(t[4 * h + q], t[4 * h + q + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int l = 0; l < 4; ++l) {
+    r[l] = __builtin_shufflevector(s[l], s[l + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[l + 4] = __builtin_shufflevector(s[l], s[l + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 #endif
@@ -532,6 +605,11 @@ DKM_ALWAYS_INLINE void rows_to_lanes(const T* x, int n, vec<T>* out) {
       return;
     }
 #ifdef DKM_HAS_SHUFFLE
+    if constexpr (D == 8 && N == 8) {
+      for (int q = 0; q < 8; ++q) out[q] = load(x + q * N);
+      transpose8<T>(out);
+      return;
+    }
     if constexpr (D == 2 || D == 4 || D == 8) {
       vec<T> cur[D], next[D];
       for (int q = 0; q < D; ++q) cur[q] = load(x + q * N);
@@ -559,6 +637,13 @@ DKM_ALWAYS_INLINE void lanes_to_rows(const vec<T>* v, int n, T* x) {
       return;
     }
 #ifdef DKM_HAS_SHUFFLE
+    if constexpr (D == 8 && N == 8) {
+      vec<T> cur[8];
+      for (int q = 0; q < 8; ++q) cur[q] = v[q];
+      transpose8<T>(cur);
+      for (int q = 0; q < 8; ++q) store(x + q * N, Add ? load(x + q * N) + cur[q] : cur[q]);
+      return;
+    }
     if constexpr (D == 2 || D == 4 || D == 8) {
       vec<T> cur[D], next[D];
       for (int q = 0; q < D; ++q) cur[q] = v[q];
@@ -669,11 +754,13 @@ void lane_accumulate(const Pass<T>& p, const T* w, const T* x, int64_t rows, T* 
     lane_attention<T, D, K, B>(p, wl, n, e, inv);
     for (int b = 0; b < B; ++b)
       for (int l = 0; l < D; ++l) xl[b * D + l] *= inv[b];  // A_ij x_il = e_ij (x_il / sum_j e_ij)
-    for (int b = 0; b < B; ++b)
-      for (int j = 0; j < K; ++j) {
-        msum[j] += e[b * K + j] * inv[b];
-        for (int l = 0; l < D; ++l) acc[l * K + j] += e[b * K + j] * xl[b * D + l];
-      }
+    // Blocks innermost: each per-lane sum, which spills at D K > 8, is loaded and stored once per
+    // step, not once per block; every sum still takes block 0's rows, then block 1's.
+    for (int j = 0; j < K; ++j) {
+      for (int b = 0; b < B; ++b) msum[j] += e[b * K + j] * inv[b];
+      for (int l = 0; l < D; ++l)
+        for (int b = 0; b < B; ++b) acc[l * K + j] += e[b * K + j] * xl[b * D + l];
+    }
   });
   lanes_to_sums<T, D, K>(p, acc, msum, accT, mass);
 }
@@ -735,15 +822,18 @@ void lane_grad_step(const Pass<T>& p, const T* w, const T* grad_out, int64_t row
         dot[b] += e[b * K + j] * d[b];
       }
     }
-    for (int b = 0; b < B; ++b)
-      for (int j = 0; j < K; ++j) {
-        const vec<T> ds = e[b * K + j] * (da[b * K + j] - dot[b]);
-        for (int l = 0; l < D; ++l) {
-          const vec<T> diff = p.cT[l * kp + j] - wl[b * D + l];
-          v[b * D + l] += ds * diff;
-          acc[l * K + j] -= ds * diff;
+    for (int j = 0; j < K; ++j) {  // blocks innermost, as in lane_accumulate
+      vec<T> ds[B];
+      for (int b = 0; b < B; ++b) ds[b] = e[b * K + j] * (da[b * K + j] - dot[b]);
+      for (int l = 0; l < D; ++l) {
+        const T c = p.cT[l * kp + j];
+        for (int b = 0; b < B; ++b) {
+          const vec<T> diff = c - wl[b * D + l];
+          v[b * D + l] += ds[b] * diff;
+          acc[l * K + j] -= ds[b] * diff;
         }
       }
+    }
     for (int b = 0; b < B; ++b) {
       for (int l = 0; l < D; ++l) u[b * D + l] = u[b * D + l] * inv[b] + v[b * D + l] * p.two_over_tau;
       const int nb = n - b * N < N ? n - b * N : N;
