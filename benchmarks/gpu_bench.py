@@ -275,6 +275,23 @@ def counted_launches():
         tk._launch = launch
 
 
+def _captured(fn, warmups: int):
+    """`fn` captured in a CUDA graph after `warmups` calls on a side stream (as torch.cuda.graph
+    asks), and replayed once: (the graph, the outputs its replays write)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static = fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    return graph, static
+
+
 def graph_capture(params, centroids, iterations: int, deterministic: bool, do_bench) -> dict:
     """The forward's iterations of the ragged triton passes (every layer in one launch per kernel
     variant and pass, and the centroid update: no host sync in between) captured in one CUDA
@@ -305,17 +322,7 @@ def graph_capture(params, centroids, iterations: int, deterministic: bool, do_be
         if start.device.type != "cuda":
             result.update(captured=None, reason="no CUDA device")
             return result
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
-            for _ in range(2):
-                loop()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = loop()
-        graph.replay()
-        torch.cuda.synchronize()
+        graph, captured = _captured(loop, warmups=2)
         result.update(captured=True, replay_ms=do_bench(graph.replay, return_mode="median"),
                       replay_equals_eager=bool(torch.equal(captured, eager)) if deterministic
                       else bool(torch.allclose(captured, eager, rtol=1e-5, atol=1e-6)))
@@ -352,17 +359,7 @@ def call_capture(params, centroids, upstream, iterations: int, deterministic: bo
         if leaves[0].device.type != "cuda":
             result.update(captured=None, reason="no CUDA device")
             return result
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static = step()
-        graph.replay()
-        torch.cuda.synchronize()
+        graph, static = _captured(step, warmups=3)
         if deterministic:
             equal = all(torch.equal(a, b) for a, b in zip(static, eager))
         else:  # atomics: the order of the additions, and so the last bits, differ run to run
