@@ -159,7 +159,7 @@ const T* rows_as(const S* src, int64_t n, T* buf) {
   }
 }
 
-int64_t scratch_size(const Plan& plan) { return kScratchRows * (plan.kp + plan.d); }
+int64_t scratch_size(const Plan& plan) { return kScratchRows * (plan.kp + plan.d) + plan.kp * (plan.d + 1) + 8; }
 
 // Sum of one group's chunk partials, in chunk order.
 template <typename T>
@@ -235,7 +235,7 @@ struct Problem {
   const void* x = nullptr;  // the second input's rows, of the storage type, or null
   void* out = nullptr;      // output pass: W~ (G, M, d), of the storage type
   T* dw = nullptr;          // gradient pass: the (G, M, d) accumulator
-  std::vector<T> cT, cLT, gmT, gdc, partial;
+  std::vector<T> cT, cLT, gmT, gdc, cR, gmR, partial;
 
   Pass<T> group(int64_t g) const {
     const int64_t mat = plan.d * plan.kp;
@@ -244,6 +244,8 @@ struct Problem {
     if (!cLT.empty()) p.cLT = cLT.data() + g * mat;
     if (!gmT.empty()) p.gmT = gmT.data() + g * mat;
     if (!gdc.empty()) p.gdc = gdc.data() + g * plan.kp;
+    if (!cR.empty()) p.cR = cR.data() + g * mat;
+    if (!gmR.empty()) p.gmR = gmR.data() + g * mat;
     return p;
   }
 
@@ -256,6 +258,17 @@ struct Problem {
     for (int64_t g = 0; g < plan.groups; ++g)
       for (int64_t j = 0; j < plan.k; ++j)
         for (int64_t l = 0; l < plan.d; ++l) out[(g * plan.d + l) * plan.kp + j] = c[seg.at(g, j) + l];
+    return out;
+  }
+
+  // The same, row by row: (G, kp, d), padding rows zero.
+  std::vector<T> padded(const Tensor& packed) const {
+    const Segments seg(first, packed);
+    const T* c = packed.data_ptr<T>();
+    std::vector<T> out(plan.groups * plan.kp * plan.d, T(0));
+    for (int64_t g = 0; g < plan.groups; ++g)
+      for (int64_t j = 0; j < plan.k; ++j)
+        std::copy(c + seg.at(g, j), c + seg.at(g, j) + plan.d, out.data() + (g * plan.kp + j) * plan.d);
     return out;
   }
 };
@@ -441,6 +454,8 @@ Tensor gradient_pass(const PassInputs& in) {
     const Plan& plan = problem.plan;
     problem.dw = in.grad_weights[q].data_ptr<T>();
     problem.gmT = problem.transposed(in.grad_over_mass, T(0));
+    problem.cR = problem.padded(in.centroids);
+    problem.gmR = problem.padded(in.grad_over_mass);
     problem.gdc.assign(plan.groups * plan.kp, T(0));
     const Segments seg(problem.first, in.grad_dot_next);
     for (int64_t g = 0; g < plan.groups; ++g)

@@ -23,9 +23,12 @@ struct Pass {
   const T* cLT = nullptr;  // (d, kp) C_L: output pass, and the last backward step
   const T* gmT = nullptr;  // (d, kp) G_{t+1,j} / s_{t,j} (0 where s_{t,j} == 0): backward step
   const T* gdc = nullptr;  // (kp) (G_{t+1,j} / s_{t,j}) . C_{t+1,j}: backward step
+  const T* cR = nullptr;   // (kp, d) C_t and G_{t+1} / s_t row by row: the backward step's sparse
+  const T* gmR = nullptr;  // rows (a centroid's d coordinates in one load)
 };
 
-// A kernel call may use kScratchRows * (kp + d) values of scratch.
+// A kernel call may use kScratchRows * (kp + d) + kp * (d + 1) + 8 values of scratch: rows of kp
+// values, and a (kp, d) accumulator with a list of kp offsets (and room for 8 more).
 constexpr int64_t kScratchRows = 8;
 
 // The coordinate of padding centroids in cT: its square times d stays finite for any practical d

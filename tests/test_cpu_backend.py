@@ -4,6 +4,7 @@ gradients; determinism; op registration; bytes saved for backward.
 Every available instruction set (dkm_kernels.backends.cpu.available_isas(): avx512, avx2, generic)
 is checked on the main float64 cases by forcing it with DKM_KERNELS_ISA (conftest.py's `isa`).
 """
+import math
 import os
 import subprocess
 import sys
@@ -72,6 +73,37 @@ def test_low_precision(dtype, m, d, k):
 def test_low_precision_paper_regime(dtype, d, k):
     weights, centroids, _ = make_problem(2048, d, k=k, seed=21, scale=0.02, dtype=dtype)
     assert_low_precision_close("cpu", weights, centroids, 2e-5)
+
+
+def sparse_block_share(weights, centroids, tau):
+    """The share of 4-row blocks whose backward step takes the sparse rows (csrc/kernel_impl.h,
+    Sparse: at most d / 40 of the block's (row, centroid) pairs attended, an attention weight below
+    the smallest normal number counting as 0), at the starting centroids."""
+    w, c = weights.double(), centroids.double()
+    dist = torch.cdist(w, c) ** 2
+    exponent = (dist.min(1, keepdim=True).values - dist) * (math.log2(math.e) / tau)
+    smallest = -126 if weights.dtype != torch.float64 else -1022
+    blocks = (exponent > smallest)[: len(w) // 4 * 4].reshape(-1, 4 * len(c)).double().mean(1)
+    return (blocks * 40 <= w.shape[1]).double().mean().item()
+
+
+@pytest.mark.parametrize("dtype,d,k,tau_scale", [
+    (torch.float32, 4, 64, 0.01), (torch.float64, 4, 64, 0.01),  # the second: half the blocks dense
+    (torch.float32, 8, 256, 0.1), (torch.float64, 8, 256, 0.01),
+    (torch.float32, 16, 64, 0.05), (torch.float64, 16, 64, 0.001),  # the first: half dense
+])
+def test_sparse_rows_of_the_backward_step(dtype, d, k, tau_scale):
+    """A tau so small against the distances that most attention weights are exactly 0: the
+    backward step takes its pairs one by one (in some blocks, beside dense ones in the same call
+    where noted), and values and gradients still match the float64 reference."""
+    weights, centroids, tau = make_problem(1031, d, k, seed=d + k)
+    weights, tau = weights.to(dtype), tau * tau_scale
+    share = sparse_block_share(weights, centroids, tau)
+    assert share >= 0.25, f"only {share:.0%} of the blocks are sparse: the test would not reach them"
+    if dtype == torch.float64:
+        assert_matches_reference_float64("cpu", weights, centroids, tau)
+    else:
+        assert_low_precision_close("cpu", weights, centroids.float(), tau)
 
 
 def test_auto_prefers_cpu_on_cpu():
