@@ -453,13 +453,15 @@ inline int64_t append_set_lanes(unsigned bits, int lanes, int32_t j, int32_t* li
 // and a (kp, D) accumulator in scratch, which grad_step_impl folds into accT at the end of the
 // call). A pair then costs about twenty operations whatever D, where the dense sweep costs about
 // D / 2 per centroid, attended or not: the sparse sweep pays while at most D / per_coordinate of
-// the pairs are attended (measured break-even: about 12% at D = 4, 25% at D = 8, 50% at D = 16).
+// the pairs are attended (measured break-even: about 25% at D = 8, 50% at D = 16). At D = 4 the
+// break-even, about 12%, is rarely reached, and counting the attended pairs cost more than it saved
+// on the benchmark's weights (a third of the pairs attended): D = 4 stays dense.
 // The same formulas and differences as grad_row: A_ij, dS'_ij = A_ij (dA_ij - sum A dA) (2/tau)
 // and t = dS'_ij (c_j - w_i) per pair, t added into the row's gradient and the centroid's sum;
 // the order of the sums differs.
 template <int D>
 struct Sparse {
-  static constexpr bool rows = D == 4 || D == 8 || D == 16;
+  static constexpr bool rows = D == 8 || D == 16;
   static constexpr int64_t per_coordinate = 40;
 };
 
@@ -484,10 +486,11 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* inv, const T
       const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(e + j) != T(0)));
       n = append_set_lanes(bits, N, static_cast<int32_t>(j), list, n);
     }
-    row_t wr, acc{};
+    // The row's two sums (sum_j A_ij gm_j and sum_j t_ij) in separate accumulators, and even and
+    // odd pairs apart: one chain of dependent additions per pair would set the pace.
+    row_t wr, acc[4] = {};
     __builtin_memcpy(&wr, w + r * D, sizeof wr);
-    for (int64_t q = 0; q < n; ++q) {
-      const int64_t j = list[q];
+    const auto pair = [&](int64_t j, row_t& acc_a, row_t& acc_t) {
       const T a = e[j] * inv[r];
       const T dsj = a * (ds[r * kp + j] - dots[r]) * p.two_over_tau;
       row_t c, g, sum;
@@ -495,12 +498,19 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* inv, const T
       __builtin_memcpy(&g, p.gmR + j * D, sizeof g);
       __builtin_memcpy(&sum, sums + j * D, sizeof sum);
       const row_t t = dsj * (c - wr);
-      acc += a * g;
-      acc += t;
+      acc_a += a * g;
+      acc_t += t;
       sum += t;
       __builtin_memcpy(sums + j * D, &sum, sizeof sum);
+    };
+    int64_t q = 0;
+    for (; q + 2 <= n; q += 2) {
+      pair(list[q], acc[0], acc[1]);
+      pair(list[q + 1], acc[2], acc[3]);
     }
-    for (int l = 0; l < D; ++l) dw[r * D + l] += acc[l];
+    if (q < n) pair(list[q], acc[0], acc[1]);
+    const row_t total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (int l = 0; l < D; ++l) dw[r * D + l] += total[l];
   }
 }
 
@@ -549,7 +559,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
       store(ds + r * kp + j, da[r]);
       sum[r] += e;
       dot[r] += e * da[r];
-      attended += (typename Vec<T>::itype)(e != T(0));
+      if constexpr (Sparse<D>::rows) attended += (typename Vec<T>::itype)(e != T(0));
     }
   }
   for (int r = 0; r < R; ++r) {
