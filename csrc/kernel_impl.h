@@ -453,9 +453,10 @@ inline int64_t append_set_lanes(unsigned bits, int lanes, int32_t j, int32_t* li
 // and a (kp, D) accumulator in scratch, which grad_step_impl folds into accT at the end of the
 // call). A pair then costs about twenty operations whatever D, where the dense sweep costs about
 // D / 2 per centroid, attended or not: the sparse sweep pays while at most D / per_coordinate of
-// the pairs are attended (measured break-even: about 25% at D = 8, 50% at D = 16). At D = 4 the
-// break-even, about 12%, is rarely reached, and counting the attended pairs cost more than it saved
-// on the benchmark's weights (a third of the pairs attended): D = 4 stays dense.
+// the pairs are attended (the counts' break-even, about 25% at D = 8 and 50% at D = 16, checked by
+// timing at a few attended shares). At D = 4 it is about 12%, rarely reached, and counting the
+// attended pairs cost more than it saved on the benchmark's weights (a third of the pairs
+// attended): D = 4 stays dense.
 // The same formulas and differences as grad_row: A_ij, dS'_ij = A_ij (dA_ij - sum A dA) (2/tau)
 // and t = dS'_ij (c_j - w_i) per pair, t added into the row's gradient and the centroid's sum;
 // the order of the sums differs.
