@@ -249,27 +249,27 @@ struct Problem {
     return p;
   }
 
-  // Every group's (k, d) part of a (S, k_max, d_max) tensor, transposed and padded for the
-  // kernels, (G, d, kp), padding columns set to `fill`.
-  std::vector<T> transposed(const Tensor& packed, T fill) const {
+  // Every group's (k, d) part of a (S, k_max, d_max) tensor, padded to kp centroids, coordinate
+  // l of centroid j of group g at out[at(g, j, l)], the padding set to `fill`.
+  template <typename At>
+  std::vector<T> laid_out(const Tensor& packed, T fill, const At& at) const {
     const Segments seg(first, packed);
     const T* c = packed.data_ptr<T>();
     std::vector<T> out(plan.groups * plan.d * plan.kp, fill);
     for (int64_t g = 0; g < plan.groups; ++g)
       for (int64_t j = 0; j < plan.k; ++j)
-        for (int64_t l = 0; l < plan.d; ++l) out[(g * plan.d + l) * plan.kp + j] = c[seg.at(g, j) + l];
+        for (int64_t l = 0; l < plan.d; ++l) out[at(g, j, l)] = c[seg.at(g, j) + l];
     return out;
   }
 
-  // The same, row by row: (G, kp, d), padding rows zero.
+  // Transposed for the kernels, (G, d, kp).
+  std::vector<T> transposed(const Tensor& packed, T fill) const {
+    return laid_out(packed, fill, [&](int64_t g, int64_t j, int64_t l) { return (g * plan.d + l) * plan.kp + j; });
+  }
+
+  // Row by row, (G, kp, d), padding rows zero.
   std::vector<T> padded(const Tensor& packed) const {
-    const Segments seg(first, packed);
-    const T* c = packed.data_ptr<T>();
-    std::vector<T> out(plan.groups * plan.kp * plan.d, T(0));
-    for (int64_t g = 0; g < plan.groups; ++g)
-      for (int64_t j = 0; j < plan.k; ++j)
-        std::copy(c + seg.at(g, j), c + seg.at(g, j) + plan.d, out.data() + (g * plan.kp + j) * plan.d);
-    return out;
+    return laid_out(packed, T(0), [&](int64_t g, int64_t j, int64_t l) { return (g * plan.kp + j) * plan.d + l; });
   }
 };
 

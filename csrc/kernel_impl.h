@@ -466,22 +466,18 @@ struct Sparse {
   static constexpr int64_t per_coordinate = 40;
 };
 
-// The (kp, d) centroid sums and the list of attended offsets of the sparse rows.
-template <typename T>
-inline T* sparse_scratch(const Pass<T>& p, T* scratch) {
-  return scratch + kScratchRows * (p.kp + p.d);
-}
-
+// R rows given e (A = e inv) in rows of kp values from `e` and dA likewise from `da`; `sums` is the
+// (kp, D) accumulator of the centroids' sums (t summed over rows), followed by room for the list
+// of attended offsets.
 template <typename T, int D, int R>
-inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* inv, const T* dots, T* dw, T* sums,
-                             const T* scratch) {
+inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* e_rows, const T* da, const T* inv,
+                             const T* dots, T* dw, T* sums) {
   typedef typename Part<T, D * sizeof(T)>::type row_t;  // one centroid's D coordinates
   const int64_t kp = p.kp;
-  const T* ds = scratch + R * kp;  // dA
   constexpr int N = Vec<T>::lanes;
   int32_t* list = reinterpret_cast<int32_t*>(sums + kp * D);
   for (int r = 0; r < R; ++r) {
-    const T* e = scratch + r * kp;
+    const T* e = e_rows + r * kp;
     int64_t n = 0;
     for (int64_t j = 0; j < kp; j += N) {
       const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(e + j) != T(0)));
@@ -493,7 +489,7 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* inv, const T
     __builtin_memcpy(&wr, w + r * D, sizeof wr);
     const auto pair = [&](int64_t j, row_t& acc_a, row_t& acc_t) {
       const T a = e[j] * inv[r];
-      const T dsj = a * (ds[r * kp + j] - dots[r]) * p.two_over_tau;
+      const T dsj = a * (da[r * kp + j] - dots[r]) * p.two_over_tau;
       row_t c, g, sum;
       __builtin_memcpy(&c, p.cR + j * D, sizeof c);
       __builtin_memcpy(&g, p.gmR + j * D, sizeof g);
@@ -525,7 +521,8 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* inv, const T
 // coordinate's slices of cT, gm and accT stream past it.
 // Same formulas and the same differences as grad_row; the order of the sums differs.
 template <typename T, int D, int R>
-inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, T* accT, T* scratch) {
+inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, T* accT, T* scratch,
+                              T* sparse_sums) {
   constexpr int N = Vec<T>::lanes;
   constexpr int64_t kTile = 2048 / sizeof(T);  // centroids per tile: a multiple of kPadding
   const int64_t kp = p.kp;
@@ -567,11 +564,11 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
     inv[r] = T(1) / hsum<T>(sum[r]);
     dots[r] = hsum<T>(dot[r]) * inv[r];
   }
-  if (Sparse<D>::rows && p.cR) {
+  if (sparse_sums) {
     int64_t pairs = 0;
     for (int q = 0; q < N; ++q) pairs -= attended[q];
     if (pairs * Sparse<D>::per_coordinate <= R * kp * D)
-      return grad_rows_sparse<T, D, R>(p, w, inv, dots, dw, sparse_scratch(p, scratch), scratch);
+      return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, dw, sparse_sums);
   }
   // Per tile: A and dS' = (2/tau) dS of the R rows in place of e and dA, then the coordinates LB
   // at a time. Per centroid vector and row, A and dS' are loaded once for LB coordinates, and the
@@ -622,20 +619,21 @@ template <typename T, int D>
 void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t rows, T* dw, T* accT,
                     T* scratch) {
   const int64_t d = D ? D : p.d;
-  T* sums = sparse_scratch(p, scratch);
-  if (Sparse<D>::rows && p.cR)
+  // The sparse rows' centroid sums, after the scratch rows (null where d has no sparse rows).
+  T* const sums = Sparse<D>::rows && p.cR ? scratch + kScratchRows * (p.kp + d) : nullptr;
+  if (sums)
     for (int64_t q = 0; q < p.kp * d; ++q) sums[q] = T(0);
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {
     const T* gi = grad_out ? grad_out + i * d : nullptr;
     if constexpr (D != 0)
-      grad_rows_blocked<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch);
+      grad_rows_blocked<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch, sums);
     else
       grad_rows<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch);
   }
   for (; i < rows; ++i)
     grad_rows<T, D, 1>(p, w + i * d, grad_out ? grad_out + i * d : nullptr, dw + i * d, accT, scratch);
-  if (Sparse<D>::rows && p.cR) {
+  if (sums) {
     const T half_tau = T(1) / p.two_over_tau;
     for (int64_t j = 0; j < p.k; ++j)
       for (int64_t l = 0; l < d; ++l) accT[l * p.kp + j] -= sums[j * d + l] * half_tau;
