@@ -466,30 +466,75 @@ struct Sparse {
   static constexpr int64_t per_coordinate = 40;
 };
 
-// R rows given e (A = e inv) in rows of kp values from `e` and dA likewise from `da`; `sums` is the
-// (kp, D) accumulator of the centroids' sums (t summed over rows), followed by room for the list
-// of attended offsets.
+// The sparse rows' working memory: the (kp, D) accumulator of the centroids' sums (t summed over
+// rows), then one list of attended offsets per row of a block (kp of them and 8 of room each).
+template <typename T>
+inline int32_t* attended_lists(const Pass<T>& p, T* sums, int r) {
+  return reinterpret_cast<int32_t*>(sums + p.kp * p.d) + r * (p.kp + 8);
+}
+
+// Lists the attended offsets of each of R rows of e (n[r] of them), and replaces each row of da
+// (dA by centroid) by its attended entries in list order: in place, as list[q] >= q.
+template <typename T, int R>
+inline void list_attended(const Pass<T>& p, const T* e_rows, T* da, T* sums, int64_t* n) {
+  constexpr int N = Vec<T>::lanes;
+  const int64_t kp = p.kp;
+  for (int r = 0; r < R; ++r) {
+    int32_t* list = attended_lists(p, sums, r);
+    n[r] = 0;
+    for (int64_t j = 0; j < kp; j += N) {
+      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(e_rows + r * kp + j) != T(0)));
+      n[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), list, n[r]);
+    }
+    for (int64_t q = 0; q < n[r]; ++q) da[r * kp + q] = da[r * kp + list[q]];
+  }
+}
+
+// dA_ij = gm_j . w_i - gdc_j of the listed pairs of R rows (into da in list order), and
+// dots[r] = sum_j A_ij dA_ij: the dense sweep's dA, which costs d / lanes multiply-adds per pair
+// attended or not, for the attended pairs only (one vector product and its sum each). Not on the
+// last step, whose dA also has G~_i . C_L,j.
+template <typename T, int D, int R>
+inline void attended_gradients(const Pass<T>& p, const T* w, const T* e_rows, const T* inv, const int64_t* n,
+                               T* sums, T* da, T* dots) {
+  typedef typename Part<T, D * sizeof(T)>::type row_t;
+  const int64_t kp = p.kp;
+  for (int r = 0; r < R; ++r) {
+    const int32_t* list = attended_lists(p, sums, r);
+    row_t wr;
+    __builtin_memcpy(&wr, w + r * D, sizeof wr);
+    T dot[2] = {};
+    for (int64_t q = 0; q < n[r]; ++q) {
+      const int32_t j = list[q];
+      row_t g;
+      __builtin_memcpy(&g, p.gmR + j * D, sizeof g);
+      const T dA = tree_sum<T, D * sizeof(T)>(g * wr) - p.gdc[j];
+      da[r * kp + q] = dA;
+      dot[q & 1] += e_rows[r * kp + j] * dA;
+    }
+    dots[r] = (dot[0] + dot[1]) * inv[r];
+  }
+}
+
+// R rows given e (A = e inv) in rows of kp values, each row's n[r] attended offsets
+// (attended_lists) and their dA in list order (rows of da), and sum_j A_ij dA_ij (dots).
 template <typename T, int D, int R>
 inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* e_rows, const T* da, const T* inv,
-                             const T* dots, T* dw, T* sums) {
+                             const T* dots, const int64_t* n, T* dw, T* sums) {
   typedef typename Part<T, D * sizeof(T)>::type row_t;  // one centroid's D coordinates
   const int64_t kp = p.kp;
-  constexpr int N = Vec<T>::lanes;
-  int32_t* list = reinterpret_cast<int32_t*>(sums + kp * D);
   for (int r = 0; r < R; ++r) {
     const T* e = e_rows + r * kp;
-    int64_t n = 0;
-    for (int64_t j = 0; j < kp; j += N) {
-      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(e + j) != T(0)));
-      n = append_set_lanes(bits, N, static_cast<int32_t>(j), list, n);
-    }
+    const T* dar = da + r * kp;
+    const int32_t* list = attended_lists(p, sums, r);
     // The row's two sums (sum_j A_ij gm_j and sum_j t_ij) in separate accumulators, and even and
     // odd pairs apart: one chain of dependent additions per pair would set the pace.
     row_t wr, acc[4] = {};
     __builtin_memcpy(&wr, w + r * D, sizeof wr);
-    const auto pair = [&](int64_t j, row_t& acc_a, row_t& acc_t) {
+    const auto pair = [&](int64_t q, row_t& acc_a, row_t& acc_t) {
+      const int64_t j = list[q];
       const T a = e[j] * inv[r];
-      const T dsj = a * (da[r * kp + j] - dots[r]) * p.two_over_tau;
+      const T dsj = a * (dar[q] - dots[r]) * p.two_over_tau;
       row_t c, g, sum;
       __builtin_memcpy(&c, p.cR + j * D, sizeof c);
       __builtin_memcpy(&g, p.gmR + j * D, sizeof g);
@@ -501,11 +546,11 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* e_rows, cons
       __builtin_memcpy(sums + j * D, &sum, sizeof sum);
     };
     int64_t q = 0;
-    for (; q + 2 <= n; q += 2) {
-      pair(list[q], acc[0], acc[1]);
-      pair(list[q + 1], acc[2], acc[3]);
+    for (; q + 2 <= n[r]; q += 2) {
+      pair(q, acc[0], acc[1]);
+      pair(q + 1, acc[2], acc[3]);
     }
-    if (q < n) pair(list[q], acc[0], acc[1]);
+    if (q < n[r]) pair(q, acc[0], acc[1]);
     const row_t total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for (int l = 0; l < D; ++l) dw[r * D + l] += total[l];
   }
@@ -522,12 +567,13 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* e_rows, cons
 // Same formulas and the same differences as grad_row; the order of the sums differs.
 template <typename T, int D, int R>
 inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, T* accT, T* scratch,
-                              T* sparse_sums) {
+                              T* sparse_sums, bool& listing) {
   constexpr int N = Vec<T>::lanes;
   constexpr int64_t kTile = 2048 / sizeof(T);  // centroids per tile: a multiple of kPadding
   const int64_t kp = p.kp;
   const T scale = p.exp2_scale;
   T dmin[R], inv[R], dots[R];
+  int64_t attended[R];
   T* ds = scratch + R * kp;  // R rows: dA, then (2/tau) dS
   distances<T, D, R>(p, w, scratch, dmin);
   vec<T> wv[R * D], gv[R * D];  // w_il and G~_il pre-broadcast, as in distances
@@ -535,10 +581,16 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   const T* const cT = p.cT;
   const T* const gmT = p.gmT;
   const T* const cLT = p.cLT;
+  const auto sparse = [&] {
+    int64_t pairs = 0;
+    for (int r = 0; r < R; ++r) pairs += attended[r];
+    return pairs * Sparse<D>::per_coordinate <= R * kp * D;
+  };
   vec<T> sum[R], dot[R];
-  typename Vec<T>::itype attended{};  // minus the count of nonzero e per lane
   for (int r = 0; r < R; ++r) sum[r] = dot[r] = vec<T>{};
-  for (int64_t j = 0; j < kp; j += N) {
+  // dA by centroid, and sum_j e_ij dA_ij, for every centroid vector: with the exponentials
+  // (e_now) or from the e rows afterwards.
+  const auto gradient_sweep = [&](int64_t j, const vec<T>* e_now) {
     vec<T> da[R];
     const vec<T> next = -load(p.gdc + j);
     for (int r = 0; r < R; ++r) da[r] = next;
@@ -552,23 +604,59 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
         for (int r = 0; r < R; ++r) da[r] += c * gv[r * D + l];
       }
     for (int r = 0; r < R; ++r) {
-      const vec<T> e = vexp2((dmin[r] - load(scratch + r * kp + j)) * scale);  // as exponentiate
-      store(scratch + r * kp + j, e);
       store(ds + r * kp + j, da[r]);
-      sum[r] += e;
-      dot[r] += e * da[r];
-      if constexpr (Sparse<D>::rows) attended += (typename Vec<T>::itype)(e != T(0));
+      dot[r] += (e_now ? e_now[r] : load(scratch + r * kp + j)) * da[r];
     }
-  }
-  for (int r = 0; r < R; ++r) {
-    inv[r] = T(1) / hsum<T>(sum[r]);
-    dots[r] = hsum<T>(dot[r]) * inv[r];
-  }
-  if (sparse_sums) {
-    int64_t pairs = 0;
-    for (int q = 0; q < N; ++q) pairs -= attended[q];
-    if (pairs * Sparse<D>::per_coordinate <= R * kp * D)
-      return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, dw, sparse_sums);
+  };
+  if (sparse_sums && listing && !gi) {
+    // The previous block was sparse: expect this one to be. The sweep forms the exponentials and
+    // lists the attended pairs; dA is then formed for those alone, or, if the block is dense
+    // after all, in a sweep of its own.
+    int32_t* lists[R];
+    for (int r = 0; r < R; ++r) attended[r] = 0, lists[r] = attended_lists(p, sparse_sums, r);
+    for (int64_t j = 0; j < kp; j += N)
+      for (int r = 0; r < R; ++r) {
+        const vec<T> e = vexp2((dmin[r] - load(scratch + r * kp + j)) * scale);  // as exponentiate
+        store(scratch + r * kp + j, e);
+        sum[r] += e;
+        const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(e != T(0)));
+        attended[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), lists[r], attended[r]);
+      }
+    for (int r = 0; r < R; ++r) inv[r] = T(1) / hsum<T>(sum[r]);
+    if (sparse()) {
+      attended_gradients<T, D, R>(p, w, scratch, inv, attended, sparse_sums, ds, dots);
+      return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, attended, dw, sparse_sums);
+    }
+    listing = false;
+    for (int64_t j = 0; j < kp; j += N) gradient_sweep(j, nullptr);
+    for (int r = 0; r < R; ++r) dots[r] = hsum<T>(dot[r]) * inv[r];
+  } else {
+    // One sweep forms the exponentials, their sums, dA and sum_j e_ij dA_ij, and counts the
+    // attended pairs where d has sparse rows.
+    typename Vec<T>::itype nonzero{};  // minus the count of nonzero e per lane
+    for (int64_t j = 0; j < kp; j += N) {
+      vec<T> e[R];
+      for (int r = 0; r < R; ++r) {
+        e[r] = vexp2((dmin[r] - load(scratch + r * kp + j)) * scale);  // as exponentiate
+        store(scratch + r * kp + j, e[r]);
+        sum[r] += e[r];
+        if constexpr (Sparse<D>::rows) nonzero += (typename Vec<T>::itype)(e[r] != T(0));
+      }
+      gradient_sweep(j, e);
+    }
+    for (int r = 0; r < R; ++r) {
+      inv[r] = T(1) / hsum<T>(sum[r]);
+      dots[r] = hsum<T>(dot[r]) * inv[r];
+    }
+    if (sparse_sums) {
+      for (int r = 0; r < R; ++r) attended[r] = 0;
+      for (int q = 0; q < N; ++q) attended[0] -= nonzero[q];
+      if (sparse()) {
+        listing = true;
+        list_attended<T, R>(p, scratch, ds, sparse_sums, attended);
+        return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, attended, dw, sparse_sums);
+      }
+    }
   }
   // Per tile: A and dS' = (2/tau) dS of the R rows in place of e and dA, then the coordinates LB
   // at a time. Per centroid vector and row, A and dS' are loaded once for LB coordinates, and the
@@ -623,11 +711,12 @@ void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t row
   T* const sums = Sparse<D>::rows && p.cR ? scratch + kScratchRows * (p.kp + d) : nullptr;
   if (sums)
     for (int64_t q = 0; q < p.kp * d; ++q) sums[q] = T(0);
+  bool listing = true;  // list the attended pairs in the exponential sweep (the last block was sparse)
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {
     const T* gi = grad_out ? grad_out + i * d : nullptr;
     if constexpr (D != 0)
-      grad_rows_blocked<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch, sums);
+      grad_rows_blocked<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch, sums, listing);
     else
       grad_rows<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch);
   }

@@ -27,8 +27,9 @@ struct Pass {
   const T* gmR = nullptr;  // rows (a centroid's d coordinates in one load)
 };
 
-// A kernel call may use kScratchRows * (kp + d) + kp * (d + 1) + 8 values of scratch: rows of kp
-// values, and a (kp, d) accumulator with a list of kp offsets (and room for 8 more).
+// A kernel call may use kScratchRows * (kp + d) + kp * (d + 4) + 32 values of scratch: rows of kp
+// values, and a (kp, d) accumulator with a list of kp offsets (and room for 8 more) for each of
+// the 4 rows of a block.
 constexpr int64_t kScratchRows = 8;
 
 // The coordinate of padding centroids in cT: its square times d stays finite for any practical d
