@@ -456,7 +456,8 @@ inline int64_t append_set_lanes(unsigned bits, int lanes, int32_t j, int32_t* li
 // the pairs are attended (the counts' break-even, about 25% at D = 8 and 50% at D = 16, checked by
 // timing at a few attended shares). At D = 4 it is about 12%, rarely reached, and counting the
 // attended pairs cost more than it saved on the benchmark's weights (a third of the pairs
-// attended): D = 4 stays dense.
+// attended): D = 4 stays dense. After a sparse block the next one's exponential sweep lists the
+// attended pairs and leaves dA to be formed for them alone (attended_gradients).
 // The same formulas and differences as grad_row: A_ij, dS'_ij = A_ij (dA_ij - sum A dA) (2/tau)
 // and t = dS'_ij (c_j - w_i) per pair, t added into the row's gradient and the centroid's sum;
 // the order of the sums differs.
@@ -658,8 +659,8 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
       }
     }
   }
-  // Per tile: A and dS' = (2/tau) dS of the R rows in place of e and dA, then the coordinates LB
-  // at a time. Per centroid vector and row, A and dS' are loaded once for LB coordinates, and the
+  // Per tile: A and dS' = (2/tau) dS of the R rows in place of e and dA (formed where used when
+  // the coordinates are one group, d <= LB), then the coordinates LB at a time. Per centroid vector and row, A and dS' are loaded once for LB coordinates, and the
   // row's two sums of grad_row share one accumulator: sum_j A_ij gm_jl + dS'_ij (c_jl - w_il).
   // t = dS'_ij (c_jl - w_il) is formed once and added into both that and the centroid's sum (which
   // takes tau/2 once per centroid vector and coordinate, for R rows): a multiply and two adds
@@ -669,12 +670,13 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   const T half_tau = T(1) / p.two_over_tau;
   for (int64_t j0 = 0; j0 < kp; j0 += kTile) {
     const int64_t j1 = j0 + kTile < kp ? j0 + kTile : kp;
-    for (int64_t j = j0; j < j1; j += N)
-      for (int r = 0; r < R; ++r) {
-        const vec<T> a = load(scratch + r * kp + j) * inv[r];
-        store(scratch + r * kp + j, a);
-        store(ds + r * kp + j, a * (load(ds + r * kp + j) - dots[r]) * p.two_over_tau);
-      }
+    if constexpr (D > LB)
+      for (int64_t j = j0; j < j1; j += N)
+        for (int r = 0; r < R; ++r) {
+          const vec<T> a = load(scratch + r * kp + j) * inv[r];
+          store(scratch + r * kp + j, a);
+          store(ds + r * kp + j, a * (load(ds + r * kp + j) - dots[r]) * p.two_over_tau);
+        }
     for (int l = 0; l < D; l += LB) {
       vec<T> acc[R * LB];
       for (int q = 0; q < R * LB; ++q) acc[q] = vec<T>{};
@@ -686,7 +688,13 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
           sum[q] = vec<T>{};
         }
         for (int r = 0; r < R; ++r) {
-          const vec<T> a = load(scratch + r * kp + j), dsr = load(ds + r * kp + j);
+          vec<T> a, dsr;
+          if constexpr (D > LB) {
+            a = load(scratch + r * kp + j), dsr = load(ds + r * kp + j);
+          } else {  // one group of coordinates: A and dS' are used once, formed here
+            a = load(scratch + r * kp + j) * inv[r];
+            dsr = a * (load(ds + r * kp + j) - dots[r]) * p.two_over_tau;
+          }
           for (int q = 0; q < LB; ++q) {
             const vec<T> t = dsr * (c[q] - wv[r * D + l + q]);
             acc[r * LB + q] += a * g[q];
