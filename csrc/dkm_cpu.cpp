@@ -235,7 +235,7 @@ struct Problem {
   const void* x = nullptr;  // the second input's rows, of the storage type, or null
   void* out = nullptr;      // output pass: W~ (G, M, d), of the storage type
   T* dw = nullptr;          // gradient pass: the (G, M, d) accumulator
-  std::vector<T> cT, cLT, gmT, gdc, cR, gmR, partial;
+  std::vector<T> cT, cLT, gmT, gdc, cR, gmR, cLR, partial;
 
   Pass<T> group(int64_t g) const {
     const int64_t mat = plan.d * plan.kp;
@@ -246,6 +246,7 @@ struct Problem {
     if (!gdc.empty()) p.gdc = gdc.data() + g * plan.kp;
     if (!cR.empty()) p.cR = cR.data() + g * mat;
     if (!gmR.empty()) p.gmR = gmR.data() + g * mat;
+    if (!cLR.empty()) p.cLR = cLR.data() + g * mat;
     return p;
   }
 
@@ -456,6 +457,7 @@ Tensor gradient_pass(const PassInputs& in) {
     problem.gmT = problem.transposed(in.grad_over_mass, T(0));
     problem.cR = problem.padded(in.centroids);
     problem.gmR = problem.padded(in.grad_over_mass);
+    if (problem.x) problem.cLR = problem.padded(in.final_centroids);
     problem.gdc.assign(plan.groups * plan.kp, T(0));
     const Segments seg(problem.first, in.grad_dot_next);
     for (int64_t g = 0; g < plan.groups; ++g)

@@ -491,25 +491,32 @@ inline void list_attended(const Pass<T>& p, const T* e_rows, T* da, T* sums, int
   }
 }
 
-// dA_ij = gm_j . w_i - gdc_j of the listed pairs of R rows (into da in list order), and
-// dots[r] = sum_j A_ij dA_ij: the dense sweep's dA, which costs d / lanes multiply-adds per pair
-// attended or not, for the attended pairs only (one vector product and its sum each). Not on the
-// last step, whose dA also has G~_i . C_L,j.
+// dA_ij = gm_j . w_i - gdc_j (+ G~_i . C_L,j on the last step, gi non-null) of the listed pairs of
+// R rows (into da in list order), and dots[r] = sum_j A_ij dA_ij: the dense sweep's dA, which costs
+// d / lanes multiply-adds per pair attended or not, for the attended pairs only (one or two vector
+// products and a sum each).
 template <typename T, int D, int R>
-inline void attended_gradients(const Pass<T>& p, const T* w, const T* e_rows, const T* inv, const int64_t* n,
-                               T* sums, T* da, T* dots) {
+inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const T* e_rows, const T* inv,
+                               const int64_t* n, T* sums, T* da, T* dots) {
   typedef typename Part<T, D * sizeof(T)>::type row_t;
   const int64_t kp = p.kp;
   for (int r = 0; r < R; ++r) {
     const int32_t* list = attended_lists(p, sums, r);
-    row_t wr;
+    row_t wr, gr = {};
     __builtin_memcpy(&wr, w + r * D, sizeof wr);
+    if (gi) __builtin_memcpy(&gr, gi + r * D, sizeof gr);
     T dot[2] = {};
     for (int64_t q = 0; q < n[r]; ++q) {
       const int32_t j = list[q];
-      row_t g;
+      row_t g, product;
       __builtin_memcpy(&g, p.gmR + j * D, sizeof g);
-      const T dA = tree_sum<T, D * sizeof(T)>(g * wr) - p.gdc[j];
+      product = g * wr;
+      if (gi) {
+        row_t c;
+        __builtin_memcpy(&c, p.cLR + j * D, sizeof c);
+        product += c * gr;
+      }
+      const T dA = tree_sum<T, D * sizeof(T)>(product) - p.gdc[j];
       da[r * kp + q] = dA;
       dot[q & 1] += e_rows[r * kp + j] * dA;
     }
@@ -609,7 +616,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
       dot[r] += (e_now ? e_now[r] : load(scratch + r * kp + j)) * da[r];
     }
   };
-  if (sparse_sums && listing && !gi) {
+  if (sparse_sums && listing && (!gi || p.cLR)) {
     // The previous block was sparse: expect this one to be. The sweep forms the exponentials and
     // lists the attended pairs; dA is then formed for those alone, or, if the block is dense
     // after all, in a sweep of its own.
@@ -625,7 +632,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
       }
     for (int r = 0; r < R; ++r) inv[r] = T(1) / hsum<T>(sum[r]);
     if (sparse()) {
-      attended_gradients<T, D, R>(p, w, scratch, inv, attended, sparse_sums, ds, dots);
+      attended_gradients<T, D, R>(p, w, gi, scratch, inv, attended, sparse_sums, ds, dots);
       return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, attended, dw, sparse_sums);
     }
     listing = false;
