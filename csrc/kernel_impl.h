@@ -62,6 +62,12 @@ struct Part {
   typedef T type __attribute__((vector_size(Bytes)));
 };
 
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define DKM_HAS_SHUFFLE 1
+#endif
+#endif
+
 // Horizontal sum and minimum by halving (log2 of the lanes vector steps, not a lane-by-lane
 // chain): a row ends with a dozen of these, so their cost is not negligible next to k = 256.
 template <typename T, int Bytes>
@@ -491,6 +497,38 @@ inline void list_attended(const Pass<T>& p, const T* e_rows, T* da, T* sums, int
   }
 }
 
+// A vector of D coordinates (Bytes) folded into one vector by adding its halves.
+template <typename T, int Bytes>
+inline vec<T> fold(typename Part<T, Bytes>::type v) {
+  if constexpr (Bytes == DKM_VBYTES) {
+    return v;
+  } else {
+    typename Part<T, Bytes / 2>::type lo, hi;
+    __builtin_memcpy(&lo, &v, Bytes / 2);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return fold<T, Bytes / 2>(lo + hi);
+  }
+}
+
+#ifdef DKM_HAS_SHUFFLE
+// The sums of 8 vectors of 8 lanes, sum b in lane b: a transposing add tree (interleaves, pairs of
+// lanes, halves), 14 shuffles and 7 additions for the 8 sums, where each alone takes 3 of each
+// and a scalar extraction.
+template <typename T>
+inline vec<T> sums_of_eight(const vec<T>* v) {
+  static_assert(Vec<T>::lanes == 8, "an add tree for 8 lanes");
+  vec<T> s[4], t[2];
+  for (int b = 0; b < 4; ++b)
+    s[b] = __builtin_shufflevector(v[2 * b], v[2 * b + 1], 0, 8, 1, 9, 4, 12, 5, 13) +
+           __builtin_shufflevector(v[2 * b], v[2 * b + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  for (int b = 0; b < 2; ++b)
+    t[b] = __builtin_shufflevector(s[2 * b], s[2 * b + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(s[2 * b], s[2 * b + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(t[0], t[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(t[0], t[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+#endif
+
 // dA_ij = gm_j . w_i - gdc_j (+ G~_i . C_L,j on the last step, gi non-null) of the listed pairs of
 // R rows (into da in list order), and dots[r] = sum_j A_ij dA_ij: the dense sweep's dA, which costs
 // d / lanes multiply-adds per pair attended or not, for the attended pairs only (one or two vector
@@ -502,23 +540,51 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
   const int64_t kp = p.kp;
   for (int r = 0; r < R; ++r) {
     const int32_t* list = attended_lists(p, sums, r);
+    const T* e = e_rows + r * kp;
+    T* dar = da + r * kp;
     row_t wr, gr = {};
     __builtin_memcpy(&wr, w + r * D, sizeof wr);
     if (gi) __builtin_memcpy(&gr, gi + r * D, sizeof gr);
-    T dot[2] = {};
-    for (int64_t q = 0; q < n[r]; ++q) {
-      const int32_t j = list[q];
-      row_t g, product;
+    const auto product = [&](int32_t j, row_t& x) {  // gm_j w_i (+ C_L,j G~_i), by coordinate
+      row_t g;
       __builtin_memcpy(&g, p.gmR + j * D, sizeof g);
-      product = g * wr;
+      x = g * wr;
       if (gi) {
         row_t c;
         __builtin_memcpy(&c, p.cLR + j * D, sizeof c);
-        product += c * gr;
+        x += c * gr;
       }
-      const T dA = tree_sum<T, D * sizeof(T)>(product) - p.gdc[j];
-      da[r * kp + q] = dA;
-      dot[q & 1] += e_rows[r * kp + j] * dA;
+    };
+    T dot[2] = {};
+    int64_t q = 0;
+#ifdef DKM_HAS_SHUFFLE
+    if constexpr (Vec<T>::lanes == 8 && D * sizeof(T) >= DKM_VBYTES) {
+      // 8 pairs at a time: their products' sums by one add tree, dA and e dA as vectors.
+      vec<T> dot8{};
+      for (; q + 8 <= n[r]; q += 8) {
+        vec<T> v[8], gdc8, e8;
+        for (int b = 0; b < 8; ++b) {
+          const int32_t j = list[q + b];
+          row_t x;
+          product(j, x);
+          v[b] = fold<T, D * sizeof(T)>(x);
+          gdc8[b] = p.gdc[j];
+          e8[b] = e[j];
+        }
+        const vec<T> dA = sums_of_eight<T>(v) - gdc8;
+        store(dar + q, dA);
+        dot8 += e8 * dA;
+      }
+      dot[0] = hsum<T>(dot8);
+    }
+#endif
+    for (; q < n[r]; ++q) {
+      const int32_t j = list[q];
+      row_t x;
+      product(j, x);
+      const T dA = tree_sum<T, D * sizeof(T)>(x) - p.gdc[j];
+      dar[q] = dA;
+      dot[q & 1] += e[j] * dA;
     }
     dots[r] = (dot[0] + dot[1]) * inv[r];
   }
@@ -755,12 +821,6 @@ void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t row
 // centroid-vectorised kernels. The arithmetic per (row, centroid) pair is theirs, in the same order
 // (distance from exact differences, exponent (dmin - dist) * scale), so results agree to rounding.
 constexpr int kLaneK = 16;  // the largest k taken here
-
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-#define DKM_HAS_SHUFFLE 1
-#endif
-#endif
 
 #ifdef DKM_HAS_SHUFFLE
 // The even and the odd lanes of the 2N lanes of (a, b), and its inverse, zip: lo, hi = the first
