@@ -68,6 +68,14 @@ struct Part {
 #endif
 #endif
 
+// The first and the second half of a vector of Bytes.
+template <typename T, int Bytes>
+inline void halves(typename Part<T, Bytes>::type v, typename Part<T, Bytes / 2>::type& lo,
+                   typename Part<T, Bytes / 2>::type& hi) {
+  __builtin_memcpy(&lo, &v, Bytes / 2);
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+}
+
 // Horizontal sum and minimum by halving (log2 of the lanes vector steps, not a lane-by-lane
 // chain): a row ends with a dozen of these, so their cost is not negligible next to k = 256.
 template <typename T, int Bytes>
@@ -78,8 +86,7 @@ inline T tree_sum(typename Part<T, Bytes>::type v) {
     return s;
   } else {
     typename Part<T, Bytes / 2>::type lo, hi;
-    __builtin_memcpy(&lo, &v, Bytes / 2);
-    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    halves<T, Bytes>(v, lo, hi);
     return tree_sum<T, Bytes / 2>(lo + hi);
   }
 }
@@ -92,8 +99,7 @@ inline T tree_min(typename Part<T, Bytes>::type v) {
     return s;
   } else {
     typename Part<T, Bytes / 2>::type lo, hi;
-    __builtin_memcpy(&lo, &v, Bytes / 2);
-    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    halves<T, Bytes>(v, lo, hi);
     return tree_min<T, Bytes / 2>(hi < lo ? hi : lo);
   }
 }
@@ -404,8 +410,7 @@ template <typename T, int Bytes>
 inline unsigned lane_bits(typename Part<T, Bytes>::type m) {
   if constexpr (Bytes > 32) {
     typename Part<T, Bytes / 2>::type lo, hi;
-    __builtin_memcpy(&lo, &m, Bytes / 2);
-    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&m) + Bytes / 2, Bytes / 2);
+    halves<T, Bytes>(m, lo, hi);
     return lane_bits<T, Bytes / 2>(lo) | lane_bits<T, Bytes / 2>(hi) << (Bytes / 2 / sizeof(T));
   }
 #if DKM_VBYTES >= 32  // the builtins exist where AVX is enabled
@@ -504,8 +509,7 @@ inline vec<T> fold(typename Part<T, Bytes>::type v) {
     return v;
   } else {
     typename Part<T, Bytes / 2>::type lo, hi;
-    __builtin_memcpy(&lo, &v, Bytes / 2);
-    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    halves<T, Bytes>(v, lo, hi);
     return fold<T, Bytes / 2>(lo + hi);
   }
 }
@@ -733,8 +737,8 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
     }
   }
   // Per tile: A and dS' = (2/tau) dS of the R rows in place of e and dA (formed where used when
-  // the coordinates are one group, d <= LB), then the coordinates LB at a time. Per centroid vector and row, A and dS' are loaded once for LB coordinates, and the
-  // row's two sums of grad_row share one accumulator: sum_j A_ij gm_jl + dS'_ij (c_jl - w_il).
+  // the coordinates are one group, d <= LB), then the coordinates LB at a time. Per centroid
+  // vector and row, A and dS' are loaded once for LB coordinates, and the row's two sums of grad_row share one accumulator: sum_j A_ij gm_jl + dS'_ij (c_jl - w_il).
   // t = dS'_ij (c_jl - w_il) is formed once and added into both that and the centroid's sum (which
   // takes tau/2 once per centroid vector and coordinate, for R rows): a multiply and two adds
   // instead of two multiply-adds, so that the adders, not only the multiply-add units, work. R LB

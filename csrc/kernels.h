@@ -23,9 +23,10 @@ struct Pass {
   const T* cLT = nullptr;  // (d, kp) C_L: output pass, and the last backward step
   const T* gmT = nullptr;  // (d, kp) G_{t+1,j} / s_{t,j} (0 where s_{t,j} == 0): backward step
   const T* gdc = nullptr;  // (kp) (G_{t+1,j} / s_{t,j}) . C_{t+1,j}: backward step
-  const T* cR = nullptr;   // (kp, d) C_t, G_{t+1} / s_t and C_L (last step only) row by row: the
-  const T* gmR = nullptr;  // backward step's sparse rows (a centroid's d coordinates in one load)
-  const T* cLR = nullptr;
+  // (kp, d) row by row, for the backward step's sparse rows (a centroid's d coordinates in one load):
+  const T* cR = nullptr;   // C_t
+  const T* gmR = nullptr;  // G_{t+1} / s_t
+  const T* cLR = nullptr;  // C_L, on the last step (grad_out given) only
 };
 
 // A kernel call may use kScratchRows * (kp + d) + kp * (d + 4) + 32 values of scratch: rows of kp
