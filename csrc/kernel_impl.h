@@ -124,6 +124,18 @@ inline vec<T> vmax(vec<T> a, vec<T> b) {
   return a > b ? a : b;
 }
 
+// vexp2 clamps y from below at this value, where its result is exactly 0: y <= it gives 0.
+template <typename T>
+struct Exp2Floor;
+template <>
+struct Exp2Floor<float> {
+  static constexpr float value = -126.0f;
+};
+template <>
+struct Exp2Floor<double> {
+  static constexpr double value = -1022.0;
+};
+
 // 2^y for y <= 0 (y = -inf included), exactly 1 for y = 0: the row's largest attention weight.
 // Results below the smallest normal number (2^-126 in float, 2^-1022 in double) are flushed to
 // exactly 0: denormal results cost microcode assists on many CPUs and, with a small tau, most of a
@@ -140,7 +152,7 @@ inline vec<T> vmax(vec<T> a, vec<T> b) {
 inline vec<float> vexp2(vec<float> y) {
   typedef vec<float> vf;
   typedef Vec<float>::itype vi;
-  y = vmax<float>(y, splat(-126.0f));
+  y = vmax<float>(y, splat(Exp2Floor<float>::value));
   const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vf t = y + magic;
   const vf n = t - magic;
@@ -159,7 +171,7 @@ inline vec<float> vexp2(vec<float> y) {
 inline vec<double> vexp2(vec<double> y) {
   typedef vec<double> vd;
   typedef Vec<double>::itype vi;
-  y = vmax<double>(y, splat(-1022.0));
+  y = vmax<double>(y, splat(Exp2Floor<double>::value));
   const vd magic = splat(6755399441055744.0);  // 1.5 * 2^52
   const vd t = y + magic;
   const vd n = t - magic;
@@ -467,8 +479,9 @@ inline int64_t append_set_lanes(unsigned bits, int lanes, int32_t j, int32_t* li
 // the pairs are attended (the counts' break-even, about 25% at D = 8 and 50% at D = 16, checked by
 // timing at a few attended shares). At D = 4 it is about 12%, rarely reached, and counting the
 // attended pairs cost more than it saved on the benchmark's weights (a third of the pairs
-// attended): D = 4 stays dense. After a sparse block the next one's exponential sweep lists the
-// attended pairs and leaves dA to be formed for them alone (attended_gradients).
+// attended): D = 4 stays dense. After a sparse block the next one's sweep lists the attended pairs
+// from the distances, and the exponentials (attended_exponentials) and dA (attended_gradients) are
+// formed for them alone.
 // The same formulas and differences as grad_row: A_ij, dS'_ij = A_ij (dA_ij - sum A dA) (2/tau)
 // and t = dS'_ij (c_j - w_i) per pair, t added into the row's gradient and the centroid's sum;
 // the order of the sums differs.
@@ -485,10 +498,10 @@ inline int32_t* attended_lists(const Pass<T>& p, T* sums, int r) {
   return reinterpret_cast<int32_t*>(sums + p.kp * p.d) + r * (p.kp + 8);
 }
 
-// Lists the attended offsets of each of R rows of e (n[r] of them), and replaces each row of da
-// (dA by centroid) by its attended entries in list order: in place, as list[q] >= q.
+// Lists the attended offsets of each of R rows of e (n[r] of them), and replaces each row of e and
+// of da (dA by centroid) by its attended entries in list order: in place, as list[q] >= q.
 template <typename T, int R>
-inline void list_attended(const Pass<T>& p, const T* e_rows, T* da, T* sums, int64_t* n) {
+inline void list_attended(const Pass<T>& p, T* e_rows, T* da, T* sums, int64_t* n) {
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
   for (int r = 0; r < R; ++r) {
@@ -498,7 +511,34 @@ inline void list_attended(const Pass<T>& p, const T* e_rows, T* da, T* sums, int
       const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(e_rows + r * kp + j) != T(0)));
       n[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), list, n[r]);
     }
-    for (int64_t q = 0; q < n[r]; ++q) da[r * kp + q] = da[r * kp + list[q]];
+    for (int64_t q = 0; q < n[r]; ++q) {
+      e_rows[r * kp + q] = e_rows[r * kp + list[q]];
+      da[r * kp + q] = da[r * kp + list[q]];
+    }
+  }
+}
+
+// The exponentials of the listed pairs of R rows in list order (rows of e, from the rows of squared
+// distances dist), and inv[r] = 1 / their sum: exponentiate for the listed pairs alone, the others'
+// being exactly 0. The last vector of a list is filled up with infinite distances (exponential 0).
+template <typename T, int R>
+inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin, const int64_t* n, T* sums,
+                                  T* e, T* inv) {
+  constexpr int N = Vec<T>::lanes;
+  const int64_t kp = p.kp;
+  for (int r = 0; r < R; ++r) {
+    const int32_t* list = attended_lists(p, sums, r);
+    T* er = e + r * kp;
+    int64_t q = 0;
+    for (; q < n[r]; ++q) er[q] = dist[r * kp + list[q]];
+    for (; q % N; ++q) er[q] = T(__builtin_inf());
+    vec<T> sum{};
+    for (q = 0; q < n[r]; q += N) {
+      const vec<T> ev = vexp2((dmin[r] - load(er + q)) * p.exp2_scale);  // as exponentiate
+      store(er + q, ev);
+      sum += ev;
+    }
+    inv[r] = T(1) / hsum<T>(sum);
   }
 }
 
@@ -534,7 +574,7 @@ inline vec<T> sums_of_eight(const vec<T>* v) {
 #endif
 
 // dA_ij = gm_j . w_i - gdc_j (+ G~_i . C_L,j on the last step, gi non-null) of the listed pairs of
-// R rows (into da in list order), and dots[r] = sum_j A_ij dA_ij: the dense sweep's dA, which costs
+// R rows (into da in list order; e in list order too), and dots[r] = sum_j A_ij dA_ij: the dense sweep's dA, which costs
 // d / lanes multiply-adds per pair attended or not, for the attended pairs only (one or two vector
 // products and a sum each).
 template <typename T, int D, int R>
@@ -573,8 +613,8 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
           product(j, x);
           v[b] = fold<T, D * sizeof(T)>(x);
           gdc8[b] = p.gdc[j];
-          e8[b] = e[j];
         }
+        e8 = load(e + q);
         const vec<T> dA = sums_of_eight<T>(v) - gdc8;
         store(dar + q, dA);
         dot8 += e8 * dA;
@@ -588,14 +628,14 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
       product(j, x);
       const T dA = tree_sum<T, D * sizeof(T)>(x) - p.gdc[j];
       dar[q] = dA;
-      dot[q & 1] += e[j] * dA;
+      dot[q & 1] += e[q] * dA;
     }
     dots[r] = (dot[0] + dot[1]) * inv[r];
   }
 }
 
-// R rows given e (A = e inv) in rows of kp values, each row's n[r] attended offsets
-// (attended_lists) and their dA in list order (rows of da), and sum_j A_ij dA_ij (dots).
+// R rows given each row's n[r] attended offsets (attended_lists), their e (A = e inv) and dA in
+// list order (rows of e_rows and da), and sum_j A_ij dA_ij (dots).
 template <typename T, int D, int R>
 inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* e_rows, const T* da, const T* inv,
                              const T* dots, const int64_t* n, T* dw, T* sums) {
@@ -611,7 +651,7 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* e_rows, cons
     __builtin_memcpy(&wr, w + r * D, sizeof wr);
     const auto pair = [&](int64_t q, row_t& acc_a, row_t& acc_t) {
       const int64_t j = list[q];
-      const T a = e[j] * inv[r];
+      const T a = e[q] * inv[r];
       const T dsj = a * (dar[q] - dots[r]) * p.two_over_tau;
       row_t c, g, sum;
       __builtin_memcpy(&c, p.cR + j * D, sizeof c);
@@ -687,24 +727,25 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
     }
   };
   if (sparse_sums && listing && (!gi || p.cLR)) {
-    // The previous block was sparse: expect this one to be. The sweep forms the exponentials and
-    // lists the attended pairs; dA is then formed for those alone, or, if the block is dense
-    // after all, in a sweep of its own.
+    // The previous block was sparse: expect this one to be. The sweep lists the pairs whose
+    // exponential is not flushed to 0 (its argument above vexp2's floor), from the distances alone;
+    // the exponentials and dA are then formed for those pairs alone, or, if the block is dense
+    // after all, in sweeps of their own.
     int32_t* lists[R];
     for (int r = 0; r < R; ++r) attended[r] = 0, lists[r] = attended_lists(p, sparse_sums, r);
+    const vec<T> floor = splat<T>(Exp2Floor<T>::value);
     for (int64_t j = 0; j < kp; j += N)
       for (int r = 0; r < R; ++r) {
-        const vec<T> e = vexp2((dmin[r] - load(scratch + r * kp + j)) * scale);  // as exponentiate
-        store(scratch + r * kp + j, e);
-        sum[r] += e;
-        const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(e != T(0)));
+        const vec<T> y = (dmin[r] - load(scratch + r * kp + j)) * scale;  // vexp2's argument
+        const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(y > floor));
         attended[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), lists[r], attended[r]);
       }
-    for (int r = 0; r < R; ++r) inv[r] = T(1) / hsum<T>(sum[r]);
-    if (sparse()) {
-      attended_gradients<T, D, R>(p, w, gi, scratch, inv, attended, sparse_sums, ds, dots);
-      return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, attended, dw, sparse_sums);
+    if (sparse()) {  // e in list order in the rows of ds, then dA in those of scratch
+      attended_exponentials<T, R>(p, scratch, dmin, attended, sparse_sums, ds, inv);
+      attended_gradients<T, D, R>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots);
+      return grad_rows_sparse<T, D, R>(p, w, ds, scratch, inv, dots, attended, dw, sparse_sums);
     }
+    for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
     listing = false;
     for (int64_t j = 0; j < kp; j += N) gradient_sweep(j, nullptr);
     for (int r = 0; r < R; ++r) dots[r] = hsum<T>(dot[r]) * inv[r];
