@@ -243,16 +243,21 @@ inline void distances(const Pass<T>& p, const T* w, T* scores, T* dmin) {
 // against the distances, and otherwise makes A_ij = e_ij / sum differ from 1 by an ulp, which the
 // backward pass amplifies by 2 / tau. The rounding of the constant log2(e) / tau changes every
 // score of the row by the same factor, as a relative change of tau of an ulp.
+// With `attended` given, adds the row's count of nonzero entries to it.
 template <typename T>
-inline T exponentiate(const Pass<T>& p, T* row, T dmin) {
+inline T exponentiate(const Pass<T>& p, T* row, T dmin, int64_t* attended = nullptr) {
   constexpr int N = Vec<T>::lanes;
   const T scale = p.exp2_scale;
   vec<T> sum{};
+  typename Vec<T>::itype nonzero{};  // minus the count of nonzero entries per lane
   for (int64_t j = 0; j < p.kp; j += N) {
     const vec<T> e = vexp2((dmin - load(row + j)) * scale);
     store(row + j, e);
     sum += e;
+    if (attended) nonzero += (typename Vec<T>::itype)(e != T(0));
   }
+  if (attended)
+    for (int q = 0; q < N; ++q) *attended -= nonzero[q];
   return T(1) / hsum<T>(sum);
 }
 
@@ -263,16 +268,262 @@ inline void scale_rows(const T* x, const T* scale, int R, int64_t d, T* xs) {
     for (int64_t l = 0; l < d; ++l) xs[r * d + l] = x[r * d + l] * scale[r];
 }
 
-// R rows: accT[l][j] += sum_r A_rj x_rl, mass[j] += sum_r A_rj. A_rj = e_rj / sum_r, and the
-// division is folded into x (d multiplies per row instead of kp).
+// ------------------------------------------------------------------------- attended pairs --
+// Bit q set where lane q of a comparison result m is set: one instruction with AVX (a 32-byte
+// half at a time with AVX-512), a loop over the lanes for 16-byte vectors.
+template <typename T, int Bytes>
+inline unsigned lane_bits(typename Part<T, Bytes>::type m) {
+  if constexpr (Bytes > 32) {
+    typename Part<T, Bytes / 2>::type lo, hi;
+    halves<T, Bytes>(m, lo, hi);
+    return lane_bits<T, Bytes / 2>(lo) | lane_bits<T, Bytes / 2>(hi) << (Bytes / 2 / sizeof(T));
+  }
+#if DKM_VBYTES >= 32  // the builtins exist where AVX is enabled
+  else if constexpr (Bytes == 32 && sizeof(T) == 4) {
+    return __builtin_ia32_movmskps256((Part<float, 32>::type)m);
+  } else if constexpr (Bytes == 32) {
+    return __builtin_ia32_movmskpd256((Part<double, 32>::type)m);
+  }
+#endif
+  else {
+    unsigned bits = 0;
+    for (int q = 0; q < Bytes / static_cast<int>(sizeof(T)); ++q) bits |= (m[q] != 0 ? 1u : 0u) << q;
+    return bits;
+  }
+}
+
+// kPacked.at[b]: the positions of the set bits of the byte b, in order (then zeros).
+struct PackedBits {
+  int32_t at[256][8];
+  constexpr PackedBits() : at() {
+    for (int b = 0; b < 256; ++b) {
+      int n = 0;
+      for (int q = 0; q < 8; ++q)
+        if (b >> q & 1) at[b][n++] = q;
+    }
+  }
+};
+constexpr PackedBits kPacked;
+
+// Appends to list[n..] the offsets j + q of the lanes q whose bit is set, without a branch per
+// lane (8 offsets are written per byte of bits, the count advances by its set bits): list needs
+// 8 values of room past its end. Returns the new n.
+inline int64_t append_set_lanes(unsigned bits, int lanes, int32_t j, int32_t* list, int64_t n) {
+  typedef int32_t ints8 __attribute__((vector_size(32)));
+  for (int h = 0; h < lanes; h += 8) {
+    const unsigned b = bits >> h & 0xffu;
+    ints8 offsets;
+    __builtin_memcpy(&offsets, kPacked.at[b], sizeof offsets);
+    offsets += j + h;
+    __builtin_memcpy(list + n, &offsets, sizeof offsets);
+    n += __builtin_popcount(b);
+  }
+  return n;
+}
+
+// Sparse rows. With a small tau most attention weights of a row are exactly 0 (vexp2 flushes
+// them), and so are their terms in every sum of a pass: at d = 8, k = 256, tau = 2e-5 on weights
+// ~ N(0, 0.02^2), 9% of the (row, centroid) pairs are attended. When few of a block's pairs are,
+// the passes go pair by pair over the attended ones (accumulate_sparse, grad_rows_sparse): a
+// centroid's D coordinates of C_t, G / s and its sums are a vector or two each (rows of p.cR,
+// p.gmR and a (kp, D) accumulator in scratch, folded into accT at the end of the call). The pairs
+// are listed from the distances (list_unflushed: those whose exponent is above vexp2's floor),
+// and the exponentials formed for the listed pairs alone (attended_exponentials), as dA in the
+// backward step (attended_gradients). A block's first sweep lists its pairs when the block before
+// was sparse, and else is the dense sweep, which counts them: a dense problem pays a count, and
+// a listing per kernel call. A block takes its listed pairs while at most one in `*_below` of
+// its pairs is attended: the shares where both ways took equal time (8/8 with a few tau, in one
+// process: the forward 13% at D = 8 and 20% at D = 16, the backward 25-30%; more at k = 4096).
+// At D = 4 the dense sweeps cost little per pair and a third of the benchmark's pairs are
+// attended: D = 4 stays dense.
+// The same formulas and differences as accumulate_rows and grad_row per pair: A_ij, dS'_ij = A_ij
+// (dA_ij - sum A dA) (2/tau) and t = dS'_ij (c_j - w_i) per pair, t added into the row's gradient
+// and the centroid's sum; the order of the sums differs.
+template <int D>
+struct Sparse {
+  static constexpr bool rows = D == 8 || D == 16;
+  static constexpr int64_t forward_below = D == 8 ? 8 : 6;
+  static constexpr int64_t gradient_below = 4;
+};
+
+// The sparse rows' working memory: the (kp, D) accumulator of the centroids' sums (t summed over
+// rows), then one list of attended offsets per row of a block (kp of them and 8 of room each).
+template <typename T>
+inline int32_t* attended_lists(const Pass<T>& p, T* sums, int r) {
+  return reinterpret_cast<int32_t*>(sums + p.kp * p.d) + r * (p.kp + 8);
+}
+
+// Lists, for each of R rows of squared distances, the centroids whose exponent (vexp2's argument, as
+// exponentiate forms it) is above vexp2's floor: the pairs whose exponential may be nonzero, found
+// without forming it (n[r] of them, attended_lists).
+template <typename T, int R>
+inline void list_unflushed(const Pass<T>& p, const T* dist, const T* dmin, T* sums, int64_t* n) {
+  constexpr int N = Vec<T>::lanes;
+  const int64_t kp = p.kp;
+  int32_t* lists[R];
+  for (int r = 0; r < R; ++r) n[r] = 0, lists[r] = attended_lists(p, sums, r);
+  const vec<T> floor = splat<T>(Exp2Floor<T>::value);
+  for (int64_t j = 0; j < kp; j += N)
+    for (int r = 0; r < R; ++r) {
+      const vec<T> y = (dmin[r] - load(dist + r * kp + j)) * p.exp2_scale;
+      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(y > floor));
+      n[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), lists[r], n[r]);
+    }
+}
+
+// Lists the attended offsets of each of R rows of e (n[r] of them), and replaces each row of e and
+// of da (dA by centroid) by its attended entries in list order: in place, as list[q] >= q.
+template <typename T, int R>
+inline void list_attended(const Pass<T>& p, T* e_rows, T* da, T* sums, int64_t* n) {
+  constexpr int N = Vec<T>::lanes;
+  const int64_t kp = p.kp;
+  for (int r = 0; r < R; ++r) {
+    int32_t* list = attended_lists(p, sums, r);
+    n[r] = 0;
+    for (int64_t j = 0; j < kp; j += N) {
+      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(e_rows + r * kp + j) != T(0)));
+      n[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), list, n[r]);
+    }
+    for (int64_t q = 0; q < n[r]; ++q) {
+      e_rows[r * kp + q] = e_rows[r * kp + list[q]];
+      da[r * kp + q] = da[r * kp + list[q]];
+    }
+  }
+}
+
+// The exponentials of the listed pairs of R rows in list order (rows of e, from the rows of squared
+// distances dist), and inv[r] = 1 / their sum: exponentiate for the listed pairs alone, the others'
+// being exactly 0. The last vector of a list is filled up with infinite distances (exponential 0).
+template <typename T, int R>
+inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin, const int64_t* n, T* sums,
+                                  T* e, T* inv) {
+  constexpr int N = Vec<T>::lanes;
+  const int64_t kp = p.kp;
+  for (int r = 0; r < R; ++r) {
+    const int32_t* list = attended_lists(p, sums, r);
+    T* er = e + r * kp;
+    int64_t q = 0;
+    for (; q < n[r]; ++q) er[q] = dist[r * kp + list[q]];
+    for (; q % N; ++q) er[q] = T(__builtin_inf());
+    vec<T> sum{};
+    for (q = 0; q < n[r]; q += N) {
+      const vec<T> ev = vexp2((dmin[r] - load(er + q)) * p.exp2_scale);  // as exponentiate
+      store(er + q, ev);
+      sum += ev;
+    }
+    inv[r] = T(1) / hsum<T>(sum);
+  }
+}
+
+// A row's or a centroid's D coordinates in registers: one vector of D values where they fit in
+// one, else D * sizeof(T) / DKM_VBYTES full vectors (GCC keeps a vector type wider than the
+// instruction set's in memory and moves it through general registers, a pair loop's cost many
+// times over).
+template <typename T, int D>
+struct Coords {
+  static constexpr int bytes = D * sizeof(T) < DKM_VBYTES ? D * sizeof(T) : DKM_VBYTES;
+  static constexpr int parts = D * sizeof(T) / bytes;
+  typedef typename Part<T, bytes>::type part;
+  part v[parts];
+
+  static constexpr int lanes = bytes / sizeof(T);
+  static Coords at(const T* x) {  // part by part: a copy of the whole array goes through memory
+    Coords c;
+    for (int q = 0; q < parts; ++q) __builtin_memcpy(&c.v[q], x + q * lanes, bytes);
+    return c;
+  }
+  static Coords zero() {
+    Coords c;
+    for (int q = 0; q < parts; ++q) c.v[q] = part{};
+    return c;
+  }
+  void store(T* x) const {
+    for (int q = 0; q < parts; ++q) __builtin_memcpy(x + q * lanes, &v[q], bytes);
+  }
+  Coords& operator+=(const Coords& o) {
+    for (int q = 0; q < parts; ++q) v[q] += o.v[q];
+    return *this;
+  }
+  Coords operator+(const Coords& o) const { return Coords(*this) += o; }
+  Coords operator-(const Coords& o) const {
+    Coords c;
+    for (int q = 0; q < parts; ++q) c.v[q] = v[q] - o.v[q];
+    return c;
+  }
+  Coords operator*(const Coords& o) const {
+    Coords c;
+    for (int q = 0; q < parts; ++q) c.v[q] = v[q] * o.v[q];
+    return c;
+  }
+  friend Coords operator*(T s, const Coords& x) {
+    Coords c;
+    for (int q = 0; q < parts; ++q) c.v[q] = s * x.v[q];
+    return c;
+  }
+  part folded() const {  // the parts added lane by lane
+    part f = v[0];
+    for (int q = 1; q < parts; ++q) f += v[q];
+    return f;
+  }
+  T sum() const { return tree_sum<T, bytes>(folded()); }
+  T operator[](int l) const { return v[l / lanes][l % lanes]; }
+};
+
+// The forward's sums of R rows from their listed pairs alone, e in list order (rows of e_rows):
+// sums[j] += e_ij xs_i (a (kp, D) accumulator; xs_i = x_i / s_i) and mass[j] += e_ij / s_i.
 template <typename T, int D, int R>
-inline void accumulate_rows(const Pass<T>& p, const T* w, const T* x, T* accT, T* mass, T* scratch) {
+inline void accumulate_sparse(const Pass<T>& p, const T* xs, const T* e_rows, const T* inv, const int64_t* n,
+                              T* mass, T* sums) {
+  for (int r = 0; r < R; ++r) {
+    const int32_t* list = attended_lists(p, sums, r);
+    const T* e = e_rows + r * p.kp;
+    const Coords<T, D> x = Coords<T, D>::at(xs + r * D);
+    for (int64_t q = 0; q < n[r]; ++q) {
+      const int32_t j = list[q];
+      (Coords<T, D>::at(sums + j * D) + e[q] * x).store(sums + j * D);
+    }
+    if (mass)
+      for (int64_t q = 0; q < n[r]; ++q) mass[list[q]] += e[q] * inv[r];
+  }
+}
+
+// R rows: accT[l][j] += sum_r A_rj x_rl, mass[j] += sum_r A_rj. A_rj = e_rj / sum_r, and the
+// division is folded into x (d multiplies per row instead of kp). Where d has sparse rows
+// (sparse_sums non-null), as the backward step: after a sparse block the pairs are listed from
+// the distances, and a block with few attended pairs forms the exponentials and the sums for those
+// alone (accumulate_sparse); the exponential sweep of a dense block counts the attended pairs.
+template <typename T, int D, int R>
+inline void accumulate_rows(const Pass<T>& p, const T* w, const T* x, T* accT, T* mass, T* scratch,
+                            T* sparse_sums, bool& listing) {
   constexpr int N = Vec<T>::lanes;
   const int64_t d = D ? D : p.d, kp = p.kp;
   T dmin[R], inv[R];
   T* xs = scratch + kScratchRows * kp;
   distances<T, D, R>(p, w, scratch, dmin);
-  for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
+  const auto sparse = [&](const int64_t* attended) {
+    int64_t pairs = 0;
+    for (int r = 0; r < R; ++r) pairs += attended[r];
+    return pairs * Sparse<D>::forward_below <= R * kp;
+  };
+  if constexpr (Sparse<D>::rows) {
+    if (sparse_sums && listing) {
+      int64_t attended[R];
+      list_unflushed<T, R>(p, scratch, dmin, sparse_sums, attended);
+      if (sparse(attended)) {  // e in list order in the rows after the block's
+        attended_exponentials<T, R>(p, scratch, dmin, attended, sparse_sums, scratch + R * kp, inv);
+        scale_rows(x, inv, R, d, xs);
+        return accumulate_sparse<T, D, R>(p, xs, scratch + R * kp, inv, attended, mass, sparse_sums);
+      }
+      listing = false;
+    }
+  }
+  if (Sparse<D>::rows && sparse_sums) {
+    int64_t attended[R] = {};
+    for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r], &attended[0]);
+    listing = sparse(attended);
+  } else {
+    for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
+  }
   scale_rows(x, inv, R, d, xs);
   for (int64_t j = 0; j < kp; j += N) {
     vec<T> e[R];
@@ -294,9 +545,18 @@ template <typename T, int D>
 void accumulate_impl(const Pass<T>& p, const T* w, const T* x, int64_t rows, T* accT, T* mass,
                      T* scratch) {
   const int64_t d = D ? D : p.d;
+  // The sparse rows' (kp, d) sums, after the scratch rows (null where d has no sparse rows).
+  T* const sums = Sparse<D>::rows ? scratch + kScratchRows * (p.kp + d) : nullptr;
+  if (sums)
+    for (int64_t q = 0; q < p.kp * d; ++q) sums[q] = T(0);
+  bool listing = true;  // list the pairs from the distances (the last block was sparse)
   int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) accumulate_rows<T, D, 4>(p, w + i * d, x + i * d, accT, mass, scratch);
-  for (; i < rows; ++i) accumulate_rows<T, D, 1>(p, w + i * d, x + i * d, accT, mass, scratch);
+  for (; i + 4 <= rows; i += 4)
+    accumulate_rows<T, D, 4>(p, w + i * d, x + i * d, accT, mass, scratch, sums, listing);
+  for (; i < rows; ++i) accumulate_rows<T, D, 1>(p, w + i * d, x + i * d, accT, mass, scratch, nullptr, listing);
+  if (sums)
+    for (int64_t j = 0; j < p.k; ++j)
+      for (int64_t l = 0; l < d; ++l) accT[l * p.kp + j] += sums[j * d + l];
 }
 
 // Per-row accumulators for the horizontal sums over centroids: registers when d is known.
@@ -416,144 +676,6 @@ inline void grad_rows(const Pass<T>& p, const T* w, const T* grad_out, T* dw, T*
                    scratch + R * kp, dw + r * d, accT);
 }
 
-// Bit q set where lane q of a comparison result m is set: one instruction with AVX (a 32-byte
-// half at a time with AVX-512), a loop over the lanes for 16-byte vectors.
-template <typename T, int Bytes>
-inline unsigned lane_bits(typename Part<T, Bytes>::type m) {
-  if constexpr (Bytes > 32) {
-    typename Part<T, Bytes / 2>::type lo, hi;
-    halves<T, Bytes>(m, lo, hi);
-    return lane_bits<T, Bytes / 2>(lo) | lane_bits<T, Bytes / 2>(hi) << (Bytes / 2 / sizeof(T));
-  }
-#if DKM_VBYTES >= 32  // the builtins exist where AVX is enabled
-  else if constexpr (Bytes == 32 && sizeof(T) == 4) {
-    return __builtin_ia32_movmskps256((Part<float, 32>::type)m);
-  } else if constexpr (Bytes == 32) {
-    return __builtin_ia32_movmskpd256((Part<double, 32>::type)m);
-  }
-#endif
-  else {
-    unsigned bits = 0;
-    for (int q = 0; q < Bytes / static_cast<int>(sizeof(T)); ++q) bits |= (m[q] != 0 ? 1u : 0u) << q;
-    return bits;
-  }
-}
-
-// kPacked.at[b]: the positions of the set bits of the byte b, in order (then zeros).
-struct PackedBits {
-  int32_t at[256][8];
-  constexpr PackedBits() : at() {
-    for (int b = 0; b < 256; ++b) {
-      int n = 0;
-      for (int q = 0; q < 8; ++q)
-        if (b >> q & 1) at[b][n++] = q;
-    }
-  }
-};
-constexpr PackedBits kPacked;
-
-// Appends to list[n..] the offsets j + q of the lanes q whose bit is set, without a branch per
-// lane (8 offsets are written per byte of bits, the count advances by its set bits): list needs
-// 8 values of room past its end. Returns the new n.
-inline int64_t append_set_lanes(unsigned bits, int lanes, int32_t j, int32_t* list, int64_t n) {
-  typedef int32_t ints8 __attribute__((vector_size(32)));
-  for (int h = 0; h < lanes; h += 8) {
-    const unsigned b = bits >> h & 0xffu;
-    ints8 offsets;
-    __builtin_memcpy(&offsets, kPacked.at[b], sizeof offsets);
-    offsets += j + h;
-    __builtin_memcpy(list + n, &offsets, sizeof offsets);
-    n += __builtin_popcount(b);
-  }
-  return n;
-}
-
-// Sparse rows. With a small tau most attention weights of a row are exactly 0 (vexp2 flushes
-// them), and so are their terms of the backward step: at d = 8, k = 256, tau = 2e-5 on weights
-// ~ N(0, 0.02^2), 9% of the (row, centroid) pairs are attended. When few of a block's pairs are,
-// the coordinate sweeps go pair by pair over the attended ones instead (grad_rows_sparse): a
-// centroid's D coordinates of C_t, G / s and its sums are one vector each (rows of p.cR, p.gmR
-// and a (kp, D) accumulator in scratch, which grad_step_impl folds into accT at the end of the
-// call). A pair then costs about twenty operations whatever D, where the dense sweep costs about
-// D / 2 per centroid, attended or not: the sparse sweep pays while at most D / per_coordinate of
-// the pairs are attended (the counts' break-even, about 25% at D = 8 and 50% at D = 16, checked by
-// timing at a few attended shares). At D = 4 it is about 12%, rarely reached, and counting the
-// attended pairs cost more than it saved on the benchmark's weights (a third of the pairs
-// attended): D = 4 stays dense. After a sparse block the next one's sweep lists the attended pairs
-// from the distances, and the exponentials (attended_exponentials) and dA (attended_gradients) are
-// formed for them alone.
-// The same formulas and differences as grad_row: A_ij, dS'_ij = A_ij (dA_ij - sum A dA) (2/tau)
-// and t = dS'_ij (c_j - w_i) per pair, t added into the row's gradient and the centroid's sum;
-// the order of the sums differs.
-template <int D>
-struct Sparse {
-  static constexpr bool rows = D == 8 || D == 16;
-  static constexpr int64_t per_coordinate = 40;
-};
-
-// The sparse rows' working memory: the (kp, D) accumulator of the centroids' sums (t summed over
-// rows), then one list of attended offsets per row of a block (kp of them and 8 of room each).
-template <typename T>
-inline int32_t* attended_lists(const Pass<T>& p, T* sums, int r) {
-  return reinterpret_cast<int32_t*>(sums + p.kp * p.d) + r * (p.kp + 8);
-}
-
-// Lists the attended offsets of each of R rows of e (n[r] of them), and replaces each row of e and
-// of da (dA by centroid) by its attended entries in list order: in place, as list[q] >= q.
-template <typename T, int R>
-inline void list_attended(const Pass<T>& p, T* e_rows, T* da, T* sums, int64_t* n) {
-  constexpr int N = Vec<T>::lanes;
-  const int64_t kp = p.kp;
-  for (int r = 0; r < R; ++r) {
-    int32_t* list = attended_lists(p, sums, r);
-    n[r] = 0;
-    for (int64_t j = 0; j < kp; j += N) {
-      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(e_rows + r * kp + j) != T(0)));
-      n[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), list, n[r]);
-    }
-    for (int64_t q = 0; q < n[r]; ++q) {
-      e_rows[r * kp + q] = e_rows[r * kp + list[q]];
-      da[r * kp + q] = da[r * kp + list[q]];
-    }
-  }
-}
-
-// The exponentials of the listed pairs of R rows in list order (rows of e, from the rows of squared
-// distances dist), and inv[r] = 1 / their sum: exponentiate for the listed pairs alone, the others'
-// being exactly 0. The last vector of a list is filled up with infinite distances (exponential 0).
-template <typename T, int R>
-inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin, const int64_t* n, T* sums,
-                                  T* e, T* inv) {
-  constexpr int N = Vec<T>::lanes;
-  const int64_t kp = p.kp;
-  for (int r = 0; r < R; ++r) {
-    const int32_t* list = attended_lists(p, sums, r);
-    T* er = e + r * kp;
-    int64_t q = 0;
-    for (; q < n[r]; ++q) er[q] = dist[r * kp + list[q]];
-    for (; q % N; ++q) er[q] = T(__builtin_inf());
-    vec<T> sum{};
-    for (q = 0; q < n[r]; q += N) {
-      const vec<T> ev = vexp2((dmin[r] - load(er + q)) * p.exp2_scale);  // as exponentiate
-      store(er + q, ev);
-      sum += ev;
-    }
-    inv[r] = T(1) / hsum<T>(sum);
-  }
-}
-
-// A vector of D coordinates (Bytes) folded into one vector by adding its halves.
-template <typename T, int Bytes>
-inline vec<T> fold(typename Part<T, Bytes>::type v) {
-  if constexpr (Bytes == DKM_VBYTES) {
-    return v;
-  } else {
-    typename Part<T, Bytes / 2>::type lo, hi;
-    halves<T, Bytes>(v, lo, hi);
-    return fold<T, Bytes / 2>(lo + hi);
-  }
-}
-
 #ifdef DKM_HAS_SHUFFLE
 // The sums of 8 vectors of 8 lanes, sum b in lane b: a transposing add tree (interleaves, pairs of
 // lanes, halves), 14 shuffles and 7 additions for the 8 sums, where each alone takes 3 of each
@@ -580,24 +702,16 @@ inline vec<T> sums_of_eight(const vec<T>* v) {
 template <typename T, int D, int R>
 inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const T* e_rows, const T* inv,
                                const int64_t* n, T* sums, T* da, T* dots) {
-  typedef typename Part<T, D * sizeof(T)>::type row_t;
+  typedef Coords<T, D> coords;
   const int64_t kp = p.kp;
   for (int r = 0; r < R; ++r) {
     const int32_t* list = attended_lists(p, sums, r);
     const T* e = e_rows + r * kp;
     T* dar = da + r * kp;
-    row_t wr, gr = {};
-    __builtin_memcpy(&wr, w + r * D, sizeof wr);
-    if (gi) __builtin_memcpy(&gr, gi + r * D, sizeof gr);
-    const auto product = [&](int32_t j, row_t& x) {  // gm_j w_i (+ C_L,j G~_i), by coordinate
-      row_t g;
-      __builtin_memcpy(&g, p.gmR + j * D, sizeof g);
-      x = g * wr;
-      if (gi) {
-        row_t c;
-        __builtin_memcpy(&c, p.cLR + j * D, sizeof c);
-        x += c * gr;
-      }
+    const coords wr = coords::at(w + r * D), gr = gi ? coords::at(gi + r * D) : coords::zero();
+    const auto product = [&](int32_t j) {  // gm_j w_i (+ C_L,j G~_i), by coordinate
+      const coords x = coords::at(p.gmR + j * D) * wr;
+      return gi ? x + coords::at(p.cLR + j * D) * gr : x;
     };
     T dot[2] = {};
     int64_t q = 0;
@@ -609,9 +723,7 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
         vec<T> v[8], gdc8, e8;
         for (int b = 0; b < 8; ++b) {
           const int32_t j = list[q + b];
-          row_t x;
-          product(j, x);
-          v[b] = fold<T, D * sizeof(T)>(x);
+          v[b] = product(j).folded();
           gdc8[b] = p.gdc[j];
         }
         e8 = load(e + q);
@@ -624,9 +736,7 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
 #endif
     for (; q < n[r]; ++q) {
       const int32_t j = list[q];
-      row_t x;
-      product(j, x);
-      const T dA = tree_sum<T, D * sizeof(T)>(x) - p.gdc[j];
+      const T dA = product(j).sum() - p.gdc[j];
       dar[q] = dA;
       dot[q & 1] += e[q] * dA;
     }
@@ -639,7 +749,7 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
 template <typename T, int D, int R>
 inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* e_rows, const T* da, const T* inv,
                              const T* dots, const int64_t* n, T* dw, T* sums) {
-  typedef typename Part<T, D * sizeof(T)>::type row_t;  // one centroid's D coordinates
+  typedef Coords<T, D> coords;
   const int64_t kp = p.kp;
   for (int r = 0; r < R; ++r) {
     const T* e = e_rows + r * kp;
@@ -647,21 +757,16 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* e_rows, cons
     const int32_t* list = attended_lists(p, sums, r);
     // The row's two sums (sum_j A_ij gm_j and sum_j t_ij) in separate accumulators, and even and
     // odd pairs apart: one chain of dependent additions per pair would set the pace.
-    row_t wr, acc[4] = {};
-    __builtin_memcpy(&wr, w + r * D, sizeof wr);
-    const auto pair = [&](int64_t q, row_t& acc_a, row_t& acc_t) {
+    const coords wr = coords::at(w + r * D);
+    coords acc[4] = {coords::zero(), coords::zero(), coords::zero(), coords::zero()};
+    const auto pair = [&](int64_t q, coords& acc_a, coords& acc_t) {
       const int64_t j = list[q];
       const T a = e[q] * inv[r];
       const T dsj = a * (dar[q] - dots[r]) * p.two_over_tau;
-      row_t c, g, sum;
-      __builtin_memcpy(&c, p.cR + j * D, sizeof c);
-      __builtin_memcpy(&g, p.gmR + j * D, sizeof g);
-      __builtin_memcpy(&sum, sums + j * D, sizeof sum);
-      const row_t t = dsj * (c - wr);
-      acc_a += a * g;
+      const coords t = dsj * (coords::at(p.cR + j * D) - wr);
+      acc_a += a * coords::at(p.gmR + j * D);
       acc_t += t;
-      sum += t;
-      __builtin_memcpy(sums + j * D, &sum, sizeof sum);
+      (coords::at(sums + j * D) + t).store(sums + j * D);
     };
     int64_t q = 0;
     for (; q + 2 <= n[r]; q += 2) {
@@ -669,7 +774,7 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* e_rows, cons
       pair(q + 1, acc[2], acc[3]);
     }
     if (q < n[r]) pair(q, acc[0], acc[1]);
-    const row_t total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    const coords total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for (int l = 0; l < D; ++l) dw[r * D + l] += total[l];
   }
 }
@@ -702,16 +807,34 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   const auto sparse = [&] {
     int64_t pairs = 0;
     for (int r = 0; r < R; ++r) pairs += attended[r];
-    return pairs * Sparse<D>::per_coordinate <= R * kp * D;
+    return pairs * Sparse<D>::gradient_below <= R * kp;
   };
+  if (sparse_sums && listing && (!gi || p.cLR)) {
+    // The previous block was sparse: expect this one to be. The pairs whose exponential may be
+    // nonzero are listed from the distances alone, and the exponentials and dA formed for those
+    // pairs alone; a block that turns out dense takes the dense sweep below.
+    list_unflushed<T, R>(p, scratch, dmin, sparse_sums, attended);
+    if (sparse()) {  // e in list order in the rows of ds, then dA in those of scratch
+      attended_exponentials<T, R>(p, scratch, dmin, attended, sparse_sums, ds, inv);
+      attended_gradients<T, D, R>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots);
+      return grad_rows_sparse<T, D, R>(p, w, ds, scratch, inv, dots, attended, dw, sparse_sums);
+    }
+  }
+  // One sweep forms the exponentials, their sums, dA (from one load of gm, and C_L) and
+  // sum_j e_ij dA_ij, and counts the attended pairs where d has sparse rows.
   vec<T> sum[R], dot[R];
   for (int r = 0; r < R; ++r) sum[r] = dot[r] = vec<T>{};
-  // dA by centroid, and sum_j e_ij dA_ij, for every centroid vector: with the exponentials
-  // (e_now) or from the e rows afterwards.
-  const auto gradient_sweep = [&](int64_t j, const vec<T>* e_now) {
-    vec<T> da[R];
+  typename Vec<T>::itype nonzero{};  // minus the count of nonzero e per lane
+  for (int64_t j = 0; j < kp; j += N) {
+    vec<T> e[R], da[R];
     const vec<T> next = -load(p.gdc + j);
-    for (int r = 0; r < R; ++r) da[r] = next;
+    for (int r = 0; r < R; ++r) {
+      e[r] = vexp2((dmin[r] - load(scratch + r * kp + j)) * scale);  // as exponentiate
+      store(scratch + r * kp + j, e[r]);
+      sum[r] += e[r];
+      if constexpr (Sparse<D>::rows) nonzero += (typename Vec<T>::itype)(e[r] != T(0));
+      da[r] = next;
+    }
     for (int l = 0; l < D; ++l) {
       const vec<T> g = load(gmT + l * kp + j);
       for (int r = 0; r < R; ++r) da[r] += g * wv[r * D + l];
@@ -723,58 +846,20 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
       }
     for (int r = 0; r < R; ++r) {
       store(ds + r * kp + j, da[r]);
-      dot[r] += (e_now ? e_now[r] : load(scratch + r * kp + j)) * da[r];
+      dot[r] += e[r] * da[r];
     }
-  };
-  if (sparse_sums && listing && (!gi || p.cLR)) {
-    // The previous block was sparse: expect this one to be. The sweep lists the pairs whose
-    // exponential is not flushed to 0 (its argument above vexp2's floor), from the distances alone;
-    // the exponentials and dA are then formed for those pairs alone, or, if the block is dense
-    // after all, in sweeps of their own.
-    int32_t* lists[R];
-    for (int r = 0; r < R; ++r) attended[r] = 0, lists[r] = attended_lists(p, sparse_sums, r);
-    const vec<T> floor = splat<T>(Exp2Floor<T>::value);
-    for (int64_t j = 0; j < kp; j += N)
-      for (int r = 0; r < R; ++r) {
-        const vec<T> y = (dmin[r] - load(scratch + r * kp + j)) * scale;  // vexp2's argument
-        const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(y > floor));
-        attended[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), lists[r], attended[r]);
-      }
-    if (sparse()) {  // e in list order in the rows of ds, then dA in those of scratch
-      attended_exponentials<T, R>(p, scratch, dmin, attended, sparse_sums, ds, inv);
-      attended_gradients<T, D, R>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots);
-      return grad_rows_sparse<T, D, R>(p, w, ds, scratch, inv, dots, attended, dw, sparse_sums);
-    }
-    for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
-    listing = false;
-    for (int64_t j = 0; j < kp; j += N) gradient_sweep(j, nullptr);
-    for (int r = 0; r < R; ++r) dots[r] = hsum<T>(dot[r]) * inv[r];
-  } else {
-    // One sweep forms the exponentials, their sums, dA and sum_j e_ij dA_ij, and counts the
-    // attended pairs where d has sparse rows.
-    typename Vec<T>::itype nonzero{};  // minus the count of nonzero e per lane
-    for (int64_t j = 0; j < kp; j += N) {
-      vec<T> e[R];
-      for (int r = 0; r < R; ++r) {
-        e[r] = vexp2((dmin[r] - load(scratch + r * kp + j)) * scale);  // as exponentiate
-        store(scratch + r * kp + j, e[r]);
-        sum[r] += e[r];
-        if constexpr (Sparse<D>::rows) nonzero += (typename Vec<T>::itype)(e[r] != T(0));
-      }
-      gradient_sweep(j, e);
-    }
-    for (int r = 0; r < R; ++r) {
-      inv[r] = T(1) / hsum<T>(sum[r]);
-      dots[r] = hsum<T>(dot[r]) * inv[r];
-    }
-    if (sparse_sums) {
-      for (int r = 0; r < R; ++r) attended[r] = 0;
-      for (int q = 0; q < N; ++q) attended[0] -= nonzero[q];
-      if (sparse()) {
-        listing = true;
-        list_attended<T, R>(p, scratch, ds, sparse_sums, attended);
-        return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, attended, dw, sparse_sums);
-      }
+  }
+  for (int r = 0; r < R; ++r) {
+    inv[r] = T(1) / hsum<T>(sum[r]);
+    dots[r] = hsum<T>(dot[r]) * inv[r];
+  }
+  if (sparse_sums) {
+    for (int r = 0; r < R; ++r) attended[r] = 0;
+    for (int q = 0; q < N; ++q) attended[0] -= nonzero[q];
+    listing = sparse();
+    if (listing) {
+      list_attended<T, R>(p, scratch, ds, sparse_sums, attended);
+      return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, attended, dw, sparse_sums);
     }
   }
   // Per tile: A and dS' = (2/tau) dS of the R rows in place of e and dA (formed where used when

@@ -75,9 +75,14 @@ def test_low_precision_paper_regime(dtype, d, k):
     assert_low_precision_close("cpu", weights, centroids, 2e-5)
 
 
-def sparse_block_share(weights, centroids, tau):
-    """The share of 4-row blocks whose backward step takes the sparse rows (csrc/kernel_impl.h,
-    Sparse: d = 8 or 16 and at most d / 40 of the block's (row, centroid) pairs attended, an
+# The share of a 4-row block's pairs attended at or under which a pass takes its pairs one by one
+# (csrc/kernel_impl.h, Sparse::forward_below and gradient_below), by d.
+SPARSE_BELOW = {"forward": {8: 8, 16: 6}, "backward": {8: 4, 16: 4}}
+
+
+def sparse_block_share(weights, centroids, tau, sweep):
+    """The share of 4-row blocks whose `sweep` ("forward" or "backward") takes the sparse rows
+    (d = 8 or 16 and at most 1 / SPARSE_BELOW of the block's (row, centroid) pairs attended, an
     attention weight below the smallest normal number counting as 0), at the starting centroids."""
     if weights.shape[1] not in (8, 16):
         return 0.0
@@ -86,21 +91,26 @@ def sparse_block_share(weights, centroids, tau):
     exponent = (dist.min(1, keepdim=True).values - dist) * (math.log2(math.e) / tau)
     smallest = -126 if weights.dtype != torch.float64 else -1022
     blocks = (exponent > smallest)[: len(w) // 4 * 4].reshape(-1, 4 * len(c)).double().mean(1)
-    return (blocks * 40 <= w.shape[1]).double().mean().item()
+    return (blocks * SPARSE_BELOW[sweep][w.shape[1]] <= 1).double().mean().item()
 
 
-@pytest.mark.parametrize("dtype,d,k,tau_scale", [
-    (torch.float32, 8, 256, 0.1), (torch.float64, 8, 256, 0.01),
-    (torch.float32, 16, 64, 0.05), (torch.float64, 16, 64, 0.001),  # the first: half dense
+@pytest.mark.parametrize("dtype,d,k,tau_scale,sparse_sweeps", [
+    (torch.float32, 8, 256, 0.1, ("forward", "backward")),  # a quarter of the forward's blocks dense
+    (torch.float32, 8, 256, 0.15, ("backward",)),  # a third of the backward's blocks dense
+    (torch.float64, 8, 256, 0.01, ("forward", "backward")),
+    (torch.float32, 16, 64, 0.03, ("forward", "backward")),  # half the forward's blocks dense
+    (torch.float64, 16, 64, 0.001, ("forward", "backward")),
 ])
-def test_sparse_rows_of_the_backward_step(dtype, d, k, tau_scale):
+def test_sparse_rows(dtype, d, k, tau_scale, sparse_sweeps):
     """A tau so small against the distances that most attention weights are exactly 0: the
-    backward step takes its pairs one by one (in some blocks, beside dense ones in the same call
-    where noted), and values and gradients still match the float64 reference."""
+    forward's sums and the backward step take their pairs one by one (in some blocks, beside dense
+    ones in the same call where noted), and values and gradients still match the float64
+    reference."""
     weights, centroids, tau = make_problem(1031, d, k, seed=d + k)
     weights, tau = weights.to(dtype), tau * tau_scale
-    share = sparse_block_share(weights, centroids, tau)
-    assert share >= 0.25, f"only {share:.0%} of the blocks are sparse: the test would not reach them"
+    for sweep in sparse_sweeps:
+        share = sparse_block_share(weights, centroids, tau, sweep)
+        assert share >= 0.25, f"only {share:.0%} of the {sweep} blocks are sparse: the test would not reach them"
     if dtype == torch.float64:
         assert_matches_reference_float64("cpu", weights, centroids, tau)
     else:
