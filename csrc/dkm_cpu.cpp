@@ -110,6 +110,16 @@ const KernelSet& kernel_set() {
                     names, " (unset it to pick the best one)");
 }
 
+// Whether sparse blocks take their attended pairs one by one: DKM_KERNELS_SPARSE=0 makes every
+// block dense (read on every call, so that benchmarks can compare both ways in one process).
+bool sparse_rows_enabled() {
+  const char* value = std::getenv("DKM_KERNELS_SPARSE");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "1") == 0) return true;
+  TORCH_CHECK_VALUE(std::strcmp(value, "0") == 0, "DKM_KERNELS_SPARSE=", value,
+                    " is not 0 or 1: set it to 0 to make every block dense, or unset it");
+  return false;
+}
+
 template <typename T>
 const Kernels<T>& kernels();
 template <>
@@ -289,6 +299,7 @@ std::vector<Problem<T>> make_problems(const PassInputs& in) {
     base.d = plan.d;
     base.exp2_scale = static_cast<T>(kLog2e / in.taus[q]);
     base.two_over_tau = static_cast<T>(2.0 / in.taus[q]);
+    base.sparse_rows = sparse_rows_enabled();
     Problem<T> p{plan, base, first, w.scalar_type(), w.data_ptr()};
     if (!in.rows.empty()) p.x = in.rows[q].data_ptr();
     p.cT = p.transposed(in.centroids, FarAway<T>::value);

@@ -346,6 +346,17 @@ struct Sparse {
   static constexpr int64_t gradient_below = 4;
 };
 
+// Whether R rows with attended[r] pairs each (listed or counted) have at most `slack` in `below`
+// of their pairs attended. A block takes its pairs one by one at slack 1, and the next block lists
+// its pairs if this one did, or if this one was listed and is dense within slack 2: else a few
+// dense blocks among sparse ones would each turn the listing off for the block after them too.
+template <int R>
+inline bool few_attended(const int64_t* attended, int64_t kp, int64_t below, int64_t slack = 1) {
+  int64_t pairs = 0;
+  for (int r = 0; r < R; ++r) pairs += attended[r];
+  return pairs * below <= slack * R * kp;
+}
+
 // The sparse rows' working memory: the (kp, D) accumulator of the centroids' sums (t summed over
 // rows), then one list of attended offsets per row of a block (kp of them and 8 of room each).
 template <typename T>
@@ -354,19 +365,23 @@ inline int32_t* attended_lists(const Pass<T>& p, T* sums, int r) {
 }
 
 // Lists, for each of R rows of squared distances, the centroids whose exponent (vexp2's argument, as
-// exponentiate forms it) is above vexp2's floor: the pairs whose exponential may be nonzero, found
-// without forming it (n[r] of them, attended_lists).
+// exponentiate forms it) may be above vexp2's floor: the pairs whose exponential may be nonzero,
+// found without forming it (n[r] of them, attended_lists). One comparison per pair, of the distance
+// with dmin - floor / scale: vexp2 gives 0 below an exponent of -125.5 (-1021.5 in double), so the
+// threshold's rounding (a few ulps, where half an exponent unit is 0.4% of the floor) lists no
+// fewer pairs than those; at or below the threshold, as it is dmin itself where floor / scale is
+// below half an ulp of dmin (a tiny tau).
 template <typename T, int R>
 inline void list_unflushed(const Pass<T>& p, const T* dist, const T* dmin, T* sums, int64_t* n) {
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
   int32_t* lists[R];
   for (int r = 0; r < R; ++r) n[r] = 0, lists[r] = attended_lists(p, sums, r);
-  const vec<T> floor = splat<T>(Exp2Floor<T>::value);
+  vec<T> threshold[R];
+  for (int r = 0; r < R; ++r) threshold[r] = splat<T>(dmin[r] - Exp2Floor<T>::value / p.exp2_scale);
   for (int64_t j = 0; j < kp; j += N)
     for (int r = 0; r < R; ++r) {
-      const vec<T> y = (dmin[r] - load(dist + r * kp + j)) * p.exp2_scale;
-      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(y > floor));
+      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(dist + r * kp + j) <= threshold[r]));
       n[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), lists[r], n[r]);
     }
 }
@@ -500,30 +515,21 @@ inline void accumulate_rows(const Pass<T>& p, const T* w, const T* x, T* accT, T
   T dmin[R], inv[R];
   T* xs = scratch + kScratchRows * kp;
   distances<T, D, R>(p, w, scratch, dmin);
-  const auto sparse = [&](const int64_t* attended) {
-    int64_t pairs = 0;
-    for (int r = 0; r < R; ++r) pairs += attended[r];
-    return pairs * Sparse<D>::forward_below <= R * kp;
-  };
+  int64_t attended[R] = {};
+  const bool count = Sparse<D>::rows && sparse_sums && !listing;
   if constexpr (Sparse<D>::rows) {
     if (sparse_sums && listing) {
-      int64_t attended[R];
       list_unflushed<T, R>(p, scratch, dmin, sparse_sums, attended);
-      if (sparse(attended)) {  // e in list order in the rows after the block's
+      if (few_attended<R>(attended, kp, Sparse<D>::forward_below)) {  // e in list order after the block's rows
         attended_exponentials<T, R>(p, scratch, dmin, attended, sparse_sums, scratch + R * kp, inv);
         scale_rows(x, inv, R, d, xs);
         return accumulate_sparse<T, D, R>(p, xs, scratch + R * kp, inv, attended, mass, sparse_sums);
       }
-      listing = false;
+      listing = few_attended<R>(attended, kp, Sparse<D>::forward_below, 2);
     }
   }
-  if (Sparse<D>::rows && sparse_sums) {
-    int64_t attended[R] = {};
-    for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r], &attended[0]);
-    listing = sparse(attended);
-  } else {
-    for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r]);
-  }
+  for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r], count ? &attended[0] : nullptr);
+  if (count) listing = few_attended<R>(attended, kp, Sparse<D>::forward_below);
   scale_rows(x, inv, R, d, xs);
   for (int64_t j = 0; j < kp; j += N) {
     vec<T> e[R];
@@ -546,7 +552,7 @@ void accumulate_impl(const Pass<T>& p, const T* w, const T* x, int64_t rows, T* 
                      T* scratch) {
   const int64_t d = D ? D : p.d;
   // The sparse rows' (kp, d) sums, after the scratch rows (null where d has no sparse rows).
-  T* const sums = Sparse<D>::rows ? scratch + kScratchRows * (p.kp + d) : nullptr;
+  T* const sums = Sparse<D>::rows && p.sparse_rows ? scratch + kScratchRows * (p.kp + d) : nullptr;
   if (sums)
     for (int64_t q = 0; q < p.kp * d; ++q) sums[q] = T(0);
   bool listing = true;  // list the pairs from the distances (the last block was sparse)
@@ -804,17 +810,13 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   const T* const cT = p.cT;
   const T* const gmT = p.gmT;
   const T* const cLT = p.cLT;
-  const auto sparse = [&] {
-    int64_t pairs = 0;
-    for (int r = 0; r < R; ++r) pairs += attended[r];
-    return pairs * Sparse<D>::gradient_below <= R * kp;
-  };
-  if (sparse_sums && listing && (!gi || p.cLR)) {
+  const bool listed = sparse_sums && listing && (!gi || p.cLR);
+  if (listed) {
     // The previous block was sparse: expect this one to be. The pairs whose exponential may be
     // nonzero are listed from the distances alone, and the exponentials and dA formed for those
     // pairs alone; a block that turns out dense takes the dense sweep below.
     list_unflushed<T, R>(p, scratch, dmin, sparse_sums, attended);
-    if (sparse()) {  // e in list order in the rows of ds, then dA in those of scratch
+    if (few_attended<R>(attended, kp, Sparse<D>::gradient_below)) {  // e in list order in ds, dA in scratch
       attended_exponentials<T, R>(p, scratch, dmin, attended, sparse_sums, ds, inv);
       attended_gradients<T, D, R>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots);
       return grad_rows_sparse<T, D, R>(p, w, ds, scratch, inv, dots, attended, dw, sparse_sums);
@@ -853,10 +855,12 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
     inv[r] = T(1) / hsum<T>(sum[r]);
     dots[r] = hsum<T>(dot[r]) * inv[r];
   }
-  if (sparse_sums) {
+  if (listed) {
+    listing = few_attended<R>(attended, kp, Sparse<D>::gradient_below, 2);
+  } else if (sparse_sums) {
     for (int r = 0; r < R; ++r) attended[r] = 0;
     for (int q = 0; q < N; ++q) attended[0] -= nonzero[q];
-    listing = sparse();
+    listing = few_attended<R>(attended, kp, Sparse<D>::gradient_below);
     if (listing) {
       list_attended<T, R>(p, scratch, ds, sparse_sums, attended);
       return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, attended, dw, sparse_sums);
@@ -919,7 +923,7 @@ void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t row
                     T* scratch) {
   const int64_t d = D ? D : p.d;
   // The sparse rows' centroid sums, after the scratch rows (null where d has no sparse rows).
-  T* const sums = Sparse<D>::rows && p.cR ? scratch + kScratchRows * (p.kp + d) : nullptr;
+  T* const sums = Sparse<D>::rows && p.sparse_rows && p.cR ? scratch + kScratchRows * (p.kp + d) : nullptr;
   if (sums)
     for (int64_t q = 0; q < p.kp * d; ++q) sums[q] = T(0);
   bool listing = true;  // list the attended pairs in the exponential sweep (the last block was sparse)

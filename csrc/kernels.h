@@ -19,6 +19,7 @@ struct Pass {
   int64_t k = 0, kp = 0, d = 0;
   T exp2_scale = 0;    // log2(e) / tau: scores in base 2
   T two_over_tau = 0;  // 2 / tau
+  bool sparse_rows = true;  // sparse blocks take their attended pairs one by one (kernel_impl.h, Sparse)
   const T* cT = nullptr;   // (d, kp) C_t: the centroids the attention is computed against
   const T* cLT = nullptr;  // (d, kp) C_L: output pass, and the last backward step
   const T* gmT = nullptr;  // (d, kp) G_{t+1,j} / s_{t,j} (0 where s_{t,j} == 0): backward step

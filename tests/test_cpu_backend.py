@@ -117,6 +117,23 @@ def test_sparse_rows(dtype, d, k, tau_scale, sparse_sweeps):
         assert_low_precision_close("cpu", weights, centroids.float(), tau)
 
 
+def test_sparse_rows_switch(monkeypatch):
+    """DKM_KERNELS_SPARSE=0 makes every block dense: other results (another order of summation),
+    within the tolerance of the float64 reference all the same; a value other than 0 or 1 is
+    refused, naming the variable and the fix."""
+    weights, centroids, tau = make_problem(1031, 8, 256, seed=8 + 256)
+    weights, tau = weights.float(), tau * 0.1
+    assert sparse_block_share(weights, centroids, tau, "backward") >= 0.25
+    sparse = run("cpu", weights, centroids.float(), tau, max_iter=4, epsilon=0.0)
+    monkeypatch.setenv("DKM_KERNELS_SPARSE", "0")
+    dense = run("cpu", weights, centroids.float(), tau, max_iter=4, epsilon=0.0)
+    assert not all(torch.equal(a, b) for a, b in zip(sparse, dense)), "the switch changed nothing"
+    assert_low_precision_close("cpu", weights, centroids.float(), tau)
+    monkeypatch.setenv("DKM_KERNELS_SPARSE", "no")
+    with pytest.raises(ValueError, match="DKM_KERNELS_SPARSE=no is not 0 or 1"):
+        run("cpu", weights, centroids.float(), tau, max_iter=1, epsilon=0.0)
+
+
 def test_auto_prefers_cpu_on_cpu():
     assert dkm_kernels.backends.choose(torch.device("cpu"), torch.float32) == "cpu"
     assert "CPU tensors" in cpu.unavailable_reason(torch.device("meta"), torch.float32)
