@@ -751,26 +751,32 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
 }
 
 // R rows given each row's n[r] attended offsets (attended_lists), their e (A = e inv) and dA in
-// list order (rows of e_rows and da), and sum_j A_ij dA_ij (dots).
+// list order (rows of e_rows and da, which A and dS' replace), and sum_j A_ij dA_ij (dots).
 template <typename T, int D, int R>
-inline void grad_rows_sparse(const Pass<T>& p, const T* w, const T* e_rows, const T* da, const T* inv,
-                             const T* dots, const int64_t* n, T* dw, T* sums) {
+inline void grad_rows_sparse(const Pass<T>& p, const T* w, T* e_rows, T* da, const T* inv, const T* dots,
+                             const int64_t* n, T* dw, T* sums) {
   typedef Coords<T, D> coords;
+  constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
   for (int r = 0; r < R; ++r) {
-    const T* e = e_rows + r * kp;
-    const T* dar = da + r * kp;
+    T* a = e_rows + r * kp;
+    T* ds = da + r * kp;
     const int32_t* list = attended_lists(p, sums, r);
+    // A and dS' = (2/tau) dS of the row's pairs in place of e and dA, a vector at a time (the
+    // lanes past n[r], within the row, are formed and never read).
+    for (int64_t q = 0; q < n[r]; q += N) {
+      const vec<T> aq = load(a + q) * inv[r];
+      store(a + q, aq);
+      store(ds + q, aq * (load(ds + q) - dots[r]) * p.two_over_tau);
+    }
     // The row's two sums (sum_j A_ij gm_j and sum_j t_ij) in separate accumulators, and even and
     // odd pairs apart: one chain of dependent additions per pair would set the pace.
     const coords wr = coords::at(w + r * D);
     coords acc[4] = {coords::zero(), coords::zero(), coords::zero(), coords::zero()};
     const auto pair = [&](int64_t q, coords& acc_a, coords& acc_t) {
       const int64_t j = list[q];
-      const T a = e[q] * inv[r];
-      const T dsj = a * (dar[q] - dots[r]) * p.two_over_tau;
-      const coords t = dsj * (coords::at(p.cR + j * D) - wr);
-      acc_a += a * coords::at(p.gmR + j * D);
+      const coords t = ds[q] * (coords::at(p.cR + j * D) - wr);
+      acc_a += a[q] * coords::at(p.gmR + j * D);
       acc_t += t;
       (coords::at(sums + j * D) + t).store(sums + j * D);
     };
