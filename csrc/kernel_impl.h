@@ -330,8 +330,8 @@ inline int64_t append_set_lanes(unsigned bits, int lanes, int32_t j, int32_t* li
 // are listed from the distances (list_unflushed: those whose exponent is above vexp2's floor),
 // and the exponentials formed for the listed pairs alone (attended_exponentials), as dA in the
 // backward step (attended_gradients). A block's first sweep lists its pairs when the block before
-// was sparse, and else is the dense sweep, which counts them: a dense problem pays a count, and
-// a listing per kernel call. A block takes its listed pairs while at most one in `*_below` of
+// was sparse (or listed and nearly so: few_attended), and else is the dense sweep, which counts
+// them: a dense problem pays a count, and a listing per kernel call. A block takes its listed pairs while at most one in `*_below` of
 // its pairs is attended: the shares where both ways took equal time (8/8 with a few tau, in one
 // process: the forward 13% at D = 8 and 20% at D = 16, the backward 25-30%; more at k = 4096).
 // At D = 4 the dense sweeps cost little per pair and a third of the benchmark's pairs are
@@ -438,10 +438,10 @@ template <typename T, int D>
 struct Coords {
   static constexpr int bytes = D * sizeof(T) < DKM_VBYTES ? D * sizeof(T) : DKM_VBYTES;
   static constexpr int parts = D * sizeof(T) / bytes;
+  static constexpr int lanes = bytes / sizeof(T);
   typedef typename Part<T, bytes>::type part;
   part v[parts];
 
-  static constexpr int lanes = bytes / sizeof(T);
   static Coords at(const T* x) {  // part by part: a copy of the whole array goes through memory
     Coords c;
     for (int q = 0; q < parts; ++q) __builtin_memcpy(&c.v[q], x + q * lanes, bytes);
