@@ -438,6 +438,7 @@ std::vector<Tensor> output_pass(const PassInputs& in) {
   for (size_t q = 0; q < problems.size(); ++q) {
     outs.push_back(at::empty(in.weights[q].sizes(), in.weights[q].options()));
     problems[q].out = outs.back().data_ptr();
+    problems[q].cLR = problems[q].padded(in.final_centroids);  // for the sparse rows
   }
   run_items(problems, work_items(problems, 0, problems.size(), Tensor()),
             [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n,

@@ -571,29 +571,84 @@ struct RowSlots {
   static constexpr int value = D ? D : 1;
 };
 
+// out_i = sum_j A_ij C_L,j of R rows from their listed pairs alone, e in list order (rows of
+// e_rows): a centroid's D coordinates of C_L are a vector or two (p.cLR).
+template <typename T, int D, int R>
+inline void output_sparse(const Pass<T>& p, const T* e_rows, const T* inv, const int64_t* n, T* sums, T* out) {
+  typedef Coords<T, D> coords;
+  for (int r = 0; r < R; ++r) {
+    const int32_t* list = attended_lists(p, sums, r);
+    const T* e = e_rows + r * p.kp;
+    coords o[2] = {coords::zero(), coords::zero()};  // even and odd pairs apart, as grad_rows_sparse
+    int64_t q = 0;
+    for (; q + 2 <= n[r]; q += 2) {
+      o[0] += e[q] * coords::at(p.cLR + list[q] * D);
+      o[1] += e[q + 1] * coords::at(p.cLR + list[q + 1] * D);
+    }
+    if (q < n[r]) o[0] += e[q] * coords::at(p.cLR + list[q] * D);
+    const coords total = o[0] + o[1];
+    for (int l = 0; l < D; ++l) out[r * D + l] = total[l] * inv[r];
+  }
+}
+
+// out_i = sum_j A_ij C_L,j for one row whose e_ij (A_ij = e_ij * inv) fill `row`.
 template <typename T, int D>
-void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch) {
+inline void output_row(const Pass<T>& p, const T* row, T inv, T* out) {
   constexpr int N = Vec<T>::lanes;
   const int64_t d = D ? D : p.d, kp = p.kp;
-  for (int64_t i = 0; i < rows; ++i) {
+  if (D) {
+    vec<T> o[RowSlots<D>::value];
+    for (int l = 0; l < RowSlots<D>::value; ++l) o[l] = vec<T>{};
+    for (int64_t j = 0; j < kp; j += N) {
+      const vec<T> e = load(row + j);
+      for (int l = 0; l < RowSlots<D>::value; ++l) o[l] += e * load(p.cLT + l * kp + j);
+    }
+    for (int l = 0; l < RowSlots<D>::value; ++l) out[l] = hsum<T>(o[l]) * inv;
+  } else {
+    for (int64_t l = 0; l < d; ++l) {
+      vec<T> o{};
+      for (int64_t j = 0; j < kp; j += N) o += load(row + j) * load(p.cLT + l * kp + j);
+      out[l] = hsum<T>(o) * inv;
+    }
+  }
+}
+
+// With d known, 4 rows at a time: distances for 4 rows per centroid load, and where d has sparse
+// rows (and the driver gave C_L row by row), a block with few attended pairs takes them one by
+// one, as the forward's sums (accumulate_rows).
+template <typename T, int D>
+void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch) {
+  const int64_t d = D ? D : p.d, kp = p.kp;
+  int64_t i = 0;
+  if constexpr (D != 0) {
+    constexpr int R = 4;
+    T* const sums = Sparse<D>::rows && p.sparse_rows && p.cLR ? scratch + kScratchRows * (kp + d) : nullptr;
+    bool listing = true;  // list the pairs from the distances (the last block was sparse)
+    for (; i + R <= rows; i += R) {
+      T dmin[R], inv[R];
+      int64_t attended[R] = {};
+      distances<T, D, R>(p, w + i * d, scratch, dmin);
+      const bool count = sums && !listing;
+      if constexpr (Sparse<D>::rows) {
+        if (sums && listing) {
+          list_unflushed<T, R>(p, scratch, dmin, sums, attended);
+          if (few_attended<R>(attended, kp, Sparse<D>::forward_below)) {  // e in list order after the rows
+            attended_exponentials<T, R>(p, scratch, dmin, attended, sums, scratch + R * kp, inv);
+            output_sparse<T, D, R>(p, scratch + R * kp, inv, attended, sums, out + i * d);
+            continue;
+          }
+          listing = few_attended<R>(attended, kp, Sparse<D>::forward_below, 2);
+        }
+      }
+      for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r], count ? &attended[0] : nullptr);
+      if (count) listing = few_attended<R>(attended, kp, Sparse<D>::forward_below);
+      for (int r = 0; r < R; ++r) output_row<T, D>(p, scratch + r * kp, inv[r], out + (i + r) * d);
+    }
+  }
+  for (; i < rows; ++i) {
     T dmin;
     distances<T, D, 1>(p, w + i * d, scratch, &dmin);
-    const T inv = exponentiate(p, scratch, dmin);
-    if (D) {
-      vec<T> o[RowSlots<D>::value];
-      for (int l = 0; l < RowSlots<D>::value; ++l) o[l] = vec<T>{};
-      for (int64_t j = 0; j < kp; j += N) {
-        const vec<T> e = load(scratch + j);
-        for (int l = 0; l < RowSlots<D>::value; ++l) o[l] += e * load(p.cLT + l * kp + j);
-      }
-      for (int l = 0; l < RowSlots<D>::value; ++l) out[i * d + l] = hsum<T>(o[l]) * inv;
-    } else {
-      for (int64_t l = 0; l < d; ++l) {
-        vec<T> o{};
-        for (int64_t j = 0; j < kp; j += N) o += load(scratch + j) * load(p.cLT + l * kp + j);
-        out[i * d + l] = hsum<T>(o) * inv;
-      }
-    }
+    output_row<T, D>(p, scratch, exponentiate(p, scratch, dmin), out + i * d);
   }
 }
 

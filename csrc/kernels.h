@@ -27,7 +27,7 @@ struct Pass {
   // (kp, d) row by row, for the backward step's sparse rows (a centroid's d coordinates in one load):
   const T* cR = nullptr;   // C_t
   const T* gmR = nullptr;  // G_{t+1} / s_t
-  const T* cLR = nullptr;  // C_L, on the last step (grad_out given) only
+  const T* cLR = nullptr;  // C_L: output pass, and the last step (grad_out given)
 };
 
 // A kernel call may use kScratchRows * (kp + d) + kp * (d + 4) + 32 values of scratch: rows of kp
