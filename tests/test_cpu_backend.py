@@ -103,9 +103,9 @@ def sparse_block_share(weights, centroids, tau, sweep):
 ])
 def test_sparse_rows(dtype, d, k, tau_scale, sparse_sweeps):
     """A tau so small against the distances that most attention weights are exactly 0: the
-    forward's sums and the backward step take their pairs one by one (in some blocks, beside dense
-    ones in the same call where noted), and values and gradients still match the float64
-    reference."""
+    forward's sums, its output pass and the backward step take their pairs one by one (in some
+    blocks, beside dense ones in the same call where noted; the output pass as the forward), and
+    values and gradients still match the float64 reference."""
     weights, centroids, tau = make_problem(1031, d, k, seed=d + k)
     weights, tau = weights.to(dtype), tau * tau_scale
     for sweep in sparse_sweeps:
