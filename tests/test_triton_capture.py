@@ -155,6 +155,9 @@ def test_capture_without_warm_up_is_a_clear_error(monkeypatch):
     weights; under capture that copy cannot run, so the op says what to do instead of failing
     inside CUDA."""
     problem = one_problem()
+    # The tables are keyed by the weights' address among the rest: an earlier test's weights of
+    # the same shapes, freed, may have left their tables under this address. Start cold.
+    triton_kernels._TABLES.clear()
     with fake_capture(monkeypatch), pytest.raises(RuntimeError, match="before capturing"):
         dkm(*problem, backend="triton", deterministic=True)
 
