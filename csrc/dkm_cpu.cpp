@@ -290,6 +290,7 @@ template <typename T>
 std::vector<Problem<T>> make_problems(const PassInputs& in) {
   std::vector<Problem<T>> problems;
   int64_t first = 0;
+  const bool sparse_rows = sparse_rows_enabled();
   for (size_t q = 0; q < in.weights.size(); ++q) {
     const Tensor& w = in.weights[q];
     const Plan plan = make_plan<T>(w.size(0), w.size(1), w.size(2), in.ks[q]);
@@ -299,7 +300,7 @@ std::vector<Problem<T>> make_problems(const PassInputs& in) {
     base.d = plan.d;
     base.exp2_scale = static_cast<T>(kLog2e / in.taus[q]);
     base.two_over_tau = static_cast<T>(2.0 / in.taus[q]);
-    base.sparse_rows = sparse_rows_enabled();
+    base.sparse_rows = sparse_rows;
     Problem<T> p{plan, base, first, w.scalar_type(), w.data_ptr()};
     if (!in.rows.empty()) p.x = in.rows[q].data_ptr();
     p.cT = p.transposed(in.centroids, FarAway<T>::value);

@@ -430,6 +430,42 @@ inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin
   }
 }
 
+// A block's listing step, taken when the block before was sparse (`listing`): lists its pairs from
+// the distances (rows of dist) and, if at most one in `below` is attended, forms their
+// exponentials in list order (rows of e) and inv, and returns true. Else the block is dense, and
+// the next one is listed only if this one was within twice that share (few_attended).
+template <typename T, int R>
+inline bool listed_exponentials(const Pass<T>& p, const T* dist, const T* dmin, T* sums, int64_t below,
+                                bool& listing, int64_t* attended, T* e, T* inv) {
+  list_unflushed<T, R>(p, dist, dmin, sums, attended);
+  if (few_attended<R>(attended, p.kp, below)) {
+    attended_exponentials<T, R>(p, dist, dmin, attended, sums, e, inv);
+    return true;
+  }
+  listing = few_attended<R>(attended, p.kp, below, 2);
+  return false;
+}
+
+// The exponentials of a block of R rows of the forward's passes (its sums and its output), from
+// the distances in the first R scratch rows: where the block is listed and sparse, in list order in
+// the next R rows (returns true, attended[r] pairs each); else in place for every centroid, with
+// inv, the attended pairs counted for the next block's choice where this one was not listed.
+// sums is null where d has no sparse rows (or they are switched off).
+template <typename T, int D, int R>
+inline bool forward_exponentials(const Pass<T>& p, T* scratch, const T* dmin, T* sums, bool& listing,
+                                 int64_t* attended, T* inv) {
+  const int64_t kp = p.kp;
+  const bool count = sums && !listing;
+  if (sums && listing &&
+      listed_exponentials<T, R>(p, scratch, dmin, sums, Sparse<D>::forward_below, listing, attended,
+                                scratch + R * kp, inv))
+    return true;
+  int64_t counted[R] = {};
+  for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r], count ? &counted[0] : nullptr);
+  if (count) listing = few_attended<R>(counted, kp, Sparse<D>::forward_below);
+  return false;
+}
+
 // A row's or a centroid's D coordinates in registers: one vector of D values where they fit in
 // one, else D * sizeof(T) / DKM_VBYTES full vectors (GCC keeps a vector type wider than the
 // instruction set's in memory and moves it through general registers, a pair loop's cost many
@@ -515,22 +551,11 @@ inline void accumulate_rows(const Pass<T>& p, const T* w, const T* x, T* accT, T
   T dmin[R], inv[R];
   T* xs = scratch + kScratchRows * kp;
   distances<T, D, R>(p, w, scratch, dmin);
-  int64_t attended[R] = {};
-  const bool count = Sparse<D>::rows && sparse_sums && !listing;
-  if constexpr (Sparse<D>::rows) {
-    if (sparse_sums && listing) {
-      list_unflushed<T, R>(p, scratch, dmin, sparse_sums, attended);
-      if (few_attended<R>(attended, kp, Sparse<D>::forward_below)) {  // e in list order after the block's rows
-        attended_exponentials<T, R>(p, scratch, dmin, attended, sparse_sums, scratch + R * kp, inv);
-        scale_rows(x, inv, R, d, xs);
-        return accumulate_sparse<T, D, R>(p, xs, scratch + R * kp, inv, attended, mass, sparse_sums);
-      }
-      listing = few_attended<R>(attended, kp, Sparse<D>::forward_below, 2);
-    }
-  }
-  for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r], count ? &attended[0] : nullptr);
-  if (count) listing = few_attended<R>(attended, kp, Sparse<D>::forward_below);
+  int64_t attended[R];
+  const bool sparse = forward_exponentials<T, D, R>(p, scratch, dmin, sparse_sums, listing, attended, inv);
   scale_rows(x, inv, R, d, xs);
+  if constexpr (Sparse<D>::rows)
+    if (sparse) return accumulate_sparse<T, D, R>(p, xs, scratch + R * kp, inv, attended, mass, sparse_sums);
   for (int64_t j = 0; j < kp; j += N) {
     vec<T> e[R];
     for (int r = 0; r < R; ++r) e[r] = load(scratch + r * kp + j);
@@ -626,22 +651,12 @@ void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch)
     bool listing = true;  // list the pairs from the distances (the last block was sparse)
     for (; i + R <= rows; i += R) {
       T dmin[R], inv[R];
-      int64_t attended[R] = {};
+      int64_t attended[R];
       distances<T, D, R>(p, w + i * d, scratch, dmin);
-      const bool count = sums && !listing;
-      if constexpr (Sparse<D>::rows) {
-        if (sums && listing) {
-          list_unflushed<T, R>(p, scratch, dmin, sums, attended);
-          if (few_attended<R>(attended, kp, Sparse<D>::forward_below)) {  // e in list order after the rows
-            attended_exponentials<T, R>(p, scratch, dmin, attended, sums, scratch + R * kp, inv);
-            output_sparse<T, D, R>(p, scratch + R * kp, inv, attended, sums, out + i * d);
-            continue;
-          }
-          listing = few_attended<R>(attended, kp, Sparse<D>::forward_below, 2);
-        }
+      if (forward_exponentials<T, D, R>(p, scratch, dmin, sums, listing, attended, inv)) {
+        if constexpr (Sparse<D>::rows) output_sparse<T, D, R>(p, scratch + R * kp, inv, attended, sums, out + i * d);
+        continue;
       }
-      for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r], count ? &attended[0] : nullptr);
-      if (count) listing = few_attended<R>(attended, kp, Sparse<D>::forward_below);
       for (int r = 0; r < R; ++r) output_row<T, D>(p, scratch + r * kp, inv[r], out + (i + r) * d);
     }
   }
@@ -871,17 +886,14 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   const T* const cT = p.cT;
   const T* const gmT = p.gmT;
   const T* const cLT = p.cLT;
+  // The previous block was sparse: expect this one to be. The pairs whose exponential may be
+  // nonzero are listed from the distances alone, and the exponentials and dA formed for those
+  // pairs alone; a block that turns out dense takes the dense sweep below.
   const bool listed = sparse_sums && listing && (!gi || p.cLR);
-  if (listed) {
-    // The previous block was sparse: expect this one to be. The pairs whose exponential may be
-    // nonzero are listed from the distances alone, and the exponentials and dA formed for those
-    // pairs alone; a block that turns out dense takes the dense sweep below.
-    list_unflushed<T, R>(p, scratch, dmin, sparse_sums, attended);
-    if (few_attended<R>(attended, kp, Sparse<D>::gradient_below)) {  // e in list order in ds, dA in scratch
-      attended_exponentials<T, R>(p, scratch, dmin, attended, sparse_sums, ds, inv);
-      attended_gradients<T, D, R>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots);
-      return grad_rows_sparse<T, D, R>(p, w, ds, scratch, inv, dots, attended, dw, sparse_sums);
-    }
+  if (listed && listed_exponentials<T, R>(p, scratch, dmin, sparse_sums, Sparse<D>::gradient_below, listing,
+                                          attended, ds, inv)) {  // e in list order in ds, dA in scratch
+    attended_gradients<T, D, R>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots);
+    return grad_rows_sparse<T, D, R>(p, w, ds, scratch, inv, dots, attended, dw, sparse_sums);
   }
   // One sweep forms the exponentials, their sums, dA (from one load of gm, and C_L) and
   // sum_j e_ij dA_ij, and counts the attended pairs where d has sparse rows.
@@ -916,9 +928,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
     inv[r] = T(1) / hsum<T>(sum[r]);
     dots[r] = hsum<T>(dot[r]) * inv[r];
   }
-  if (listed) {
-    listing = few_attended<R>(attended, kp, Sparse<D>::gradient_below, 2);
-  } else if (sparse_sums) {
+  if (sparse_sums && !listed) {
     for (int r = 0; r < R; ++r) attended[r] = 0;
     for (int q = 0; q < N; ++q) attended[0] -= nonzero[q];
     listing = few_attended<R>(attended, kp, Sparse<D>::gradient_below);

@@ -24,7 +24,7 @@ struct Pass {
   const T* cLT = nullptr;  // (d, kp) C_L: output pass, and the last backward step
   const T* gmT = nullptr;  // (d, kp) G_{t+1,j} / s_{t,j} (0 where s_{t,j} == 0): backward step
   const T* gdc = nullptr;  // (kp) (G_{t+1,j} / s_{t,j}) . C_{t+1,j}: backward step
-  // (kp, d) row by row, for the backward step's sparse rows (a centroid's d coordinates in one load):
+  // (kp, d) row by row, for the sparse rows (a centroid's d coordinates in one load or two):
   const T* cR = nullptr;   // C_t
   const T* gmR = nullptr;  // G_{t+1} / s_t
   const T* cLR = nullptr;  // C_L: output pass, and the last step (grad_out given)
