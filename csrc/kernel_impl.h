@@ -375,15 +375,17 @@ template <typename T, int R>
 inline void list_unflushed(const Pass<T>& p, const T* dist, const T* dmin, T* sums, int64_t* n) {
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
-  int32_t* lists[R];
-  for (int r = 0; r < R; ++r) n[r] = 0, lists[r] = attended_lists(p, sums, r);
-  vec<T> threshold[R];
-  for (int r = 0; r < R; ++r) threshold[r] = splat<T>(dmin[r] - Exp2Floor<T>::value / p.exp2_scale);
-  for (int64_t j = 0; j < kp; j += N)
-    for (int r = 0; r < R; ++r) {
-      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(dist + r * kp + j) <= threshold[r]));
-      n[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), lists[r], n[r]);
+  for (int r = 0; r < R; ++r) {
+    int32_t* __restrict list = attended_lists(p, sums, r);
+    const T* __restrict row = dist + r * kp;
+    const vec<T> threshold = splat<T>(dmin[r] - Exp2Floor<T>::value / p.exp2_scale);
+    int64_t count = 0;
+    for (int64_t j = 0; j < kp; j += N) {
+      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(row + j) <= threshold));
+      count = append_set_lanes(bits, N, static_cast<int32_t>(j), list, count);
     }
+    n[r] = count;
+  }
 }
 
 // Lists the attended offsets of each of R rows of e (n[r] of them), and replaces each row of e and
@@ -772,12 +774,13 @@ inline vec<T> sums_of_eight(const vec<T>* v) {
 #endif
 
 // dA_ij = gm_j . w_i - gdc_j (+ G~_i . C_L,j on the last step, gi non-null) of the listed pairs of
-// R rows (into da in list order; e in list order too), and dots[r] = sum_j A_ij dA_ij: the dense sweep's dA, which costs
-// d / lanes multiply-adds per pair attended or not, for the attended pairs only (one or two vector
-// products and a sum each).
+// R rows (into da in list order; e in list order too), dots[r] = sum_j A_ij dA_ij, and the row's
+// first gradient term sum_j A_ij gm_j (into agm[r * D + l]), from the same loads of gm: the dense
+// sweep's dA, which costs d / lanes multiply-adds per pair attended or not, for the attended pairs
+// only (one or two vector products and a sum each).
 template <typename T, int D, int R>
 inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const T* e_rows, const T* inv,
-                               const int64_t* n, T* sums, T* da, T* dots) {
+                               const int64_t* n, T* sums, T* da, T* dots, T* agm) {
   typedef Coords<T, D> coords;
   const int64_t kp = p.kp;
   for (int r = 0; r < R; ++r) {
@@ -785,8 +788,11 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
     const T* e = e_rows + r * kp;
     T* dar = da + r * kp;
     const coords wr = coords::at(w + r * D), gr = gi ? coords::at(gi + r * D) : coords::zero();
-    const auto product = [&](int32_t j) {  // gm_j w_i (+ C_L,j G~_i), by coordinate
-      const coords x = coords::at(p.gmR + j * D) * wr;
+    coords eg[2] = {coords::zero(), coords::zero()};  // sum_j e_ij gm_j, even and odd pairs apart
+    const auto product = [&](int64_t q, int32_t j) {  // gm_j w_i (+ C_L,j G~_i), by coordinate
+      const coords g = coords::at(p.gmR + j * D);
+      eg[q & 1] += e[q] * g;
+      const coords x = g * wr;
       return gi ? x + coords::at(p.cLR + j * D) * gr : x;
     };
     T dot[2] = {};
@@ -799,7 +805,7 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
         vec<T> v[8], gdc8, e8;
         for (int b = 0; b < 8; ++b) {
           const int32_t j = list[q + b];
-          v[b] = product(j).folded();
+          v[b] = product(q + b, j).folded();
           gdc8[b] = p.gdc[j];
         }
         e8 = load(e + q);
@@ -812,51 +818,63 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
 #endif
     for (; q < n[r]; ++q) {
       const int32_t j = list[q];
-      const T dA = product(j).sum() - p.gdc[j];
+      const T dA = product(q, j).sum() - p.gdc[j];
       dar[q] = dA;
       dot[q & 1] += e[q] * dA;
     }
     dots[r] = (dot[0] + dot[1]) * inv[r];
+    (inv[r] * (eg[0] + eg[1])).store(agm + r * D);
+  }
+}
+
+// sum_j A_ij gm_j of R rows over their listed pairs, e in list order (rows of e_rows), into
+// agm[r * D + l]: as attended_gradients, for a block whose dA the dense sweep formed.
+template <typename T, int D, int R>
+inline void attended_gm(const Pass<T>& p, const T* e_rows, const T* inv, const int64_t* n, T* sums, T* agm) {
+  typedef Coords<T, D> coords;
+  for (int r = 0; r < R; ++r) {
+    const int32_t* list = attended_lists(p, sums, r);
+    const T* e = e_rows + r * p.kp;
+    coords eg[2] = {coords::zero(), coords::zero()};
+    for (int64_t q = 0; q < n[r]; ++q) eg[q & 1] += e[q] * coords::at(p.gmR + list[q] * D);
+    (inv[r] * (eg[0] + eg[1])).store(agm + r * D);
   }
 }
 
 // R rows given each row's n[r] attended offsets (attended_lists), their e (A = e inv) and dA in
-// list order (rows of e_rows and da, which A and dS' replace), and sum_j A_ij dA_ij (dots).
+// list order (rows of e_rows and da, which dS' replaces), sum_j A_ij dA_ij (dots) and
+// sum_j A_ij gm_j (agm).
 template <typename T, int D, int R>
 inline void grad_rows_sparse(const Pass<T>& p, const T* w, T* e_rows, T* da, const T* inv, const T* dots,
-                             const int64_t* n, T* dw, T* sums) {
+                             const T* agm, const int64_t* n, T* dw, T* sums) {
   typedef Coords<T, D> coords;
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
   for (int r = 0; r < R; ++r) {
-    T* a = e_rows + r * kp;
+    const T* e = e_rows + r * kp;
     T* ds = da + r * kp;
     const int32_t* list = attended_lists(p, sums, r);
-    // A and dS' = (2/tau) dS of the row's pairs in place of e and dA, a vector at a time (the
-    // lanes past n[r], within the row, are formed and never read).
-    for (int64_t q = 0; q < n[r]; q += N) {
-      const vec<T> aq = load(a + q) * inv[r];
-      store(a + q, aq);
-      store(ds + q, aq * (load(ds + q) - dots[r]) * p.two_over_tau);
-    }
-    // The row's two sums (sum_j A_ij gm_j and sum_j t_ij) in separate accumulators, and even and
-    // odd pairs apart: one chain of dependent additions per pair would set the pace.
+    // dS' = (2/tau) dS of the row's pairs in place of dA, a vector at a time (the lanes past
+    // n[r], within the row, are formed and never read).
+    for (int64_t q = 0; q < n[r]; q += N)
+      store(ds + q, load(e + q) * inv[r] * (load(ds + q) - dots[r]) * p.two_over_tau);
+    // The row's sum of t_ij = dS'_ij (c_j - w_i) in two accumulators, even and odd pairs apart:
+    // one chain of dependent additions would set the pace.
     const coords wr = coords::at(w + r * D);
-    coords acc[4] = {coords::zero(), coords::zero(), coords::zero(), coords::zero()};
-    const auto pair = [&](int64_t q, coords& acc_a, coords& acc_t) {
+    coords acc[2] = {coords::at(agm + r * D), coords::zero()};
+    const auto pair = [&](int64_t q, coords& acc_t) {
       const int64_t j = list[q];
       const coords t = ds[q] * (coords::at(p.cR + j * D) - wr);
-      acc_a += a[q] * coords::at(p.gmR + j * D);
       acc_t += t;
       (coords::at(sums + j * D) + t).store(sums + j * D);
     };
     int64_t q = 0;
     for (; q + 2 <= n[r]; q += 2) {
-      pair(q, acc[0], acc[1]);
-      pair(q + 1, acc[2], acc[3]);
+      pair(q, acc[0]);
+      pair(q + 1, acc[1]);
     }
-    if (q < n[r]) pair(q, acc[0], acc[1]);
-    const coords total = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    if (q < n[r]) pair(q, acc[0]);
+    const coords total = acc[0] + acc[1];
     for (int l = 0; l < D; ++l) dw[r * D + l] += total[l];
   }
 }
@@ -877,12 +895,10 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   constexpr int64_t kTile = 2048 / sizeof(T);  // centroids per tile: a multiple of kPadding
   const int64_t kp = p.kp;
   const T scale = p.exp2_scale;
-  T dmin[R], inv[R], dots[R];
+  T dmin[R], inv[R], dots[R], agm[R * (D ? D : 1)];
   int64_t attended[R];
   T* ds = scratch + R * kp;  // R rows: dA, then (2/tau) dS
   distances<T, D, R>(p, w, scratch, dmin);
-  vec<T> wv[R * D], gv[R * D];  // w_il and G~_il pre-broadcast, as in distances
-  for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]), gv[q] = gi ? splat<T>(gi[q]) : vec<T>{};
   const T* const cT = p.cT;
   const T* const gmT = p.gmT;
   const T* const cLT = p.cLT;
@@ -892,11 +908,13 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   const bool listed = sparse_sums && listing && (!gi || p.cLR);
   if (listed && listed_exponentials<T, R>(p, scratch, dmin, sparse_sums, Sparse<D>::gradient_below, listing,
                                           attended, ds, inv)) {  // e in list order in ds, dA in scratch
-    attended_gradients<T, D, R>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots);
-    return grad_rows_sparse<T, D, R>(p, w, ds, scratch, inv, dots, attended, dw, sparse_sums);
+    attended_gradients<T, D, R>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots, agm);
+    return grad_rows_sparse<T, D, R>(p, w, ds, scratch, inv, dots, agm, attended, dw, sparse_sums);
   }
   // One sweep forms the exponentials, their sums, dA (from one load of gm, and C_L) and
   // sum_j e_ij dA_ij, and counts the attended pairs where d has sparse rows.
+  vec<T> wv[R * D], gv[R * D];  // w_il and G~_il pre-broadcast, as in distances
+  for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]), gv[q] = gi ? splat<T>(gi[q]) : vec<T>{};
   vec<T> sum[R], dot[R];
   for (int r = 0; r < R; ++r) sum[r] = dot[r] = vec<T>{};
   typename Vec<T>::itype nonzero{};  // minus the count of nonzero e per lane
@@ -934,7 +952,8 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
     listing = few_attended<R>(attended, kp, Sparse<D>::gradient_below);
     if (listing) {
       list_attended<T, R>(p, scratch, ds, sparse_sums, attended);
-      return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, attended, dw, sparse_sums);
+      attended_gm<T, D, R>(p, scratch, inv, attended, sparse_sums, agm);
+      return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, agm, attended, dw, sparse_sums);
     }
   }
   // Per tile: A and dS' = (2/tau) dS of the R rows in place of e and dA (formed where used when
