@@ -305,16 +305,19 @@ struct PackedBits {
 };
 constexpr PackedBits kPacked;
 
-// Appends to list[n..] the offsets j + q of the lanes q whose bit is set, without a branch per
-// lane (8 offsets are written per byte of bits, the count advances by its set bits): list needs
-// 8 values of room past its end. Returns the new n.
-inline int64_t append_set_lanes(unsigned bits, int lanes, int32_t j, int32_t* list, int64_t n) {
-  typedef int32_t ints8 __attribute__((vector_size(32)));
+// The offset of a vector's first lane in every lane of 8 ints: the listing carries it from vector
+// to vector (a vector add, not a broadcast of the scalar offset each time).
+typedef int32_t Offsets8 __attribute__((vector_size(32)));
+
+// Appends to list[n..] the offsets j + q of the lanes q whose bit is set (j in every lane of `at`),
+// without a branch per lane (8 offsets are written per byte of bits, the count advances by its
+// set bits): list needs 8 values of room past its end. Returns the new n.
+inline int64_t append_set_lanes(unsigned bits, int lanes, Offsets8 at, int32_t* list, int64_t n) {
   for (int h = 0; h < lanes; h += 8) {
-    const unsigned b = bits >> h & 0xffu;
-    ints8 offsets;
+    const unsigned b = lanes <= 8 ? bits : bits >> h & 0xffu;  // lane_bits has no bits past `lanes`
+    Offsets8 offsets;
     __builtin_memcpy(&offsets, kPacked.at[b], sizeof offsets);
-    offsets += j + h;
+    offsets += at + h;
     __builtin_memcpy(list + n, &offsets, sizeof offsets);
     n += __builtin_popcount(b);
   }
@@ -380,9 +383,10 @@ inline void list_unflushed(const Pass<T>& p, const T* dist, const T* dmin, T* su
     const T* __restrict row = dist + r * kp;
     const vec<T> threshold = splat<T>(dmin[r] - Exp2Floor<T>::value / p.exp2_scale);
     int64_t count = 0;
-    for (int64_t j = 0; j < kp; j += N) {
+    Offsets8 at{};
+    for (int64_t j = 0; j < kp; j += N, at += N) {
       const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(row + j) <= threshold));
-      count = append_set_lanes(bits, N, static_cast<int32_t>(j), list, count);
+      count = append_set_lanes(bits, N, at, list, count);
     }
     n[r] = count;
   }
@@ -397,9 +401,10 @@ inline void list_attended(const Pass<T>& p, T* e_rows, T* da, T* sums, int64_t* 
   for (int r = 0; r < R; ++r) {
     int32_t* list = attended_lists(p, sums, r);
     n[r] = 0;
-    for (int64_t j = 0; j < kp; j += N) {
+    Offsets8 at{};
+    for (int64_t j = 0; j < kp; j += N, at += N) {
       const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(e_rows + r * kp + j) != T(0)));
-      n[r] = append_set_lanes(bits, N, static_cast<int32_t>(j), list, n[r]);
+      n[r] = append_set_lanes(bits, N, at, list, n[r]);
     }
     for (int64_t q = 0; q < n[r]; ++q) {
       e_rows[r * kp + q] = e_rows[r * kp + list[q]];
@@ -416,19 +421,27 @@ inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin
                                   T* e, T* inv) {
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
+  int64_t common = kp;  // vectors every row has, taken for the R rows in turn: independent chains
   for (int r = 0; r < R; ++r) {
     const int32_t* list = attended_lists(p, sums, r);
     T* er = e + r * kp;
     int64_t q = 0;
     for (; q < n[r]; ++q) er[q] = dist[r * kp + list[q]];
     for (; q % N; ++q) er[q] = T(__builtin_inf());
-    vec<T> sum{};
-    for (q = 0; q < n[r]; q += N) {
-      const vec<T> ev = vexp2((dmin[r] - load(er + q)) * p.exp2_scale);  // as exponentiate
-      store(er + q, ev);
-      sum += ev;
-    }
-    inv[r] = T(1) / hsum<T>(sum);
+    common = q < common ? q : common;
+  }
+  vec<T> sum[R];
+  const auto exponentials = [&](int r, int64_t q) {
+    const vec<T> ev = vexp2((dmin[r] - load(e + r * kp + q)) * p.exp2_scale);  // as exponentiate
+    store(e + r * kp + q, ev);
+    sum[r] += ev;
+  };
+  for (int r = 0; r < R; ++r) sum[r] = vec<T>{};
+  for (int64_t q = 0; q < common; q += N)
+    for (int r = 0; r < R; ++r) exponentials(r, q);
+  for (int r = 0; r < R; ++r) {
+    for (int64_t q = common; q < n[r]; q += N) exponentials(r, q);
+    inv[r] = T(1) / hsum<T>(sum[r]);
   }
 }
 
@@ -531,12 +544,17 @@ inline void accumulate_sparse(const Pass<T>& p, const T* xs, const T* e_rows, co
     const int32_t* list = attended_lists(p, sums, r);
     const T* e = e_rows + r * p.kp;
     const Coords<T, D> x = Coords<T, D>::at(xs + r * D);
-    for (int64_t q = 0; q < n[r]; ++q) {
-      const int32_t j = list[q];
-      (Coords<T, D>::at(sums + j * D) + e[q] * x).store(sums + j * D);
-    }
-    if (mass)
-      for (int64_t q = 0; q < n[r]; ++q) mass[list[q]] += e[q] * inv[r];
+    if (mass)  // one loop: the offset and e loaded once per pair
+      for (int64_t q = 0; q < n[r]; ++q) {
+        const int32_t j = list[q];
+        (Coords<T, D>::at(sums + j * D) + e[q] * x).store(sums + j * D);
+        mass[j] += e[q] * inv[r];
+      }
+    else
+      for (int64_t q = 0; q < n[r]; ++q) {
+        const int32_t j = list[q];
+        (Coords<T, D>::at(sums + j * D) + e[q] * x).store(sums + j * D);
+      }
   }
 }
 
