@@ -57,6 +57,14 @@ def cpu_extension():
     if sanitizer:
         compile_args += [f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer", "-g"]
         link_args.append(f"-fsanitize={sanitizer}")
+    # DKM_KERNELS_OPS_NAMESPACE=name registers the ops as torch.ops.name instead of
+    # torch.ops.dkm_kernels: a second build that loads beside the package's own, for benchmarks
+    # that time two builds in one process (benchmarks/cpu_passes.py --baseline-library).
+    ops_namespace = os.environ.get("DKM_KERNELS_OPS_NAMESPACE")
+    if ops_namespace:
+        if not ops_namespace.isidentifier():
+            raise SystemExit(f"DKM_KERNELS_OPS_NAMESPACE={ops_namespace!r}: must be a Python identifier")
+        compile_args.append(f"-DDKM_KERNELS_OPS={ops_namespace}")
     # at::parallel_for is a header template: with torch's OpenMP backend it only runs in parallel
     # if this code is compiled with OpenMP.
     if _compiler_accepts("-fopenmp"):

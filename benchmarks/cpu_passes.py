@@ -2,20 +2,30 @@
 
     python benchmarks/cpu_passes.py --m 2359296 --d 1 --k 4 --threads 1
     python benchmarks/cpu_passes.py --root /work/other-checkout --m 294912 --d 8 --k 256 --tau 4e-5
+    python benchmarks/cpu_passes.py --baseline-library /tmp/base/dkm_kernels/_C.cpython-311-x86_64-linux-gnu.so
 
-Prints the best of 7 calls (ms) of cpu_attention_sums, cpu_output and cpu_gradient_pass (without
-and with grad_out, the first backward step), and the per-pass floor M k (3d + 10) / rate at the
-torch.mm multiply-add rate measured in the same process (see cpu_floor.py for the counting).
-Weights ~ N(0, 0.02^2), as the floor benchmark's. Each pass is also timed with every block dense
-(DKM_KERNELS_SPARSE=0), the two ways in alternating calls, and the share of (row, centroid) pairs
-attended at the starting centroids is printed: where d = 8 or 16 and few pairs are attended,
-blocks take their pairs one by one. Nothing is written: a quick look at which pass a change moved.
+Prints the best of --repeats calls (ms) of cpu_attention_sums, cpu_output and cpu_gradient_pass
+(without and with grad_out, the first backward step), and the per-pass floor M k (3d + 10) / rate
+at the torch.mm multiply-add rate measured in the same process (see cpu_floor.py for the
+counting). Weights ~ N(0, 0.02^2), as the floor benchmark's, and the share of (row, centroid)
+pairs attended at the starting centroids: where d = 8 or 16 and few pairs are attended, blocks
+take their pairs one by one. Each pass is timed two ways in alternating calls (a process's speed
+drifts; alternating keeps the two comparable), with the best of each and the median of the
+calls' ratios:
+- by default, as built against every block dense (DKM_KERNELS_SPARSE=0);
+- with --baseline-library, this checkout's build against another build of the ops loaded in the
+  same process, whether their results are bit-identical too. Build the other one (a commit that
+  has DKM_KERNELS_OPS_NAMESPACE) so that its ops do not collide with these:
+      git worktree add /tmp/base <commit> && cd /tmp/base && \
+          DKM_KERNELS_OPS_NAMESPACE=dkm_kernels_baseline python setup.py build_ext --inplace
+Nothing is written: a quick look at which pass a change moved.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -30,19 +40,41 @@ def best_ms(fn, repeats=7):
     return min(times) * 1e3
 
 
-def best_ms_both_ways(fn, repeats=7):
-    """Best of `repeats` calls with sparse blocks taken pair by pair and with every block dense,
-    in alternating calls (a process's speed drifts; alternating keeps the two comparable)."""
-    best = {"sparse": float("inf"), "dense": float("inf")}
+def best_ms_alternating(ways: dict, repeats: int) -> dict:
+    """Per way (name -> call), the best time of `repeats` calls in ms, the ways called in turns,
+    and "ratio": the median over the turns of the first way's time over the second's."""
+    best = {way: float("inf") for way in ways}
+    ratios = []
     for i in range(repeats + 1):
-        for way in ("sparse", "dense"):
-            os.environ["DKM_KERNELS_SPARSE"] = "1" if way == "sparse" else "0"
+        turn = {}
+        for way, fn in ways.items():
             t0 = time.perf_counter()
             fn()
-            if i:  # the first round warms up
-                best[way] = min(best[way], (time.perf_counter() - t0) * 1e3)
-    os.environ.pop("DKM_KERNELS_SPARSE")
-    return best
+            turn[way] = (time.perf_counter() - t0) * 1e3
+        if i:  # the first turn warms up
+            best = {way: min(best[way], turn[way]) for way in ways}
+            first, second = turn.values()
+            ratios.append(first / second)
+    return dict(best, ratio=statistics.median(ratios))
+
+
+def sparse_switch(fn, value):
+    """fn with DKM_KERNELS_SPARSE set to value for the call."""
+    def call():
+        os.environ["DKM_KERNELS_SPARSE"] = value
+        try:
+            return fn()
+        finally:
+            os.environ.pop("DKM_KERNELS_SPARSE")
+    return call
+
+
+def same_results(a, b) -> bool:
+    """Whether two pass ops' results (a tensor or a tuple of them) are bit-identical."""
+    import torch
+
+    a, b = (x if isinstance(x, (tuple, list)) else (x,) for x in (a, b))
+    return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def main(argv=None):
@@ -54,6 +86,10 @@ def main(argv=None):
     parser.add_argument("--k", type=int, default=256)
     parser.add_argument("--tau", type=float, default=2e-5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls of each way (after a warm-up)")
+    parser.add_argument("--baseline-library", metavar="PATH",
+                        help="the _C library of another build, whose ops register as "
+                             "torch.ops.dkm_kernels_baseline: compared with this build instead of all-dense")
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.abspath(args.root))
     import torch
@@ -67,16 +103,27 @@ def main(argv=None):
     c = dkm_kernels.random_rows(w, k, generator=gen)
     active = torch.ones(1, dtype=torch.bool)
     grad_over_mass, grad_dot_next = torch.randn(1, k, d, generator=gen), torch.randn(1, k, generator=gen)
-    dw = torch.zeros_like(w)
-    ops = torch.ops.dkm_kernels
-    times = dict(
-        attention_sums=best_ms_both_ways(lambda: ops.cpu_attention_sums(w, w, c, active, tau)),
-        output=best_ms_both_ways(lambda: ops.cpu_output(w, c, c, tau)),
-        gradient=best_ms_both_ways(
-            lambda: ops.cpu_gradient_pass(w, None, c, grad_over_mass, grad_dot_next, c, active, dw, tau)),
-        gradient_first=best_ms_both_ways(
-            lambda: ops.cpu_gradient_pass(w, w, c, grad_over_mass, grad_dot_next, c, active, dw, tau)),
-    )
+
+    def passes(ops):
+        dw = torch.zeros_like(w)  # the gradient pass adds into it: one per build
+        return dict(
+            attention_sums=lambda: ops.cpu_attention_sums(w, w, c, active, tau),
+            output=lambda: ops.cpu_output(w, c, c, tau),
+            gradient=lambda: ops.cpu_gradient_pass(w, None, c, grad_over_mass, grad_dot_next, c, active, dw, tau),
+            gradient_first=lambda: ops.cpu_gradient_pass(w, w, c, grad_over_mass, grad_dot_next, c, active, dw, tau),
+        )
+
+    this = passes(torch.ops.dkm_kernels)
+    if args.baseline_library:
+        torch.ops.load_library(args.baseline_library)
+        baseline = passes(torch.ops.dkm_kernels_baseline)
+        names = ("this", "baseline")
+        ways = {name: dict(this=fn, baseline=baseline[name]) for name, fn in this.items()}
+        identical = {name: same_results(fn(), baseline[name]()) for name, fn in this.items()}
+    else:
+        names = ("sparse", "dense")
+        ways = {name: dict(sparse=sparse_switch(fn, "1"), dense=sparse_switch(fn, "0")) for name, fn in this.items()}
+    times = {name: best_ms_alternating(pair, args.repeats) for name, pair in ways.items()}
     sample = w[0, :4096].double()
     dist = torch.cdist(sample, c[0].double()) ** 2
     exponent = (dist.min(1, keepdim=True).values - dist) * (math.log2(math.e) / tau)
@@ -87,9 +134,15 @@ def main(argv=None):
     floor_ms = m * k * (3 * d + 10) / rate * 1e3
     print(f"{dkm_kernels.__file__}: M={m:,} d={d} k={k} tau={tau:g} threads={args.threads}, torch.mm "
           f"{rate / 1e9:.1f} G/s, floor per pass {floor_ms:.2f} ms, {attended:.1%} of the pairs attended")
+    first, second = names
+    label = "every block dense" if second == "dense" else "baseline"
     for name, ms in times.items():
-        print(f"  {name:<15} {ms['sparse']:9.2f} ms  {ms['sparse'] / floor_ms:5.2f}x the floor   every block dense "
-              f"{ms['dense']:9.2f} ms  {ms['dense'] / floor_ms:5.2f}x  (sparse / dense {ms['sparse'] / ms['dense']:.2f})")
+        line = (f"  {name:<15} {ms[first]:9.2f} ms  {ms[first] / floor_ms:5.2f}x the floor   {label} "
+                f"{ms[second]:9.2f} ms  {ms[second] / floor_ms:5.2f}x  ({first} / {second} best "
+                f"{ms[first] / ms[second]:.3f}, median of turns {ms['ratio']:.3f})")
+        if args.baseline_library:
+            line += "  identical" if identical[name] else "  results differ"
+        print(line)
 
 
 if __name__ == "__main__":

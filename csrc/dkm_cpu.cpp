@@ -711,7 +711,7 @@ const char* selected_isa() { return kernel_set().name; }
 
 }  // namespace dkm
 
-TORCH_LIBRARY_FRAGMENT(dkm_kernels, m) {
+TORCH_LIBRARY_FRAGMENT(DKM_KERNELS_OPS, m) {
   m.def("cpu_attention_sums(Tensor weights, Tensor values, Tensor centroids, Tensor active, float tau)"
         " -> (Tensor, Tensor)");
   m.def("cpu_output(Tensor weights, Tensor attention_centroids, Tensor final_centroids, float tau) -> Tensor");
@@ -733,7 +733,7 @@ TORCH_LIBRARY_FRAGMENT(dkm_kernels, m) {
       " float[] taus) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dkm_kernels, CPU, m) {
+TORCH_LIBRARY_IMPL(DKM_KERNELS_OPS, CPU, m) {
   m.impl("cpu_attention_sums", &dkm::cpu_attention_sums);
   m.impl("cpu_output", &dkm::cpu_output);
   m.impl("cpu_gradient_pass", &dkm::cpu_gradient_pass);

@@ -8,6 +8,13 @@
 
 #include <cstdint>
 
+// The torch.ops namespace the ops register in: dkm_kernels, or another name for a second build
+// loaded beside the package's own (setup.py's DKM_KERNELS_OPS_NAMESPACE; benchmarks/cpu_passes.py
+// --baseline-library times two builds in one process).
+#ifndef DKM_KERNELS_OPS
+#define DKM_KERNELS_OPS dkm_kernels
+#endif
+
 namespace dkm {
 
 // Everything a kernel needs about one clustering problem for one pass. Centroid matrices are

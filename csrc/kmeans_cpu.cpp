@@ -259,8 +259,8 @@ Tensor cpu_kmeans_plus_plus(const Tensor& weights_in, const std::optional<Tensor
 }  // namespace
 }  // namespace dkm
 
-TORCH_LIBRARY_FRAGMENT(dkm_kernels, m) {
+TORCH_LIBRARY_FRAGMENT(DKM_KERNELS_OPS, m) {
   m.def("cpu_kmeans_plus_plus(Tensor weights, Tensor? counts, Tensor uniforms) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(dkm_kernels, CPU, m) { m.impl("cpu_kmeans_plus_plus", &dkm::cpu_kmeans_plus_plus); }
+TORCH_LIBRARY_IMPL(DKM_KERNELS_OPS, CPU, m) { m.impl("cpu_kmeans_plus_plus", &dkm::cpu_kmeans_plus_plus); }
