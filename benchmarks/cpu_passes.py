@@ -18,6 +18,8 @@ calls' ratios:
   has DKM_KERNELS_OPS_NAMESPACE) so that its ops do not collide with these:
       git worktree add /tmp/base <commit> && cd /tmp/base && \
           DKM_KERNELS_OPS_NAMESPACE=dkm_kernels_baseline python setup.py build_ext --inplace
+  Then also the whole op: `dkm` forward and backward (L = 5, epsilon = 0) on the cpu backend,
+  whose pass methods call one build's ops, then the other's, in turns.
 Nothing is written: a quick look at which pass a change moved.
 """
 from __future__ import annotations
@@ -77,6 +79,58 @@ def same_results(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def whole_op_times(dkm_kernels, w, c, tau, repeats) -> dict:
+    """dkm forward and backward (as "forward" and "backward" rows), this build against the baseline
+    in turns: the cpu backend's Passes call the one build's ops or the other's."""
+    import torch
+
+    from dkm_kernels.backends import cpu
+
+    upstream = torch.randn(w.shape, generator=torch.Generator().manual_seed(1))
+    own = {name: getattr(cpu.Passes, name) for name in ("attention_sums", "output", "gradient")}
+
+    def on(ops):
+        def attention_sums(self, values, centroids, active):
+            return ops.cpu_attention_sums(self.weights, values, centroids, active, self.tau)
+
+        def output(self, attention_centroids, final_centroids):
+            return ops.cpu_output(self.weights, attention_centroids, final_centroids, self.tau)
+
+        def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids, active,
+                     grad_weights):
+            return ops.cpu_gradient_pass(self.weights, grad_out, centroids, grad_over_mass, grad_dot_next,
+                                         final_centroids, active, grad_weights, self.tau)
+        return dict(attention_sums=attention_sums, output=output, gradient=gradient)
+
+    builds = dict(this=on(torch.ops.dkm_kernels), baseline=on(torch.ops.dkm_kernels_baseline))
+    spent = {build: dict(forward=[], backward=[]) for build in builds}
+
+    def run(build):
+        def call():
+            for name, method in builds[build].items():
+                setattr(cpu.Passes, name, method)
+            try:
+                weights = w.detach().requires_grad_(True)
+                t0 = time.perf_counter()
+                result = dkm_kernels.dkm(weights, c, tau, 5, 0.0, backend="cpu")
+                t1 = time.perf_counter()
+                result.weights.backward(upstream)
+                spent[build]["forward"].append((t1 - t0) * 1e3)
+                spent[build]["backward"].append((time.perf_counter() - t1) * 1e3)
+            finally:
+                for name, method in own.items():
+                    setattr(cpu.Passes, name, method)
+        return call
+
+    best_ms_alternating(dict(this=run("this"), baseline=run("baseline")), repeats)
+    rows = {}
+    for part in ("forward", "backward"):
+        this, baseline = (spent[build][part][1:] for build in builds)  # the first turn warms up
+        rows[part] = dict(this=min(this), baseline=min(baseline),
+                          ratio=statistics.median(a / b for a, b in zip(this, baseline)))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -121,9 +175,11 @@ def main(argv=None):
         ways = {name: dict(this=fn, baseline=baseline[name]) for name, fn in this.items()}
         identical = {name: same_results(fn(), baseline[name]()) for name, fn in this.items()}
     else:
-        names = ("sparse", "dense")
+        names, identical = ("sparse", "dense"), {}
         ways = {name: dict(sparse=sparse_switch(fn, "1"), dense=sparse_switch(fn, "0")) for name, fn in this.items()}
     times = {name: best_ms_alternating(pair, args.repeats) for name, pair in ways.items()}
+    if args.baseline_library:
+        times.update(whole_op_times(dkm_kernels, w, c, tau, args.repeats))
     sample = w[0, :4096].double()
     dist = torch.cdist(sample, c[0].double()) ** 2
     exponent = (dist.min(1, keepdim=True).values - dist) * (math.log2(math.e) / tau)
@@ -137,13 +193,16 @@ def main(argv=None):
     first, second = names
     label = "every block dense" if second == "dense" else "baseline"
     for name, ms in times.items():
-        line = (f"  {name:<15} {ms[first]:9.2f} ms  {ms[first] / floor_ms:5.2f}x the floor   {label} "
-                f"{ms[second]:9.2f} ms  {ms[second] / floor_ms:5.2f}x  ({first} / {second} best "
+        floor = floor_ms * (6 if name in ("forward", "backward") else 1)  # L + 1 = 6 passes each
+        line = (f"  {name:<15} {ms[first]:9.2f} ms  {ms[first] / floor:5.2f}x the floor   {label} "
+                f"{ms[second]:9.2f} ms  {ms[second] / floor:5.2f}x  ({first} / {second} best "
                 f"{ms[first] / ms[second]:.3f}, median of turns {ms['ratio']:.3f})")
-        if args.baseline_library:
+        if name in identical:
             line += "  identical" if identical[name] else "  results differ"
         print(line)
-
+    if "backward" in times:
+        print("  backward / forward: " + ", ".join(
+            f"{build} {times['backward'][build] / times['forward'][build]:.3f}" for build in names))
 
 if __name__ == "__main__":
     main()
