@@ -616,10 +616,13 @@ struct RowSlots {
   static constexpr int value = D ? D : 1;
 };
 
-// out_i = sum_j A_ij C_L,j of R rows from their listed pairs alone, e in list order (rows of
-// e_rows): a centroid's D coordinates of C_L are a vector or two (p.cLR).
+// out[r * D + l] = sum_j A_rj x_jl of R rows from their listed pairs alone, e in list order (rows
+// of e_rows), x row-major (a centroid's D coordinates a vector or two): the output pass's rows
+// (x = C_L, p.cLR) and the backward's sum_j A_ij G_j / s_j where the dense sweep formed dA
+// (x = p.gmR; attended_gradients forms it from dA's own loads).
 template <typename T, int D, int R>
-inline void output_sparse(const Pass<T>& p, const T* e_rows, const T* inv, const int64_t* n, T* sums, T* out) {
+inline void listed_sums(const Pass<T>& p, const T* x, const T* e_rows, const T* inv, const int64_t* n, T* sums,
+                        T* out) {
   typedef Coords<T, D> coords;
   for (int r = 0; r < R; ++r) {
     const int32_t* list = attended_lists(p, sums, r);
@@ -627,10 +630,10 @@ inline void output_sparse(const Pass<T>& p, const T* e_rows, const T* inv, const
     coords o[2] = {coords::zero(), coords::zero()};  // even and odd pairs apart, as grad_rows_sparse
     int64_t q = 0;
     for (; q + 2 <= n[r]; q += 2) {
-      o[0] += e[q] * coords::at(p.cLR + list[q] * D);
-      o[1] += e[q + 1] * coords::at(p.cLR + list[q + 1] * D);
+      o[0] += e[q] * coords::at(x + list[q] * D);
+      o[1] += e[q + 1] * coords::at(x + list[q + 1] * D);
     }
-    if (q < n[r]) o[0] += e[q] * coords::at(p.cLR + list[q] * D);
+    if (q < n[r]) o[0] += e[q] * coords::at(x + list[q] * D);
     const coords total = o[0] + o[1];
     for (int l = 0; l < D; ++l) out[r * D + l] = total[l] * inv[r];
   }
@@ -674,7 +677,7 @@ void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch)
       int64_t attended[R];
       distances<T, D, R>(p, w + i * d, scratch, dmin);
       if (forward_exponentials<T, D, R>(p, scratch, dmin, sums, listing, attended, inv)) {
-        if constexpr (Sparse<D>::rows) output_sparse<T, D, R>(p, scratch + R * kp, inv, attended, sums, out + i * d);
+        if constexpr (Sparse<D>::rows) listed_sums<T, D, R>(p, p.cLR, scratch + R * kp, inv, attended, sums, out + i * d);
         continue;
       }
       for (int r = 0; r < R; ++r) output_row<T, D>(p, scratch + r * kp, inv[r], out + (i + r) * d);
@@ -845,20 +848,6 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
   }
 }
 
-// sum_j A_ij gm_j of R rows over their listed pairs, e in list order (rows of e_rows), into
-// agm[r * D + l]: as attended_gradients, for a block whose dA the dense sweep formed.
-template <typename T, int D, int R>
-inline void attended_gm(const Pass<T>& p, const T* e_rows, const T* inv, const int64_t* n, T* sums, T* agm) {
-  typedef Coords<T, D> coords;
-  for (int r = 0; r < R; ++r) {
-    const int32_t* list = attended_lists(p, sums, r);
-    const T* e = e_rows + r * p.kp;
-    coords eg[2] = {coords::zero(), coords::zero()};
-    for (int64_t q = 0; q < n[r]; ++q) eg[q & 1] += e[q] * coords::at(p.gmR + list[q] * D);
-    (inv[r] * (eg[0] + eg[1])).store(agm + r * D);
-  }
-}
-
 // R rows given each row's n[r] attended offsets (attended_lists), their e (A = e inv) and dA in
 // list order (rows of e_rows and da, which dS' replaces), sum_j A_ij dA_ij (dots) and
 // sum_j A_ij gm_j (agm).
@@ -970,7 +959,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
     listing = few_attended<R>(attended, kp, Sparse<D>::gradient_below);
     if (listing) {
       list_attended<T, R>(p, scratch, ds, sparse_sums, attended);
-      attended_gm<T, D, R>(p, scratch, inv, attended, sparse_sums, agm);
+      listed_sums<T, D, R>(p, p.gmR, scratch, inv, attended, sparse_sums, agm);
       return grad_rows_sparse<T, D, R>(p, w, scratch, ds, inv, dots, agm, attended, dw, sparse_sums);
     }
   }
