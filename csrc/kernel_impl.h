@@ -334,9 +334,10 @@ inline int64_t append_set_lanes(unsigned bits, int lanes, Offsets8 at, int32_t* 
 // and the exponentials formed for the listed pairs alone (attended_exponentials), as dA in the
 // backward step (attended_gradients). A block's first sweep lists its pairs when the block before
 // was sparse (or listed and nearly so: few_attended), and else is the dense sweep, which counts
-// them: a dense problem pays a count, and a listing per kernel call. A block takes its listed pairs while at most one in `*_below` of
-// its pairs is attended: the shares where both ways took equal time (8/8 with a few tau, in one
-// process: the forward 13% at D = 8 and 20% at D = 16, the backward 25-30%; more at k = 4096).
+// them: a dense problem pays a count, and a listing per kernel call. A block takes its listed
+// pairs while at most one in `*_below` of its pairs is attended: the shares where both ways took
+// equal time (8/8 with a few tau, in one process: the forward 13% at D = 8 and 20% at D = 16, the
+// backward 25-30%; more at k = 4096).
 // At D = 4 the dense sweeps cost little per pair and a third of the benchmark's pairs are
 // attended: D = 4 stays dense.
 // The same formulas and differences as accumulate_rows and grad_row per pair: A_ij, dS'_ij = A_ij
@@ -677,7 +678,8 @@ void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch)
       int64_t attended[R];
       distances<T, D, R>(p, w + i * d, scratch, dmin);
       if (forward_exponentials<T, D, R>(p, scratch, dmin, sums, listing, attended, inv)) {
-        if constexpr (Sparse<D>::rows) listed_sums<T, D, R>(p, p.cLR, scratch + R * kp, inv, attended, sums, out + i * d);
+        if constexpr (Sparse<D>::rows)
+          listed_sums<T, D, R>(p, p.cLR, scratch + R * kp, inv, attended, sums, out + i * d);
         continue;
       }
       for (int r = 0; r < R; ++r) output_row<T, D>(p, scratch + r * kp, inv[r], out + (i + r) * d);
