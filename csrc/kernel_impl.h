@@ -369,31 +369,38 @@ inline int32_t* attended_lists(const Pass<T>& p, T* sums, int r) {
 }
 
 #if DKM_VBYTES == 64
-// With AVX-512 a comparison gives a mask register, and vpcompress packs the lanes it selects in
-// one instruction: the listing writes the listed distances packed as well as their offsets, and
-// attended_exponentials needs no gather by offset.
-constexpr bool kListingPacks = true;
+// With AVX-512 a comparison gives a mask register and vpcompressd packs the offsets it selects in
+// one instruction; attended_exponentials then gathers the listed distances a vector at a time.
+constexpr bool kListingGathers = true;
 
-// Appends the offsets (lanes of `at`) and the values of the lanes of v at or below `threshold` to
-// list[n..] and packed[n..], a whole vector each: n is at most the lanes listed before, so the
-// stores stay within a row of kp. Returns the new n.
+// Appends the offsets (lanes of `at`) of the lanes of v at or below `threshold` to list[n..], a
+// whole vector: n is at most the lanes listed before, so the store stays within a row of kp.
+// Returns the new n.
 inline int64_t append_at_or_below(vec<float> v, vec<float> threshold, Vec<float>::itype at, int32_t* list,
-                                  float* packed, int64_t n) {
+                                  int64_t n) {
   const unsigned short m = __builtin_ia32_cmpps512_mask(v, threshold, 18 /* _CMP_LE_OQ */, 0xffff, 4);
   const Vec<float>::itype offsets = __builtin_ia32_compresssi512_mask(at, Vec<float>::itype{}, m);
-  const vec<float> values = __builtin_ia32_compresssf512_mask(v, vec<float>{}, m);
   __builtin_memcpy(list + n, &offsets, sizeof offsets);
-  store(packed + n, values);
   return n + __builtin_popcount(m);
 }
-inline int64_t append_at_or_below(vec<double> v, vec<double> threshold, Offsets8 at, int32_t* list,
-                                  double* packed, int64_t n) {
+inline int64_t append_at_or_below(vec<double> v, vec<double> threshold, Offsets8 at, int32_t* list, int64_t n) {
   const unsigned char m = __builtin_ia32_cmppd512_mask(v, threshold, 18 /* _CMP_LE_OQ */, 0xff, 4);
   const Offsets8 offsets = __builtin_ia32_compresssi256_mask(at, Offsets8{}, m);
-  const vec<double> values = __builtin_ia32_compressdf512_mask(v, vec<double>{}, m);
   __builtin_memcpy(list + n, &offsets, sizeof offsets);
-  store(packed + n, values);
   return n + __builtin_popcount(m);
+}
+
+// row[list[q]] for the `left` listed pairs from list on (a vector's worth at most); the lanes past
+// them infinite, whose exponential is 0. Neither list nor row is read past them.
+inline vec<float> gather_listed(const float* row, const int32_t* list, int64_t left) {
+  const unsigned short m = left >= 16 ? 0xffff : (1u << left) - 1;
+  const Vec<float>::itype offsets = __builtin_ia32_loaddqusi512_mask(list, Vec<float>::itype{}, m);
+  return __builtin_ia32_gathersiv16sf(splat<float>(__builtin_inff()), row, offsets, m, 4);
+}
+inline vec<double> gather_listed(const double* row, const int32_t* list, int64_t left) {
+  const unsigned char m = left >= 8 ? 0xff : (1u << left) - 1;
+  const Offsets8 offsets = __builtin_ia32_loaddqusi256_mask(list, Offsets8{}, m);
+  return __builtin_ia32_gathersiv8df(splat<double>(__builtin_inf()), row, offsets, m, 8);
 }
 
 // The offsets of a vector's lanes as the listing carries them: 16 ints in float, 8 in double.
@@ -406,19 +413,18 @@ struct ListingOffsets<float> {
   typedef Vec<float>::itype type;
 };
 #else
-constexpr bool kListingPacks = false;
+constexpr bool kListingGathers = false;
 #endif
 
 // Lists, for each of R rows of squared distances, the centroids whose exponent (vexp2's argument, as
 // exponentiate forms it) may be above vexp2's floor: the pairs whose exponential may be nonzero,
-// found without forming it (n[r] of them, attended_lists; with AVX-512 also their distances, packed
-// into the rows of `packed`). One comparison per pair, of the distance with dmin - floor / scale:
-// vexp2 gives 0 below an exponent of -125.5 (-1021.5 in double), so the threshold's rounding (a few
-// ulps, where half an exponent unit is 0.4% of the floor) lists no fewer pairs than those; at or
-// below the threshold, as it is dmin itself where floor / scale is below half an ulp of dmin (a
-// tiny tau).
+// found without forming it (n[r] of them, attended_lists). One comparison per pair, of the distance
+// with dmin - floor / scale: vexp2 gives 0 below an exponent of -125.5 (-1021.5 in double), so the
+// threshold's rounding (a few ulps, where half an exponent unit is 0.4% of the floor) lists no
+// fewer pairs than those; at or below the threshold, as it is dmin itself where floor / scale is
+// below half an ulp of dmin (a tiny tau).
 template <typename T, int R>
-inline void list_unflushed(const Pass<T>& p, const T* dist, const T* dmin, T* sums, int64_t* n, T* packed) {
+inline void list_unflushed(const Pass<T>& p, const T* dist, const T* dmin, T* sums, int64_t* n) {
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
   for (int r = 0; r < R; ++r) {
@@ -426,16 +432,13 @@ inline void list_unflushed(const Pass<T>& p, const T* dist, const T* dmin, T* su
     const T* __restrict row = dist + r * kp;
     const vec<T> threshold = splat<T>(dmin[r] - Exp2Floor<T>::value / p.exp2_scale);
     int64_t count = 0;
-    if constexpr (kListingPacks) {
+    if constexpr (kListingGathers) {
 #if DKM_VBYTES == 64
-      T* __restrict out = packed + r * kp;
       typename ListingOffsets<T>::type at{};
       for (int q = 0; q < N; ++q) at[q] = q;
-      for (int64_t j = 0; j < kp; j += N, at += N)
-        count = append_at_or_below(load(row + j), threshold, at, list, out, count);
+      for (int64_t j = 0; j < kp; j += N, at += N) count = append_at_or_below(load(row + j), threshold, at, list, count);
 #endif
     } else {
-      (void)packed;
       Offsets8 at{};
       for (int64_t j = 0; j < kp; j += N, at += N) {
         const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(row + j) <= threshold));
@@ -468,9 +471,9 @@ inline void list_attended(const Pass<T>& p, T* e_rows, T* da, T* sums, int64_t* 
 }
 
 // The exponentials of the listed pairs of R rows in list order (rows of e, from the rows of squared
-// distances dist, or in place where the listing packed them), and inv[r] = 1 / their sum:
-// exponentiate for the listed pairs alone, the others' being exactly 0. The last vector of a list
-// is filled up with infinite distances (exponential 0).
+// distances dist), and inv[r] = 1 / their sum: exponentiate for the listed pairs alone, the others'
+// being exactly 0. The last vector of a list is filled up with infinite distances (exponential 0):
+// copied into e first, or with AVX-512 gathered a vector at a time.
 template <typename T, int R>
 inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin, const int64_t* n, T* sums,
                                   T* e, T* inv) {
@@ -480,14 +483,24 @@ inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin
   for (int r = 0; r < R; ++r) {
     const int32_t* list = attended_lists(p, sums, r);
     T* er = e + r * kp;
-    int64_t q = kListingPacks ? n[r] : 0;
-    for (; q < n[r]; ++q) er[q] = dist[r * kp + list[q]];
-    for (; q % N; ++q) er[q] = T(__builtin_inf());
+    int64_t q = 0;
+    if constexpr (kListingGathers)
+      q = (n[r] + N - 1) / N * N;
+    else {
+      for (; q < n[r]; ++q) er[q] = dist[r * kp + list[q]];
+      for (; q % N; ++q) er[q] = T(__builtin_inf());
+    }
     common = q < common ? q : common;
   }
   vec<T> sum[R];
   const auto exponentials = [&](int r, int64_t q) {
-    const vec<T> ev = vexp2((dmin[r] - load(e + r * kp + q)) * p.exp2_scale);  // as exponentiate
+    vec<T> listed;
+#if DKM_VBYTES == 64
+    listed = gather_listed(dist + r * kp, attended_lists(p, sums, r) + q, n[r] - q);
+#else
+    listed = load(e + r * kp + q);
+#endif
+    const vec<T> ev = vexp2((dmin[r] - listed) * p.exp2_scale);  // as exponentiate
     store(e + r * kp + q, ev);
     sum[r] += ev;
   };
@@ -507,7 +520,7 @@ inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin
 template <typename T, int R>
 inline bool listed_exponentials(const Pass<T>& p, const T* dist, const T* dmin, T* sums, int64_t below,
                                 bool& listing, int64_t* attended, T* e, T* inv) {
-  list_unflushed<T, R>(p, dist, dmin, sums, attended, e);
+  list_unflushed<T, R>(p, dist, dmin, sums, attended);
   if (few_attended<R>(attended, p.kp, below)) {
     attended_exponentials<T, R>(p, dist, dmin, attended, sums, e, inv);
     return true;
