@@ -844,14 +844,29 @@ inline void grad_rows(const Pass<T>& p, const T* w, const T* grad_out, T* dw, T*
                    scratch + R * kp, dw + r * d, accT);
 }
 
+// 8 lanes of T: a vector with AVX2 in float, half of one with AVX-512 (and all of one in double).
+template <typename T>
+using eight = typename Part<T, 8 * sizeof(T)>::type;
+
+// A coordinates' sum by lane (Coords::folded) reduced to 8 lanes.
+template <typename T, int Bytes>
+inline eight<T> to_eight(typename Part<T, Bytes>::type v) {
+  if constexpr (Bytes == 8 * sizeof(T)) {
+    return v;
+  } else {
+    typename Part<T, Bytes / 2>::type lo, hi;
+    halves<T, Bytes>(v, lo, hi);
+    return to_eight<T, Bytes / 2>(lo + hi);
+  }
+}
+
 #ifdef DKM_HAS_SHUFFLE
 // The sums of 8 vectors of 8 lanes, sum b in lane b: a transposing add tree (interleaves, pairs of
 // lanes, halves), 14 shuffles and 7 additions for the 8 sums, where each alone takes 3 of each
 // and a scalar extraction.
 template <typename T>
-inline vec<T> sums_of_eight(const vec<T>* v) {
-  static_assert(Vec<T>::lanes == 8, "an add tree for 8 lanes");
-  vec<T> s[4], t[2];
+inline eight<T> sums_of_eight(const eight<T>* v) {
+  eight<T> s[4], t[2];
   for (int b = 0; b < 4; ++b)
     s[b] = __builtin_shufflevector(v[2 * b], v[2 * b + 1], 0, 8, 1, 9, 4, 12, 5, 13) +
            __builtin_shufflevector(v[2 * b], v[2 * b + 1], 2, 10, 3, 11, 6, 14, 7, 15);
@@ -888,22 +903,22 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
     T dot[2] = {};
     int64_t q = 0;
 #ifdef DKM_HAS_SHUFFLE
-    if constexpr (Vec<T>::lanes == 8 && D * sizeof(T) >= DKM_VBYTES) {
+    if constexpr (coords::lanes >= 8) {
       // 8 pairs at a time: their products' sums by one add tree, dA and e dA as vectors.
-      vec<T> dot8{};
+      eight<T> dot8{};
       for (; q + 8 <= n[r]; q += 8) {
-        vec<T> v[8], gdc8, e8;
+        eight<T> v[8], gdc8, e8;
         for (int b = 0; b < 8; ++b) {
           const int32_t j = list[q + b];
-          v[b] = product(q + b, j).folded();
+          v[b] = to_eight<T, coords::bytes>(product(q + b, j).folded());
           gdc8[b] = p.gdc[j];
         }
-        e8 = load(e + q);
-        const vec<T> dA = sums_of_eight<T>(v) - gdc8;
-        store(dar + q, dA);
+        __builtin_memcpy(&e8, e + q, sizeof e8);
+        const eight<T> dA = sums_of_eight<T>(v) - gdc8;
+        __builtin_memcpy(dar + q, &dA, sizeof dA);
         dot8 += e8 * dA;
       }
-      dot[0] = hsum<T>(dot8);
+      dot[0] = tree_sum<T, sizeof dot8>(dot8);
     }
 #endif
     for (; q < n[r]; ++q) {
