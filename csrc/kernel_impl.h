@@ -904,12 +904,15 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
     int64_t q = 0;
 #ifdef DKM_HAS_SHUFFLE
     if constexpr (coords::lanes >= 8) {
-      // 8 pairs at a time: their products' sums by one add tree, dA and e dA as vectors.
+      // 8 pairs at a time: their products' sums by one add tree, dA and e dA as vectors. The last
+      // group is filled up with its first pair, at e = 0 (the rows of e are 0 from n[r] to the
+      // end of the last vector of exponentials, at least 8 lanes): its dA past n[r] is never read.
       eight<T> dot8{};
-      for (; q + 8 <= n[r]; q += 8) {
+      for (; q < n[r]; q += 8) {
+        const int64_t left = n[r] - q;
         eight<T> v[8], gdc8, e8;
         for (int b = 0; b < 8; ++b) {
-          const int32_t j = list[q + b];
+          const int32_t j = list[q + (b < left ? b : 0)];
           v[b] = to_eight<T, coords::bytes>(product(q + b, j).folded());
           gdc8[b] = p.gdc[j];
         }
@@ -965,8 +968,7 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, T* e_rows, T* da, con
       pair(q + 1, acc[1]);
     }
     if (q < n[r]) pair(q, acc[0]);
-    const coords total = acc[0] + acc[1];
-    for (int l = 0; l < D; ++l) dw[r * D + l] += total[l];
+    (coords::at(dw + r * D) + (acc[0] + acc[1])).store(dw + r * D);
   }
 }
 
