@@ -337,7 +337,9 @@ inline int64_t append_set_lanes(unsigned bits, int lanes, Offsets8 at, int32_t* 
 // them: a dense problem pays a count, and a listing per kernel call. A block takes its listed
 // pairs while at most one in `*_below` of its pairs is attended: the shares where both ways took
 // equal time (8/8 with a few tau, in one process: the forward 13% at D = 8 and 20% at D = 16, the
-// backward 25-30%; more at k = 4096).
+// backward 25-30%; more at k = 4096). The output pass's sparse rows gather C_L and scatter
+// nothing: with AVX-512 it was as fast or faster listed up to a third of its pairs (8/8 and
+// d = 16, tau 2e-5 to 8e-5; with AVX2 the forward's share held).
 // At D = 4 the dense sweeps cost little per pair and a third of the benchmark's pairs are
 // attended: D = 4 stays dense.
 // The same formulas and differences as accumulate_rows and grad_row per pair: A_ij, dS'_ij = A_ij
@@ -347,6 +349,7 @@ template <int D>
 struct Sparse {
   static constexpr bool rows = D == 8 || D == 16;
   static constexpr int64_t forward_below = D == 8 ? 8 : 6;
+  static constexpr int64_t output_below = DKM_VBYTES == 64 ? 3 : forward_below;
   static constexpr int64_t gradient_below = 4;
 };
 
@@ -533,19 +536,19 @@ inline bool listed_exponentials(const Pass<T>& p, const T* dist, const T* dmin, 
 // the distances in the first R scratch rows: where the block is listed and sparse, in list order in
 // the next R rows (returns true, attended[r] pairs each); else in place for every centroid, with
 // inv, the attended pairs counted for the next block's choice where this one was not listed.
-// sums is null where d has no sparse rows (or they are switched off).
+// sums is null where d has no sparse rows (or they are switched off). A block is sparse while at
+// most one in `below` of its pairs is attended (Sparse).
 template <typename T, int D, int R>
 inline bool forward_exponentials(const Pass<T>& p, T* scratch, const T* dmin, T* sums, bool& listing,
-                                 int64_t* attended, T* inv) {
+                                 int64_t* attended, T* inv, int64_t below) {
   const int64_t kp = p.kp;
   const bool count = sums && !listing;
   if (sums && listing &&
-      listed_exponentials<T, R>(p, scratch, dmin, sums, Sparse<D>::forward_below, listing, attended,
-                                scratch + R * kp, inv))
+      listed_exponentials<T, R>(p, scratch, dmin, sums, below, listing, attended, scratch + R * kp, inv))
     return true;
   int64_t counted[R] = {};
   for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r], count ? &counted[0] : nullptr);
-  if (count) listing = few_attended<R>(counted, kp, Sparse<D>::forward_below);
+  if (count) listing = few_attended<R>(counted, kp, below);
   return false;
 }
 
@@ -640,7 +643,8 @@ inline void accumulate_rows(const Pass<T>& p, const T* w, const T* x, T* accT, T
   T* xs = scratch + kScratchRows * kp;
   distances<T, D, R>(p, w, scratch, dmin);
   int64_t attended[R];
-  const bool sparse = forward_exponentials<T, D, R>(p, scratch, dmin, sparse_sums, listing, attended, inv);
+  const bool sparse =
+      forward_exponentials<T, D, R>(p, scratch, dmin, sparse_sums, listing, attended, inv, Sparse<D>::forward_below);
   scale_rows(x, inv, R, d, xs);
   if constexpr (Sparse<D>::rows)
     if (sparse) return accumulate_sparse<T, D, R>(p, xs, scratch + R * kp, inv, attended, mass, sparse_sums);
@@ -744,7 +748,8 @@ void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch)
       T dmin[R], inv[R];
       int64_t attended[R];
       distances<T, D, R>(p, w + i * d, scratch, dmin);
-      if (forward_exponentials<T, D, R>(p, scratch, dmin, sums, listing, attended, inv)) {
+      if (forward_exponentials<T, D, R>(p, scratch, dmin, sums, listing, attended, inv,
+                                        Sparse<D>::output_below)) {
         if constexpr (Sparse<D>::rows)
           listed_sums<T, D, R>(p, p.cLR, scratch + R * kp, inv, attended, sums, out + i * d);
         continue;
