@@ -70,13 +70,16 @@ def test_low_precision(dtype, m, d, k):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d,k", [(8, 256), (1, 4), (4, 16)])  # centroids in lanes, then rows in lanes
-def test_low_precision_paper_regime(dtype, d, k):
+def test_low_precision_paper_regime(isa, dtype, d, k):
+    """The paper's weights and tau on every instruction set: the sparse passes (listed pairs, an
+    AVX-512 listing of its own) and the lane kernels within the tolerance rule."""
     weights, centroids, _ = make_problem(2048, d, k=k, seed=21, scale=0.02, dtype=dtype)
     assert_low_precision_close("cpu", weights, centroids, 2e-5)
 
 
 # The share of a 4-row block's pairs attended at or under which a pass takes its pairs one by one
-# (csrc/kernel_impl.h, Sparse::forward_below and gradient_below), by d.
+# (csrc/kernel_impl.h, Sparse::forward_below and gradient_below), by d; the output pass takes them
+# at this share or a larger one (Sparse::output_below).
 SPARSE_BELOW = {"forward": {8: 8, 16: 6}, "backward": {8: 4, 16: 4}}
 
 
@@ -101,11 +104,12 @@ def sparse_block_share(weights, centroids, tau, sweep):
     (torch.float32, 16, 64, 0.03, ("forward", "backward")),  # half the forward's blocks dense
     (torch.float64, 16, 64, 0.001, ("forward", "backward")),
 ])
-def test_sparse_rows(dtype, d, k, tau_scale, sparse_sweeps):
+def test_sparse_rows(isa, dtype, d, k, tau_scale, sparse_sweeps):
     """A tau so small against the distances that most attention weights are exactly 0: the
     forward's sums, its output pass and the backward step take their pairs one by one (in some
-    blocks, beside dense ones in the same call where noted; the output pass as the forward), and
-    values and gradients still match the float64 reference."""
+    blocks, beside dense ones in the same call where noted; the output pass in at least the
+    forward's), and values and gradients still match the float64 reference, on every
+    instruction set."""
     weights, centroids, tau = make_problem(1031, d, k, seed=d + k)
     weights, tau = weights.to(dtype), tau * tau_scale
     for sweep in sparse_sweeps:
