@@ -373,8 +373,8 @@ inline int32_t* attended_lists(const Pass<T>& p, T* sums, int r) {
 
 #if DKM_VBYTES == 64
 // With AVX-512 a comparison gives a mask register and vpcompressd packs the offsets it selects in
-// one instruction; attended_exponentials then gathers the listed distances a vector at a time.
-constexpr bool kListingGathers = true;
+// one instruction (list_unflushed); attended_exponentials then gathers the listed distances a
+// vector at a time.
 
 // Appends the offsets (lanes of `at`) of the lanes of v at or below `threshold` to list[n..], a
 // whole vector: n is at most the lanes listed before, so the store stays within a row of kp.
@@ -386,7 +386,8 @@ inline int64_t append_at_or_below(vec<float> v, vec<float> threshold, Vec<float>
   __builtin_memcpy(list + n, &offsets, sizeof offsets);
   return n + __builtin_popcount(m);
 }
-inline int64_t append_at_or_below(vec<double> v, vec<double> threshold, Offsets8 at, int32_t* list, int64_t n) {
+inline int64_t append_at_or_below(vec<double> v, vec<double> threshold, Offsets8 at, int32_t* list,
+                                  int64_t n) {
   const unsigned char m = __builtin_ia32_cmppd512_mask(v, threshold, 18 /* _CMP_LE_OQ */, 0xff, 4);
   const Offsets8 offsets = __builtin_ia32_compresssi256_mask(at, Offsets8{}, m);
   __builtin_memcpy(list + n, &offsets, sizeof offsets);
@@ -415,8 +416,6 @@ template <>
 struct ListingOffsets<float> {
   typedef Vec<float>::itype type;
 };
-#else
-constexpr bool kListingGathers = false;
 #endif
 
 // Lists, for each of R rows of squared distances, the centroids whose exponent (vexp2's argument, as
@@ -435,19 +434,18 @@ inline void list_unflushed(const Pass<T>& p, const T* dist, const T* dmin, T* su
     const T* __restrict row = dist + r * kp;
     const vec<T> threshold = splat<T>(dmin[r] - Exp2Floor<T>::value / p.exp2_scale);
     int64_t count = 0;
-    if constexpr (kListingGathers) {
 #if DKM_VBYTES == 64
-      typename ListingOffsets<T>::type at{};
-      for (int q = 0; q < N; ++q) at[q] = q;
-      for (int64_t j = 0; j < kp; j += N, at += N) count = append_at_or_below(load(row + j), threshold, at, list, count);
-#endif
-    } else {
-      Offsets8 at{};
-      for (int64_t j = 0; j < kp; j += N, at += N) {
-        const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(row + j) <= threshold));
-        count = append_set_lanes(bits, N, at, list, count);
-      }
+    typename ListingOffsets<T>::type at{};
+    for (int q = 0; q < N; ++q) at[q] = q;
+    for (int64_t j = 0; j < kp; j += N, at += N)
+      count = append_at_or_below(load(row + j), threshold, at, list, count);
+#else
+    Offsets8 at{};
+    for (int64_t j = 0; j < kp; j += N, at += N) {
+      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(row + j) <= threshold));
+      count = append_set_lanes(bits, N, at, list, count);
     }
+#endif
     n[r] = count;
   }
 }
@@ -484,24 +482,23 @@ inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin
   const int64_t kp = p.kp;
   int64_t common = kp;  // vectors every row has, taken for the R rows in turn: independent chains
   for (int r = 0; r < R; ++r) {
+#if DKM_VBYTES == 64
+    const int64_t q = (n[r] + N - 1) / N * N;
+#else
     const int32_t* list = attended_lists(p, sums, r);
     T* er = e + r * kp;
     int64_t q = 0;
-    if constexpr (kListingGathers)
-      q = (n[r] + N - 1) / N * N;
-    else {
-      for (; q < n[r]; ++q) er[q] = dist[r * kp + list[q]];
-      for (; q % N; ++q) er[q] = T(__builtin_inf());
-    }
+    for (; q < n[r]; ++q) er[q] = dist[r * kp + list[q]];
+    for (; q % N; ++q) er[q] = T(__builtin_inf());
+#endif
     common = q < common ? q : common;
   }
   vec<T> sum[R];
   const auto exponentials = [&](int r, int64_t q) {
-    vec<T> listed;
 #if DKM_VBYTES == 64
-    listed = gather_listed(dist + r * kp, attended_lists(p, sums, r) + q, n[r] - q);
+    const vec<T> listed = gather_listed(dist + r * kp, attended_lists(p, sums, r) + q, n[r] - q);
 #else
-    listed = load(e + r * kp + q);
+    const vec<T> listed = load(e + r * kp + q);
 #endif
     const vec<T> ev = vexp2((dmin[r] - listed) * p.exp2_scale);  // as exponentiate
     store(e + r * kp + q, ev);
@@ -643,8 +640,8 @@ inline void accumulate_rows(const Pass<T>& p, const T* w, const T* x, T* accT, T
   T* xs = scratch + kScratchRows * kp;
   distances<T, D, R>(p, w, scratch, dmin);
   int64_t attended[R];
-  const bool sparse =
-      forward_exponentials<T, D, R>(p, scratch, dmin, sparse_sums, listing, attended, inv, Sparse<D>::forward_below);
+  const bool sparse = forward_exponentials<T, D, R>(p, scratch, dmin, sparse_sums, listing, attended, inv,
+                                                    Sparse<D>::forward_below);
   scale_rows(x, inv, R, d, xs);
   if constexpr (Sparse<D>::rows)
     if (sparse) return accumulate_sparse<T, D, R>(p, xs, scratch + R * kp, inv, attended, mass, sparse_sums);
