@@ -896,11 +896,15 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
     T* dar = da + r * kp;
     const coords wr = coords::at(w + r * D), gr = gi ? coords::at(gi + r * D) : coords::zero();
     coords eg[2] = {coords::zero(), coords::zero()};  // sum_j e_ij gm_j, even and odd pairs apart
+    // Read once: a store into da could alias p's pointers, and each pair would reload them.
+    const T* __restrict gmR = p.gmR;
+    const T* __restrict cLR = p.cLR;
+    const T* __restrict gdc = p.gdc;
     const auto product = [&](int64_t q, int32_t j) {  // gm_j w_i (+ C_L,j G~_i), by coordinate
-      const coords g = coords::at(p.gmR + j * D);
+      const coords g = coords::at(gmR + j * D);
       eg[q & 1] += e[q] * g;
       const coords x = g * wr;
-      return gi ? x + coords::at(p.cLR + j * D) * gr : x;
+      return gi ? x + coords::at(cLR + j * D) * gr : x;
     };
     T dot[2] = {};
     int64_t q = 0;
@@ -916,7 +920,7 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
         for (int b = 0; b < 8; ++b) {
           const int32_t j = list[q + (b < left ? b : 0)];
           v[b] = to_eight<T, coords::bytes>(product(q + b, j).folded());
-          gdc8[b] = p.gdc[j];
+          gdc8[b] = gdc[j];
         }
         __builtin_memcpy(&e8, e + q, sizeof e8);
         const eight<T> dA = sums_of_eight<T>(v) - gdc8;
@@ -928,7 +932,7 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
 #endif
     for (; q < n[r]; ++q) {
       const int32_t j = list[q];
-      const T dA = product(q, j).sum() - p.gdc[j];
+      const T dA = product(q, j).sum() - gdc[j];
       dar[q] = dA;
       dot[q & 1] += e[q] * dA;
     }
@@ -958,9 +962,10 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, T* e_rows, T* da, con
     // one chain of dependent additions would set the pace.
     const coords wr = coords::at(w + r * D);
     coords acc[2] = {coords::at(agm + r * D), coords::zero()};
+    const T* __restrict cR = p.cR;  // read once: a store into sums could alias p's pointers
     const auto pair = [&](int64_t q, coords& acc_t) {
       const int64_t j = list[q];
-      const coords t = ds[q] * (coords::at(p.cR + j * D) - wr);
+      const coords t = ds[q] * (coords::at(cR + j * D) - wr);
       acc_t += t;
       (coords::at(sums + j * D) + t).store(sums + j * D);
     };
