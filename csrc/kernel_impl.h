@@ -610,17 +610,17 @@ inline void accumulate_sparse(const Pass<T>& p, const T* xs, const T* e_rows, co
                               T* mass, T* sums) {
   for (int r = 0; r < R; ++r) {
     const int32_t* list = attended_lists(p, sums, r);
-    const T* e = e_rows + r * p.kp;
+    const T* __restrict e = e_rows + r * p.kp;  // apart from sums and mass: e is read once per pair
     const Coords<T, D> x = Coords<T, D>::at(xs + r * D);
     if (mass)  // one loop: the offset and e loaded once per pair
       for (int64_t q = 0; q < n[r]; ++q) {
-        const int32_t j = list[q];
+        const int64_t j = list[q];
         (Coords<T, D>::at(sums + j * D) + e[q] * x).store(sums + j * D);
         mass[j] += e[q] * inv[r];
       }
     else
       for (int64_t q = 0; q < n[r]; ++q) {
-        const int32_t j = list[q];
+        const int64_t j = list[q];
         (Coords<T, D>::at(sums + j * D) + e[q] * x).store(sums + j * D);
       }
   }
@@ -703,8 +703,7 @@ inline void listed_sums(const Pass<T>& p, const T* x, const T* e_rows, const T* 
       o[1] += e[q + 1] * coords::at(x + list[q + 1] * D);
     }
     if (q < n[r]) o[0] += e[q] * coords::at(x + list[q] * D);
-    const coords total = o[0] + o[1];
-    for (int l = 0; l < D; ++l) out[r * D + l] = total[l] * inv[r];
+    (inv[r] * (o[0] + o[1])).store(out + r * D);
   }
 }
 
