@@ -66,6 +66,10 @@ class Passes:
         self.weights = weights
         self.tau = tau
         self.cdtype = compute_dtype(weights.dtype)
+        # The chunks' k x d partial sums are added in float64 where the device has it (not MPS):
+        # a float32 running sum's rounding grows with the number of chunks, beyond that of one
+        # matrix product over all rows (the plain reference's).
+        self.sum_dtype = torch.float64 if weights.device.type != "mps" else self.cdtype
         self.groups, self.m, self.d = weights.shape
         self.k = k
 
@@ -76,14 +80,14 @@ class Passes:
             yield rows, self.weights[:, rows].to(self.cdtype)
 
     def attention_sums(self, values, centroids, active):
-        weighted_sum = torch.zeros_like(centroids)
-        mass = centroids.new_zeros(centroids.shape[:2])
+        weighted_sum = centroids.new_zeros(centroids.shape, dtype=self.sum_dtype)
+        mass = centroids.new_zeros(centroids.shape[:2], dtype=self.sum_dtype)
         with _full_precision_matmul():
             for rows, w in self._chunks():
                 attention = _attention(w, centroids, self.tau)
-                weighted_sum.baddbmm_(attention.transpose(1, 2), values[:, rows].to(self.cdtype))
+                weighted_sum += torch.bmm(attention.transpose(1, 2), values[:, rows].to(self.cdtype))
                 mass += attention.sum(dim=1)
-        return weighted_sum, mass
+        return weighted_sum.to(self.cdtype), mass.to(self.cdtype)
 
     def output(self, attention_centroids, final_centroids):
         out = torch.empty_like(self.weights, memory_format=torch.contiguous_format)
@@ -95,7 +99,7 @@ class Passes:
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
                  active, grad_weights):
-        sum_ds_diff = torch.zeros_like(centroids)
+        sum_ds_diff = centroids.new_zeros(centroids.shape, dtype=self.sum_dtype)
         active = active[:, None, None]
         with _full_precision_matmul():
             for rows, w in self._chunks():
@@ -114,4 +118,4 @@ class Passes:
                     grad_w[..., dim] += (2.0 / self.tau) * weighted.sum(dim=-1)
                     sum_ds_diff[..., dim] -= weighted.sum(dim=1)
                 grad_weights[:, rows] += torch.where(active, grad_w, 0.0)
-        return sum_ds_diff
+        return sum_ds_diff.to(self.cdtype)
