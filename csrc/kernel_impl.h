@@ -269,23 +269,28 @@ inline void scale_rows(const T* x, const T* scale, int R, int64_t d, T* xs) {
 }
 
 // ------------------------------------------------------------------------- attended pairs --
-// Bit q set where lane q of a comparison result m is set: one instruction with AVX (a 32-byte
-// half at a time with AVX-512), a loop over the lanes for 16-byte vectors.
+// Bit q set where lane q of a comparison result m is set: one instruction with AVX and AVX-512
+// (vpmovd2m / vpmovq2m, where halves would go through memory), a loop over the lanes for 16-byte
+// vectors.
 template <typename T, int Bytes>
 inline unsigned lane_bits(typename Part<T, Bytes>::type m) {
-  if constexpr (Bytes > 32) {
-    typename Part<T, Bytes / 2>::type lo, hi;
-    halves<T, Bytes>(m, lo, hi);
-    return lane_bits<T, Bytes / 2>(lo) | lane_bits<T, Bytes / 2>(hi) << (Bytes / 2 / sizeof(T));
-  }
-#if DKM_VBYTES >= 32  // the builtins exist where AVX is enabled
-  else if constexpr (Bytes == 32 && sizeof(T) == 4) {
-    return __builtin_ia32_movmskps256((Part<float, 32>::type)m);
-  } else if constexpr (Bytes == 32) {
-    return __builtin_ia32_movmskpd256((Part<double, 32>::type)m);
-  }
+#if DKM_VBYTES >= 64  // AVX-512 DQ
+  if constexpr (Bytes == 64) {
+    if constexpr (sizeof(T) == 4)
+      return __builtin_ia32_cvtd2mask512((Part<int32_t, 64>::type)m);
+    else
+      return __builtin_ia32_cvtq2mask512((Part<long long, 64>::type)m);
+  } else
 #endif
-  else {
+#if DKM_VBYTES >= 32  // the builtins exist where AVX is enabled
+  if constexpr (Bytes == 32) {
+    if constexpr (sizeof(T) == 4)
+      return __builtin_ia32_movmskps256((Part<float, 32>::type)m);
+    else
+      return __builtin_ia32_movmskpd256((Part<double, 32>::type)m);
+  } else
+#endif
+  {
     unsigned bits = 0;
     for (int q = 0; q < Bytes / static_cast<int>(sizeof(T)); ++q) bits |= (m[q] != 0 ? 1u : 0u) << q;
     return bits;
@@ -915,7 +920,7 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
       eight<T> dot8{};
       for (; q < n[r]; q += 8) {
         const int64_t left = n[r] - q;
-        eight<T> v[8], gdc8, e8;
+        eight<T> v[8], gdc8{}, e8;
         for (int b = 0; b < 8; ++b) {
           const int32_t j = list[q + (b < left ? b : 0)];
           v[b] = to_eight<T, coords::bytes>(product(q + b, j).folded());
