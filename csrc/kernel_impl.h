@@ -68,12 +68,32 @@ struct Part {
 #endif
 #endif
 
-// The first and the second half of a vector of Bytes.
+// The first and the second half of a vector of Bytes. By shuffles where the compiler has them: a
+// copy through memory takes the vector's address, and GCC then keeps a loop's accumulator that
+// ends in a horizontal sum on the stack, a store and a load per step of its loop.
 template <typename T, int Bytes>
 inline void halves(typename Part<T, Bytes>::type v, typename Part<T, Bytes / 2>::type& lo,
                    typename Part<T, Bytes / 2>::type& hi) {
+#ifdef DKM_HAS_SHUFFLE
+  constexpr int n = Bytes / static_cast<int>(sizeof(T));
+  static_assert(n == 2 || n == 4 || n == 8 || n == 16, "halves: 2 to 16 lanes");
+  if constexpr (n == 16) {
+    lo = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    hi = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  } else if constexpr (n == 8) {
+    lo = __builtin_shufflevector(v, v, 0, 1, 2, 3);
+    hi = __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  } else if constexpr (n == 4) {
+    lo = __builtin_shufflevector(v, v, 0, 1);
+    hi = __builtin_shufflevector(v, v, 2, 3);
+  } else {
+    lo = __builtin_shufflevector(v, v, 0);
+    hi = __builtin_shufflevector(v, v, 1);
+  }
+#else
   __builtin_memcpy(&lo, &v, Bytes / 2);
   __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+#endif
 }
 
 // Horizontal sum and minimum by halving (log2 of the lanes vector steps, not a lane-by-lane
