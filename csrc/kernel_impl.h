@@ -1082,12 +1082,15 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   }
   // Per tile: A and dS' = (2/tau) dS of the R rows in place of e and dA (formed where used when
   // the coordinates are one group, d <= LB), then the coordinates LB at a time. Per centroid
-  // vector and row, A and dS' are loaded once for LB coordinates, and the row's two sums of grad_row share one accumulator: sum_j A_ij gm_jl + dS'_ij (c_jl - w_il).
+  // vector and row, A and dS' are loaded once for LB coordinates, and the row's two sums of
+  // grad_row share one accumulator: sum_j A_ij gm_jl + dS'_ij (c_jl - w_il).
   // t = dS'_ij (c_jl - w_il) is formed once and added into both that and the centroid's sum (which
   // takes tau/2 once per centroid vector and coordinate, for R rows): a multiply and two adds
   // instead of two multiply-adds, so that the adders, not only the multiply-add units, work. R LB
-  // accumulators with the LB slices of cT and gm fill the 16 AVX2 registers at R = 4, LB = 2.
-  constexpr int LB = D >= 2 ? 2 : 1;
+  // accumulators with the LB slices of cT and gm fill the 16 AVX2 registers at R = 4, LB = 2; the
+  // 32 of AVX-512 at LB = 4 (at d = 4 A and dS' are then formed where used, with no sweep of their
+  // own: the pass 0.81 of LB = 2 at k = 4096, 0.90 at k = 256; at d = 8 0.96-0.98).
+  constexpr int LB = DKM_VBYTES == 64 && D >= 4 ? 4 : D >= 2 ? 2 : 1;
   const T half_tau = T(1) / p.two_over_tau;
   for (int64_t j0 = 0; j0 < kp; j0 += kTile) {
     const int64_t j1 = j0 + kTile < kp ? j0 + kTile : kp;
