@@ -1087,10 +1087,10 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   // t = dS'_ij (c_jl - w_il) is formed once and added into both that and the centroid's sum (which
   // takes tau/2 once per centroid vector and coordinate, for R rows): a multiply and two adds
   // instead of two multiply-adds, so that the adders, not only the multiply-add units, work. R LB
-  // accumulators with the LB slices of cT and gm fill the 16 AVX2 registers at R = 4, LB = 2; the
-  // 32 of AVX-512 at LB = 4 (at d = 4 A and dS' are then formed where used, with no sweep of their
-  // own: the pass 0.81 of LB = 2 at k = 4096, 0.90 at k = 256; at d = 8 0.96-0.98).
-  constexpr int LB = DKM_VBYTES == 64 && D >= 4 ? 4 : D >= 2 ? 2 : 1;
+  // accumulators with the LB slices of cT and gm fill the 16 AVX2 registers at R = 4, LB = 2. With
+  // the 32 of AVX-512, d = 4 takes LB = 4: A and dS' are then formed where used, with no sweep of
+  // their own (the pass 0.81 of LB = 2's time at k = 4096, 0.90 at k = 256; d = 8 gained nothing).
+  constexpr int LB = DKM_VBYTES == 64 && D == 4 ? 4 : D >= 2 ? 2 : 1;
   const T half_tau = T(1) / p.two_over_tau;
   for (int64_t j0 = 0; j0 < kp; j0 += kTile) {
     const int64_t j1 = j0 + kTile < kp ? j0 + kTile : kp;
