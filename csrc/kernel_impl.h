@@ -139,9 +139,29 @@ inline vec<T> vmin(vec<T> a, vec<T> b) {
   return a < b ? a : b;
 }
 
+// a > b ? a : b, which is what x86's max instructions compute (b where either is NaN). GCC
+// compiles the comparison and the selection as written (two operations, vexp2's clamp among them):
+// the instruction by name where there is one.
 template <typename T>
 inline vec<T> vmax(vec<T> a, vec<T> b) {
+#if defined(__x86_64__) && DKM_VBYTES == 64
+  if constexpr (sizeof(T) == 4)
+    return __builtin_ia32_maxps512_mask(a, b, a, static_cast<unsigned short>(-1), 4);
+  else
+    return __builtin_ia32_maxpd512_mask(a, b, a, static_cast<unsigned char>(-1), 4);
+#elif defined(__x86_64__) && DKM_VBYTES == 32
+  if constexpr (sizeof(T) == 4)
+    return __builtin_ia32_maxps256(a, b);
+  else
+    return __builtin_ia32_maxpd256(a, b);
+#elif defined(__x86_64__) && DKM_VBYTES == 16
+  if constexpr (sizeof(T) == 4)
+    return __builtin_ia32_maxps(a, b);
+  else
+    return __builtin_ia32_maxpd(a, b);
+#else
   return a > b ? a : b;
+#endif
 }
 
 // vexp2 clamps y from below at this value, where its result is exactly 0: y <= it gives 0.
