@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <new>
 #include <string>
 #include <optional>
@@ -273,7 +274,8 @@ struct Problem {
   const void* x = nullptr;  // the second input's rows, of the storage type, or null
   void* out = nullptr;      // output pass: W~ (G, M, d), of the storage type
   T* dw = nullptr;          // gradient pass: the (G, M, d) accumulator
-  Buffer<T> cT, cLT, gmT, gdc, cR, gmR, cLR, partial;
+  Buffer<T> cT, cLT, gmT, gdc, cR, gmR, cLR;
+  T* partial = nullptr;  // during a reducing pass: this problem's chunk partials, in PartialSums
 
   Pass<T> group(int64_t g) const {
     const int64_t mat = plan.d * plan.kp;
@@ -385,9 +387,7 @@ void run_items(std::vector<Problem<T>>& problems, const std::vector<Item>& items
         const Item& item = items[q];
         Problem<T>& problem = problems[item.problem];
         const Plan& plan = problem.plan;
-        T* slot = problem.partial.empty()
-                      ? nullptr
-                      : problem.partial.data() + (item.group * plan.chunks + item.chunk) * plan.slot();
+        T* slot = problem.partial ? problem.partial + (item.group * plan.chunks + item.chunk) * plan.slot() : nullptr;
         if (slot) std::fill(slot, slot + plan.slot(), T(0));
         const Pass<T> p = problem.group(item.group);
         scratch.assign(scratch_size(plan), T(0));
@@ -406,11 +406,25 @@ void run_items(std::vector<Problem<T>>& problems, const std::vector<Item>& items
   });
 }
 
+// The chunk partials of the reducing passes, kept from pass to pass (at most kPartialBudget bytes
+// per compute type): freed after each pass, the allocator returned them to the system and every
+// pass faulted them back in page by page, 6% of a whole model's backward over many problems. A
+// pass that finds them in use (another thread's) takes a buffer of its own.
+template <typename T>
+struct PartialSums {
+  std::mutex lock;
+  Buffer<T> kept;
+  static PartialSums& instance() {
+    static PartialSums sums;
+    return sums;
+  }
+};
+
 // Runs body (as run_items) on every item of the active segments and returns, per active segment,
 // the sum of its chunk partials in chunk order: `sums` shaped as `like`, (S, k_max, d_max), and
 // `totals` (S, k_max), zero elsewhere. One parallel region per wave of consecutive problems whose
 // partial sums fit in kPartialBudget together (one problem's always do), so that a pass over many
-// problems needs no more workspace than a pass over one; a wave's partials are freed once reduced.
+// problems needs no more workspace than a pass over one; the waves share one buffer (PartialSums).
 template <typename T, typename Body>
 std::tuple<Tensor, Tensor> reducing_pass(std::vector<Problem<T>>& problems, const Tensor& active, const Tensor& like,
                                          const Body& body) {
@@ -420,13 +434,20 @@ std::tuple<Tensor, Tensor> reducing_pass(std::vector<Problem<T>>& problems, cons
   T* s = sums.data_ptr<T>();
   T* m = totals.data_ptr<T>();
   const auto partial_size = [&](size_t q) { return problems[q].plan.groups * problems[q].plan.chunks * problems[q].plan.slot(); };
+  PartialSums<T>& shared = PartialSums<T>::instance();
+  std::unique_lock<std::mutex> held(shared.lock, std::try_to_lock);
+  Buffer<T> own;
+  Buffer<T>& partials = held.owns_lock() ? shared.kept : own;
   for (size_t begin = 0, end; begin < problems.size(); begin = end) {
     int64_t bytes = partial_size(begin) * static_cast<int64_t>(sizeof(T));
     for (end = begin + 1; end < problems.size(); ++end) {
       bytes += partial_size(end) * static_cast<int64_t>(sizeof(T));
       if (bytes > kPartialBudget) break;
     }
-    for (size_t q = begin; q < end; ++q) problems[q].partial.resize(partial_size(q));
+    int64_t wave = 0;
+    for (size_t q = begin; q < end; ++q) wave += partial_size(q);
+    if (static_cast<int64_t>(partials.size()) < wave) partials.resize(wave);  // each item zeroes its slot
+    for (size_t q = begin, at = 0; q < end; at += partial_size(q), ++q) problems[q].partial = partials.data() + at;
     run_items(problems, work_items(problems, begin, end, active), body);
     for (size_t q = begin; q < end; ++q) {
       Problem<T>& problem = problems[q];
@@ -435,15 +456,17 @@ std::tuple<Tensor, Tensor> reducing_pass(std::vector<Problem<T>>& problems, cons
       std::vector<T> sum(plan.slot());
       for (int64_t g = 0; g < plan.groups; ++g) {
         if (!flags[problem.first + g]) continue;
-        reduce_chunks(plan, problem.partial.data(), g, sum.data());
+        reduce_chunks(plan, problem.partial, g, sum.data());
         for (int64_t j = 0; j < plan.k; ++j) {
           m[at_total.at(g, j)] = sum[plan.d * plan.kp + j];
           for (int64_t l = 0; l < plan.d; ++l) s[at_sum.at(g, j) + l] = sum[l * plan.kp + j];
         }
       }
-      Buffer<T>().swap(problem.partial);
+      problem.partial = nullptr;
     }
   }
+  // A single problem's partials may exceed the budget (one chunk per group, §2): not kept.
+  if (static_cast<int64_t>(partials.size() * sizeof(T)) > kPartialBudget) Buffer<T>().swap(partials);
   return {sums, totals};
 }
 
