@@ -907,6 +907,28 @@ inline eight<T> to_eight(typename Part<T, Bytes>::type v) {
 }
 
 #ifdef DKM_HAS_SHUFFLE
+// gdc[list[b]] in lane b of 8 by one gather (x86 float: vgatherdps), 0 in the lanes from `left`:
+// lane by lane, each is a load and an insert into the vector, and the inserts share one port.
+// list has 8 values of room past its end, so the load of 8 offsets stays in bounds.
+#if defined(__x86_64__) && DKM_VBYTES >= 32
+template <typename T>
+constexpr bool kGatherEight = sizeof(T) == 4;
+inline eight<float> gather_eight(const float* gdc, const int32_t* list, int64_t left) {
+  Offsets8 at;
+  __builtin_memcpy(&at, list, sizeof at);
+  const Offsets8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  const eight<float> in = (eight<float>)(lane < static_cast<int32_t>(left < 8 ? left : 8));
+  return __builtin_ia32_gathersiv8sf(eight<float>{}, gdc, at, in, 4);
+}
+#else
+template <typename T>
+constexpr bool kGatherEight = false;
+inline eight<float> gather_eight(const float*, const int32_t*, int64_t) {
+  eight<float> none{};
+  return none;
+}
+#endif
+
 // The sums of 8 vectors of 8 lanes, sum b in lane b: a transposing add tree (interleaves, pairs of
 // lanes, halves), 14 shuffles and 7 additions for the 8 sums, where each alone takes 3 of each
 // and a scalar extraction.
@@ -964,8 +986,9 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
         for (int b = 0; b < 8; ++b) {
           const int32_t j = list[q + (b < left ? b : 0)];
           v[b] = to_eight<T, coords::bytes>(product(q + b, j).folded());
-          gdc8[b] = gdc[j];
+          if constexpr (!kGatherEight<T>) gdc8[b] = gdc[j];
         }
+        if constexpr (kGatherEight<T>) gdc8 = gather_eight(gdc, list + q, left);
         __builtin_memcpy(&e8, e + q, sizeof e8);
         const eight<T> dA = sums_of_eight<T>(v) - gdc8;
         __builtin_memcpy(dar + q, &dA, sizeof dA);
