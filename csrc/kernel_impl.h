@@ -752,56 +752,81 @@ inline void listed_sums(const Pass<T>& p, const T* x, const T* e_rows, const T* 
   }
 }
 
-// out_i = sum_j A_ij C_L,j for one row whose e_ij (A_ij = e_ij * inv) fill `row`.
+// out_i = sum_j A_ij C_L,j for one row of squared distances in `row`: its exponentials, as
+// exponentiate forms them, enter their sum and the output's sums in the same sweep and are never
+// stored (A_ij = e_ij / sum_j e_ij divides the sums at the end). With `attended` given, adds the
+// row's count of nonzero exponentials to it.
 template <typename T, int D>
-inline void output_row(const Pass<T>& p, const T* row, T inv, T* out) {
+inline void output_row(const Pass<T>& p, T* row, T dmin, T* out, int64_t* attended) {
   constexpr int N = Vec<T>::lanes;
+  constexpr int S = RowSlots<D>::value;
   const int64_t d = D ? D : p.d, kp = p.kp;
+  const T scale = p.exp2_scale;
+  vec<T> sum{};
+  typename Vec<T>::itype nonzero{};  // minus the count of nonzero entries per lane
+  const auto exponential = [&](int64_t j) {
+    const vec<T> e = vexp2((dmin - load(row + j)) * scale);  // as exponentiate
+    sum += e;
+    if (attended) nonzero += (typename Vec<T>::itype)(e != T(0));
+    return e;
+  };
   if (D) {
-    vec<T> o[RowSlots<D>::value];
-    for (int l = 0; l < RowSlots<D>::value; ++l) o[l] = vec<T>{};
+    vec<T> o[S];
+    for (int l = 0; l < S; ++l) o[l] = vec<T>{};
     for (int64_t j = 0; j < kp; j += N) {
-      const vec<T> e = load(row + j);
-      for (int l = 0; l < RowSlots<D>::value; ++l) o[l] += e * load(p.cLT + l * kp + j);
+      const vec<T> e = exponential(j);
+      for (int l = 0; l < S; ++l) o[l] += e * load(p.cLT + l * kp + j);
     }
-    for (int l = 0; l < RowSlots<D>::value; ++l) out[l] = hsum<T>(o[l]) * inv;
+    const T inv = T(1) / hsum<T>(sum);
+    for (int l = 0; l < S; ++l) out[l] = hsum<T>(o[l]) * inv;
   } else {
+    // Any d: the exponentials in place first, then one sweep per coordinate.
+    T* const e = row;
+    for (int64_t j = 0; j < kp; j += N) store(e + j, exponential(j));
+    const T inv = T(1) / hsum<T>(sum);
     for (int64_t l = 0; l < d; ++l) {
       vec<T> o{};
-      for (int64_t j = 0; j < kp; j += N) o += load(row + j) * load(p.cLT + l * kp + j);
+      for (int64_t j = 0; j < kp; j += N) o += load(e + j) * load(p.cLT + l * kp + j);
       out[l] = hsum<T>(o) * inv;
     }
   }
+  if (attended)
+    for (int q = 0; q < N; ++q) *attended -= nonzero[q];
 }
 
 // With d known, 4 rows at a time: distances for 4 rows per centroid load, and where d has sparse
 // rows (and the driver gave C_L row by row), a block with few attended pairs takes them one by
-// one, as the forward's sums (accumulate_rows).
+// one, as the forward's sums (accumulate_rows); a dense block's rows take output_row, counting
+// their attended pairs for the next block's choice where this one was not listed.
 template <typename T, int D>
 void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch) {
   const int64_t d = D ? D : p.d, kp = p.kp;
   int64_t i = 0;
   if constexpr (D != 0) {
     constexpr int R = 4;
+    constexpr int64_t below = Sparse<D>::output_below;
     T* const sums = Sparse<D>::rows && p.sparse_rows && p.cLR ? scratch + kScratchRows * (kp + d) : nullptr;
     bool listing = true;  // list the pairs from the distances (the last block was sparse)
     for (; i + R <= rows; i += R) {
       T dmin[R], inv[R];
-      int64_t attended[R];
+      int64_t attended[R] = {};
       distances<T, D, R>(p, w + i * d, scratch, dmin);
-      if (forward_exponentials<T, D, R>(p, scratch, dmin, sums, listing, attended, inv,
-                                        Sparse<D>::output_below)) {
+      const bool count = sums && !listing;
+      if (sums && listing &&
+          listed_exponentials<T, R>(p, scratch, dmin, sums, below, listing, attended, scratch + R * kp, inv)) {
         if constexpr (Sparse<D>::rows)
           listed_sums<T, D, R>(p, p.cLR, scratch + R * kp, inv, attended, sums, out + i * d);
         continue;
       }
-      for (int r = 0; r < R; ++r) output_row<T, D>(p, scratch + r * kp, inv[r], out + (i + r) * d);
+      for (int r = 0; r < R; ++r)
+        output_row<T, D>(p, scratch + r * kp, dmin[r], out + (i + r) * d, count ? &attended[0] : nullptr);
+      if (count) listing = few_attended<R>(attended, kp, below);
     }
   }
   for (; i < rows; ++i) {
     T dmin;
     distances<T, D, 1>(p, w + i * d, scratch, &dmin);
-    output_row<T, D>(p, scratch, exponentiate(p, scratch, dmin), out + i * d);
+    output_row<T, D>(p, scratch, dmin, out + i * d, nullptr);
   }
 }
 
