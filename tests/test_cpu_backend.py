@@ -41,7 +41,10 @@ def test_float64_matches_reference(m, d, k):
     assert_matches_reference_float64("cpu", weights, centroids, tau)
 
 
-@pytest.mark.parametrize("m,d,k", [(257, 1, 256), (128, 8, 16), (97, 2, 3), (1031, 16, 300), (300, 3, 33)])
+# k = 512 and 1024 pad their rows of kp values off 4 KiB multiples (float64, float32); from k = 2048
+# d = 1 recomputes its distances in the exponential sweep.
+@pytest.mark.parametrize("m,d,k", [(257, 1, 256), (128, 8, 16), (97, 2, 3), (1031, 16, 300), (300, 3, 33),
+                                   (61, 4, 512), (67, 1, 2048), (29, 8, 1024)])
 def test_float64_every_instruction_set(isa, m, d, k):
     weights, centroids, tau = make_problem(m, d, k, seed=m + d + k)
     assert_matches_reference_float64("cpu", weights, centroids, tau)
@@ -62,7 +65,8 @@ def test_rows_across_lanes_every_instruction_set(isa, m, d, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,d,k", [(1031, 1, 16), (512, 8, 256), (97, 4, 3), (1031, 16, 300)])
+@pytest.mark.parametrize("m,d,k", [(1031, 1, 16), (512, 8, 256), (97, 4, 3), (1031, 16, 300), (131, 1, 2048),
+                                   (67, 4, 1024)])
 def test_low_precision(dtype, m, d, k):
     weights, centroids, tau = make_problem(m, d, k, seed=m + d + k, dtype=dtype)
     assert_low_precision_close("cpu", weights, centroids, tau)
