@@ -594,35 +594,49 @@ inline bool forward_exponentials(const Pass<T>& p, T* scratch, const T* dmin, T*
   return false;
 }
 
-// With d = 1, the exponentials of R rows (into their scratch rows) and inv, as distances and
-// exponentiate form them, the distances recomputed rather than stored: a sweep for dmin alone,
-// then one that forms each distance again, its exponential and the sums. Two operations per pair
-// instead of a row stored and read back, which from kRecomputeFrom centroids lies beyond L1 (the
-// attention pass 0.94-0.99 of its time at k = 4096, 0.99 at k = 2048; 1.03-1.06 at k = 1024).
+// With d = 1 from kRecomputeFrom centroids the passes recompute the distances where they use them
+// instead of storing 4 rows of them, which lie beyond L1 there: a sweep for dmin alone, then each
+// distance formed again (two operations per pair). The attention pass 0.94-0.99 of its time at
+// k = 4096, 0.99 at k = 2048, 1.03-1.06 at k = 1024 (where the rows fit L1).
 constexpr int64_t kRecomputeFrom = 2048;
+
+// A squared distance at d = 1 as distances forms it: rounded before any subtraction from it, never
+// fused into one.
+template <typename T>
+inline vec<T> scalar_distance(vec<T> c, vec<T> w) {
+  const vec<T> diff = c - w;
+  vec<T> dist{};
+  dist += diff * diff;
+  return dist;
+}
+
+// dmin[r] of R rows at d = 1 (each row's w pre-broadcast in wv), as distances finds it.
 template <typename T, int R>
-inline void scalar_exponentials(const Pass<T>& p, const T* w, T* e, T* inv) {
+inline void scalar_nearest(const Pass<T>& p, const vec<T>* wv, T* dmin) {
+  constexpr int N = Vec<T>::lanes;
+  vec<T> lowest[R];
+  for (int r = 0; r < R; ++r) lowest[r] = splat<T>(__builtin_inf());
+  for (int64_t j = 0; j < p.kp; j += N) {
+    const vec<T> c = load(p.cT + j);
+    for (int r = 0; r < R; ++r) lowest[r] = vmin<T>(lowest[r], scalar_distance<T>(c, wv[r]));
+  }
+  for (int r = 0; r < R; ++r) dmin[r] = hmin<T>(lowest[r]);
+}
+
+// The exponentials of R rows at d = 1 (into their scratch rows) and inv, as exponentiate forms
+// them, from recomputed distances.
+template <typename T, int R>
+__attribute__((noinline)) void scalar_exponentials(const Pass<T>& p, const T* w, T* e, T* inv) {
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
-  const T* const cT = p.cT;
-  vec<T> wv[R], lowest[R], sum[R];
-  for (int r = 0; r < R; ++r) wv[r] = splat<T>(w[r]), lowest[r] = splat<T>(__builtin_inf()), sum[r] = vec<T>{};
-  for (int64_t j = 0; j < kp; j += N) {
-    const vec<T> c = load(cT + j);
-    for (int r = 0; r < R; ++r) {
-      const vec<T> diff = c - wv[r];
-      lowest[r] = vmin<T>(lowest[r], diff * diff);
-    }
-  }
+  vec<T> wv[R], sum[R];
   T dmin[R];
-  for (int r = 0; r < R; ++r) dmin[r] = hmin<T>(lowest[r]);
+  for (int r = 0; r < R; ++r) wv[r] = splat<T>(w[r]), sum[r] = vec<T>{};
+  scalar_nearest<T, R>(p, wv, dmin);
   for (int64_t j = 0; j < kp; j += N) {
-    const vec<T> c = load(cT + j);
+    const vec<T> c = load(p.cT + j);
     for (int r = 0; r < R; ++r) {
-      const vec<T> diff = c - wv[r];
-      vec<T> dist{};
-      dist += diff * diff;  // as distances: rounded before the subtraction, never fused into it
-      const vec<T> ev = vexp2((dmin[r] - dist) * p.exp2_scale);  // as exponentiate
+      const vec<T> ev = vexp2((dmin[r] - scalar_distance<T>(c, wv[r])) * p.exp2_scale);  // as exponentiate
       store(e + r * kp + j, ev);
       sum[r] += ev;
     }
@@ -989,8 +1003,9 @@ inline eight<float> gather_eight(const float* gdc, const int32_t* list, int64_t 
 #else
 template <typename T>
 constexpr bool kGatherEight = false;
-inline eight<float> gather_eight(const float*, const int32_t*, int64_t) {
-  eight<float> none{};
+template <typename T>
+inline eight<T> gather_eight(const T*, const int32_t*, int64_t) {  // never called
+  eight<T> none{};
   return none;
 }
 #endif
@@ -1121,7 +1136,9 @@ inline void grad_rows_sparse(const Pass<T>& p, const T* w, T* e_rows, T* da, con
 // in place, and the tile (4R KiB, in L1 at any k) serves the coordinates one at a time while the
 // coordinate's slices of cT, gm and accT stream past it.
 // Same formulas and the same differences as grad_row; the order of the sums differs.
-template <typename T, int D, int R>
+// Recompute: d = 1 from kRecomputeFrom centroids (a template argument: a choice in the sweep
+// changed how GCC compiled it for every k).
+template <typename T, int D, int R, bool Recompute = false>
 inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, T* accT, T* scratch,
                               T* sparse_sums, bool& listing) {
   constexpr int N = Vec<T>::lanes;
@@ -1131,7 +1148,13 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   T dmin[R], inv[R], dots[R], agm[R * (D ? D : 1)];
   int64_t attended[R];
   T* ds = scratch + R * kp;  // R rows: dA, then (2/tau) dS
-  distances<T, D, R>(p, w, scratch, dmin);
+  vec<T> wv[R * D], gv[R * D];  // w_il and G~_il pre-broadcast, as in distances
+  for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]), gv[q] = gi ? splat<T>(gi[q]) : vec<T>{};
+  constexpr bool recompute = Recompute;
+  if constexpr (recompute)
+    scalar_nearest<T, R>(p, wv, dmin);
+  else
+    distances<T, D, R>(p, w, scratch, dmin);
   const T* const cT = p.cT;
   const T* const gmT = p.gmT;
   const T* const cLT = p.cLT;
@@ -1146,16 +1169,20 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   }
   // One sweep forms the exponentials, their sums, dA (from one load of gm, and C_L) and
   // sum_j e_ij dA_ij, and counts the attended pairs where d has sparse rows.
-  vec<T> wv[R * D], gv[R * D];  // w_il and G~_il pre-broadcast, as in distances
-  for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]), gv[q] = gi ? splat<T>(gi[q]) : vec<T>{};
   vec<T> sum[R], dot[R];
   for (int r = 0; r < R; ++r) sum[r] = dot[r] = vec<T>{};
   typename Vec<T>::itype nonzero{};  // minus the count of nonzero e per lane
   for (int64_t j = 0; j < kp; j += N) {
     vec<T> e[R], da[R];
     const vec<T> next = -load(p.gdc + j);
+    const vec<T> c = recompute ? load(cT + j) : vec<T>{};
     for (int r = 0; r < R; ++r) {
-      e[r] = vexp2((dmin[r] - load(scratch + r * kp + j)) * scale);  // as exponentiate
+      vec<T> dist;
+      if constexpr (recompute)
+        dist = scalar_distance<T>(c, wv[r]);
+      else
+        dist = load(scratch + r * kp + j);
+      e[r] = vexp2((dmin[r] - dist) * scale);  // as exponentiate
       store(scratch + r * kp + j, e[r]);
       sum[r] += e[r];
       if constexpr (Sparse<D>::rows) nonzero += (typename Vec<T>::itype)(e[r] != T(0));
@@ -1256,7 +1283,12 @@ void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t row
   int64_t i = 0;
   for (; i + 4 <= rows; i += 4) {
     const T* gi = grad_out ? grad_out + i * d : nullptr;
-    if constexpr (D != 0)
+    if constexpr (D == 1)
+      if (p.kp >= kRecomputeFrom)
+        grad_rows_blocked<T, D, 4, true>(p, w + i * d, gi, dw + i * d, accT, scratch, sums, listing);
+      else
+        grad_rows_blocked<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch, sums, listing);
+    else if constexpr (D != 0)
       grad_rows_blocked<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch, sums, listing);
     else
       grad_rows<T, D, 4>(p, w + i * d, gi, dw + i * d, accT, scratch);
