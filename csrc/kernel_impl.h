@@ -574,23 +574,23 @@ inline bool listed_exponentials(const Pass<T>& p, const T* dist, const T* dmin, 
   return false;
 }
 
-// The exponentials of a block of R rows of the forward's passes (its sums and its output), from
-// the distances in the first R scratch rows: where the block is listed and sparse, in list order in
-// the next R rows (returns true, attended[r] pairs each); else in place for every centroid, with
-// inv, the attended pairs counted for the next block's choice where this one was not listed.
-// sums is null where d has no sparse rows (or they are switched off). A block is sparse while at
-// most one in `below` of its pairs is attended (Sparse).
-template <typename T, int D, int R>
-inline bool forward_exponentials(const Pass<T>& p, T* scratch, const T* dmin, T* sums, bool& listing,
-                                 int64_t* attended, T* inv, int64_t below) {
-  const int64_t kp = p.kp;
+// A block of R rows of the forward's passes (its sums and its output), from the distances in the
+// first R scratch rows: where the block is listed and sparse, its exponentials in list order in the
+// next R rows (returns true, attended[r] pairs each, and inv); else dense_row(r, counter) for each
+// row, which adds the row's attended pairs to *counter where it is given: they are counted for the
+// next block's choice where this one was not listed. sums is null where d has no sparse rows (or
+// they are switched off). A block is sparse while at most one in `below` of its pairs is attended
+// (Sparse). Out of line: inlined into the forward's sums, it made that pass 1.05x slower at 8/8.
+template <typename T, int R, typename DenseRow>
+__attribute__((noinline)) bool forward_block(const Pass<T>& p, T* scratch, const T* dmin, T* sums, bool& listing,
+                                             int64_t* attended, T* inv, int64_t below, const DenseRow& dense_row) {
   const bool count = sums && !listing;
   if (sums && listing &&
-      listed_exponentials<T, R>(p, scratch, dmin, sums, below, listing, attended, scratch + R * kp, inv))
+      listed_exponentials<T, R>(p, scratch, dmin, sums, below, listing, attended, scratch + R * p.kp, inv))
     return true;
   int64_t counted[R] = {};
-  for (int r = 0; r < R; ++r) inv[r] = exponentiate(p, scratch + r * kp, dmin[r], count ? &counted[0] : nullptr);
-  if (count) listing = few_attended<R>(counted, kp, below);
+  for (int r = 0; r < R; ++r) dense_row(r, count ? &counted[0] : nullptr);
+  if (count) listing = few_attended<R>(counted, p.kp, below);
   return false;
 }
 
@@ -733,14 +733,16 @@ inline void accumulate_rows(const Pass<T>& p, const T* w, const T* x, T* accT, T
   const int64_t d = D ? D : p.d, kp = p.kp;
   T dmin[R], inv[R];
   T* xs = scratch + kScratchRows * kp;
-  int64_t attended[R];
+  int64_t attended[R] = {};  // set by forward_block where the block is sparse (GCC cannot see it)
   bool sparse = false;
   if (D == 1 && kp >= kRecomputeFrom) {
     scalar_exponentials<T, R>(p, w, scratch, inv);
   } else {
     distances<T, D, R>(p, w, scratch, dmin);
-    sparse = forward_exponentials<T, D, R>(p, scratch, dmin, sparse_sums, listing, attended, inv,
-                                           Sparse<D>::forward_below);
+    sparse = forward_block<T, R>(p, scratch, dmin, sparse_sums, listing, attended, inv, Sparse<D>::forward_below,
+                                 [&](int r, int64_t* counter) {
+                                   inv[r] = exponentiate(p, scratch + r * kp, dmin[r], counter);
+                                 });
   }
   scale_rows(x, inv, R, d, xs);
   if constexpr (Sparse<D>::rows)
@@ -859,23 +861,19 @@ void output_impl(const Pass<T>& p, const T* w, int64_t rows, T* out, T* scratch)
   int64_t i = 0;
   if constexpr (D != 0) {
     constexpr int R = 4;
-    constexpr int64_t below = Sparse<D>::output_below;
     T* const sums = Sparse<D>::rows && p.sparse_rows && p.cLR ? scratch + kScratchRows * (kp + d) : nullptr;
     bool listing = true;  // list the pairs from the distances (the last block was sparse)
     for (; i + R <= rows; i += R) {
       T dmin[R], inv[R];
       int64_t attended[R] = {};
       distances<T, D, R>(p, w + i * d, scratch, dmin);
-      const bool count = sums && !listing;
-      if (sums && listing &&
-          listed_exponentials<T, R>(p, scratch, dmin, sums, below, listing, attended, scratch + R * kp, inv)) {
-        if constexpr (Sparse<D>::rows)
-          listed_sums<T, D, R>(p, p.cLR, scratch + R * kp, inv, attended, sums, out + i * d);
-        continue;
-      }
-      for (int r = 0; r < R; ++r)
-        output_row<T, D>(p, scratch + r * kp, dmin[r], out + (i + r) * d, count ? &attended[0] : nullptr);
-      if (count) listing = few_attended<R>(attended, kp, below);
+      const bool sparse = forward_block<T, R>(p, scratch, dmin, sums, listing, attended, inv, Sparse<D>::output_below,
+                                              [&](int r, int64_t* counter) {
+                                                output_row<T, D>(p, scratch + r * kp, dmin[r], out + (i + r) * d,
+                                                                 counter);
+                                              });
+      if constexpr (Sparse<D>::rows)
+        if (sparse) listed_sums<T, D, R>(p, p.cLR, scratch + R * kp, inv, attended, sums, out + i * d);
     }
   }
   for (; i < rows; ++i) {
@@ -1150,8 +1148,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   T* ds = scratch + R * kp;  // R rows: dA, then (2/tau) dS
   vec<T> wv[R * D], gv[R * D];  // w_il and G~_il pre-broadcast, as in distances
   for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]), gv[q] = gi ? splat<T>(gi[q]) : vec<T>{};
-  constexpr bool recompute = Recompute;
-  if constexpr (recompute)
+  if constexpr (Recompute)
     scalar_nearest<T, R>(p, wv, dmin);
   else
     distances<T, D, R>(p, w, scratch, dmin);
@@ -1175,10 +1172,10 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   for (int64_t j = 0; j < kp; j += N) {
     vec<T> e[R], da[R];
     const vec<T> next = -load(p.gdc + j);
-    const vec<T> c = recompute ? load(cT + j) : vec<T>{};
+    const vec<T> c = Recompute ? load(cT + j) : vec<T>{};
     for (int r = 0; r < R; ++r) {
       vec<T> dist;
-      if constexpr (recompute)
+      if constexpr (Recompute)
         dist = scalar_distance<T>(c, wv[r]);
       else
         dist = load(scratch + r * kp + j);
