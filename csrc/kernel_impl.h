@@ -242,14 +242,17 @@ inline vec<double> vexp2(vec<double> y) {
 // With d known, the R d coordinates enter pre-broadcast (wv, from the stack, as a memory operand):
 // a scalar read through w is a broadcast per use, and the compiler re-reads it after every store
 // into scores, which might alias it.
+// A caller that keeps the broadcasts for its own sweeps passes them in (given).
 template <typename T, int D, int R>
-inline void distances(const Pass<T>& p, const T* w, T* scores, T* dmin) {
+inline void distances(const Pass<T>& p, const T* w, T* scores, T* dmin, const vec<T>* given = nullptr) {
   constexpr int N = Vec<T>::lanes;
   const int64_t d = D ? D : p.d, kp = p.kp;
   const T* const cT = p.cT;
-  vec<T> wv[D ? R * D : 1];
+  vec<T> own[D ? R * D : 1];
   if constexpr (D != 0)
-    for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]);
+    if (!given)
+      for (int q = 0; q < R * D; ++q) own[q] = splat<T>(w[q]);
+  const vec<T>* const wv = given ? given : own;
   vec<T> lowest[R];
   for (int r = 0; r < R; ++r) lowest[r] = splat<T>(__builtin_inf());
   for (int64_t j = 0; j < kp; j += N) {
@@ -1146,12 +1149,14 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   T dmin[R], inv[R], dots[R], agm[R * (D ? D : 1)];
   int64_t attended[R];
   T* ds = scratch + R * kp;  // R rows: dA, then (2/tau) dS
-  vec<T> wv[R * D], gv[R * D];  // w_il and G~_il pre-broadcast, as in distances
-  for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]), gv[q] = gi ? splat<T>(gi[q]) : vec<T>{};
+  vec<T> wv[R * D], gv[R * D];  // w_il and G~_il pre-broadcast, as in distances (gv read only with gi)
+  for (int q = 0; q < R * D; ++q) wv[q] = splat<T>(w[q]);
+  if (gi)
+    for (int q = 0; q < R * D; ++q) gv[q] = splat<T>(gi[q]);
   if constexpr (Recompute)
     scalar_nearest<T, R>(p, wv, dmin);
   else
-    distances<T, D, R>(p, w, scratch, dmin);
+    distances<T, D, R>(p, w, scratch, dmin, wv);
   const T* const cT = p.cT;
   const T* const gmT = p.gmT;
   const T* const cLT = p.cLT;
