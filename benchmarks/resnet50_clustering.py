@@ -170,6 +170,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--layers", type=int, default=len(clustering_plan()),
                         help="only the first N weights, for a quick check of the script")
     args = parser.parse_args(argv)
+    if args.threads:  # the rates at the threads the layers run on: the floor per CPU second depends on them
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     plan = clustering_plan()[:args.layers]
     attention_bound = sum(naive_attention_bytes(p["m"], p["k"]) for p in plan)
