@@ -419,6 +419,13 @@ inline int32_t* attended_lists(const Pass<T>& p, T* sums, int r) {
   return reinterpret_cast<int32_t*>(sums + p.kp * p.d) + r * (p.kp + 8);
 }
 
+// Ends a list of n offsets with 8 offsets 0 (a valid centroid): a loop that takes the pairs 8 at a
+// time reads the last group whole, at e = 0 past n, with no test per pair.
+inline void end_list(int32_t* list, int64_t n) {
+  const Offsets8 zeros{};
+  __builtin_memcpy(list + n, &zeros, sizeof zeros);
+}
+
 #if DKM_VBYTES == 64
 // With AVX-512 a comparison gives a mask register and vpcompressd packs the offsets it selects in
 // one instruction (list_unflushed); attended_exponentials then gathers the listed distances a
@@ -495,6 +502,7 @@ inline void list_unflushed(const Pass<T>& p, const T* dist, const T* dmin, T* su
     }
 #endif
     n[r] = count;
+    end_list(list, count);
   }
 }
 
@@ -512,6 +520,7 @@ inline void list_attended(const Pass<T>& p, T* e_rows, T* da, T* sums, int64_t* 
       const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(e_rows + r * kp + j) != T(0)));
       n[r] = append_set_lanes(bits, N, at, list, n[r]);
     }
+    end_list(list, n[r]);
     for (int64_t q = 0; q < n[r]; ++q) {
       e_rows[r * kp + q] = e_rows[r * kp + list[q]];
       da[r * kp + q] = da[r * kp + list[q]];
@@ -1028,12 +1037,13 @@ inline eight<T> sums_of_eight(const eight<T>* v) {
 }
 #endif
 
-// dA_ij = gm_j . w_i - gdc_j (+ G~_i . C_L,j on the last step, gi non-null) of the listed pairs of
-// R rows (into da in list order; e in list order too), dots[r] = sum_j A_ij dA_ij, and the row's
+// dA_ij = gm_j . w_i - gdc_j (+ G~_i . C_L,j on the last step, First: gi given) of the listed pairs
+// of R rows (into da in list order; e in list order too), dots[r] = sum_j A_ij dA_ij, and the row's
 // first gradient term sum_j A_ij gm_j (into agm[r * D + l]), from the same loads of gm: the dense
 // sweep's dA, which costs d / lanes multiply-adds per pair attended or not, for the attended pairs
-// only (one or two vector products and a sum each).
-template <typename T, int D, int R>
+// only (one or two vector products and a sum each). First is a template argument: as a run-time
+// choice GCC formed the C_L term for every pair and dropped it where gi is null.
+template <typename T, int D, int R, bool First>
 inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const T* e_rows, const T* inv,
                                const int64_t* n, T* sums, T* da, T* dots, T* agm) {
   typedef Coords<T, D> coords;
@@ -1042,7 +1052,7 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
     const int32_t* list = attended_lists(p, sums, r);
     const T* e = e_rows + r * kp;
     T* dar = da + r * kp;
-    const coords wr = coords::at(w + r * D), gr = gi ? coords::at(gi + r * D) : coords::zero();
+    const coords wr = coords::at(w + r * D), gr = First ? coords::at(gi + r * D) : coords::zero();
     coords eg[2] = {coords::zero(), coords::zero()};  // sum_j e_ij gm_j, even and odd pairs apart
     // Read once: a store into da could alias p's pointers, and each pair would reload them.
     const T* __restrict gmR = p.gmR;
@@ -1052,21 +1062,23 @@ inline void attended_gradients(const Pass<T>& p, const T* w, const T* gi, const 
       const coords g = coords::at(gmR + j * D);
       eg[q & 1] += e[q] * g;
       const coords x = g * wr;
-      return gi ? x + coords::at(cLR + j * D) * gr : x;
+      if constexpr (First) return x + coords::at(cLR + j * D) * gr;
+      return x;
     };
     T dot[2] = {};
     int64_t q = 0;
 #ifdef DKM_HAS_SHUFFLE
     if constexpr (coords::lanes >= 8) {
       // 8 pairs at a time: their products' sums by one add tree, dA and e dA as vectors. The last
-      // group is filled up with its first pair, at e = 0 (the rows of e are 0 from n[r] to the
-      // end of the last vector of exponentials, at least 8 lanes): its dA past n[r] is never read.
+      // group is read whole: the list ends with 8 offsets 0 (end_list) and the rows of e are 0
+      // from n[r] to the end of the last vector of exponentials (at least 8 lanes). Its dA past
+      // n[r] is never read.
       eight<T> dot8{};
       for (; q < n[r]; q += 8) {
         const int64_t left = n[r] - q;
         eight<T> v[8], gdc8{}, e8;
         for (int b = 0; b < 8; ++b) {
-          const int32_t j = list[q + (b < left ? b : 0)];
+          const int32_t j = list[q + b];
           v[b] = to_eight<T, coords::bytes>(product(q + b, j).folded());
           if constexpr (!kGatherEight<T>) gdc8[b] = gdc[j];
         }
@@ -1166,7 +1178,10 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   const bool listed = sparse_sums && listing && (!gi || p.cLR);
   if (listed && listed_exponentials<T, R>(p, scratch, dmin, sparse_sums, Sparse<D>::gradient_below, listing,
                                           attended, ds, inv)) {  // e in list order in ds, dA in scratch
-    attended_gradients<T, D, R>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots, agm);
+    if (gi)
+      attended_gradients<T, D, R, true>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots, agm);
+    else
+      attended_gradients<T, D, R, false>(p, w, gi, ds, inv, attended, sparse_sums, scratch, dots, agm);
     return grad_rows_sparse<T, D, R>(p, w, ds, scratch, inv, dots, agm, attended, dw, sparse_sums);
   }
   // One sweep forms the exponentials, their sums, dA (from one load of gm, and C_L) and
