@@ -198,7 +198,9 @@ const T* rows_as(const S* src, int64_t n, T* buf) {
   }
 }
 
-int64_t scratch_size(const Plan& plan) { return kScratchRows * (plan.kp + plan.d) + plan.kp * (plan.d + 4) + 32; }
+int64_t scratch_size(const Plan& plan) {
+  return kScratchRows * (plan.kp + plan.d) + plan.kp * (2 * plan.d + 4) + 32;
+}
 
 // Sum of one group's chunk partials, in chunk order.
 template <typename T>

@@ -37,9 +37,9 @@ struct Pass {
   const T* cLR = nullptr;  // C_L: output pass, and the last step (grad_out given)
 };
 
-// A kernel call may use kScratchRows * (kp + d) + kp * (d + 4) + 32 values of scratch: rows of kp
-// values, and a (kp, d) accumulator with a list of kp offsets (and room for 8 more) for each of
-// the 4 rows of a block.
+// A kernel call may use kScratchRows * (kp + d) + kp * (2 d + 4) + 32 values of scratch: rows of kp
+// values, and a (kp, 2 d) accumulator (d values per centroid, or d and its mass: ForwardSums) with
+// a list of kp offsets (and room for 8 more) for each of the 4 rows of a block.
 constexpr int64_t kScratchRows = 8;
 
 // The coordinate of padding centroids in cT: its square times d stays finite for any practical d
