@@ -142,6 +142,29 @@ def test_sparse_rows_switch(monkeypatch):
         run("cpu", weights, centroids.float(), tau, max_iter=1, epsilon=0.0)
 
 
+@pytest.mark.parametrize("dtype,m,d,k,tau_scale", [
+    (torch.float32, 1031, 8, 256, 0.1),   # sparse and dense blocks, the forward's mass lane
+    (torch.float64, 1031, 8, 256, 0.01),
+    (torch.float32, 515, 16, 64, 0.03),
+    (torch.float32, 131, 1, 2048, 1.0),   # distances recomputed
+    (torch.float32, 1031, 4, 16, 1.0),    # rows in lanes
+    (torch.float32, 1031, 1, 4, 1.0),
+    (torch.float64, 97, 3, 300, 1.0),     # d known only at run time
+])
+def test_kernels_read_only_scratch_they_wrote(isa, monkeypatch, dtype, m, d, k, tau_scale):
+    """The work items share one scratch per thread, not zeroed between them: with every item's
+    scratch filled with NaN first (DKM_KERNELS_POISON_SCRATCH=1) values and gradients are
+    bit-identical, so no kernel reads a scratch value it did not write."""
+    weights, centroids, tau = make_problem(m, d, k, seed=m + d + k)
+    weights, centroids, tau = weights.to(dtype), centroids.to(dtype), tau * tau_scale
+    plain = run("cpu", weights, centroids, tau, max_iter=3, epsilon=0.0)
+    monkeypatch.setenv("DKM_KERNELS_POISON_SCRATCH", "1")
+    poisoned = run("cpu", weights, centroids, tau, max_iter=3, epsilon=0.0)
+    for a, b in zip(plain, poisoned):
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(t).all() for t in plain[:2] + plain[3:])
+
+
 def test_auto_prefers_cpu_on_cpu():
     assert dkm_kernels.backends.choose(torch.device("cpu"), torch.float32) == "cpu"
     assert "CPU tensors" in cpu.unavailable_reason(torch.device("meta"), torch.float32)
