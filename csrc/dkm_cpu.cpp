@@ -132,22 +132,28 @@ const KernelSet& kernel_set() {
                     names, " (unset it to pick the best one)");
 }
 
+// A switch of 0 or 1 in the environment, `unset` where it is not set (or empty); any other value
+// is refused with `fix`. Read on every call.
+bool env_switch(const char* name, bool unset, const char* fix) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return unset;
+  if (std::strcmp(value, "1") == 0) return true;
+  TORCH_CHECK_VALUE(std::strcmp(value, "0") == 0, name, "=", value, " is not 0 or 1: ", fix);
+  return false;
+}
+
 // Whether sparse blocks take their attended pairs one by one: DKM_KERNELS_SPARSE=0 makes every
 // block dense (read on every call, so that benchmarks can compare both ways in one process).
 bool sparse_rows_enabled() {
-  const char* value = std::getenv("DKM_KERNELS_SPARSE");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "1") == 0) return true;
-  TORCH_CHECK_VALUE(std::strcmp(value, "0") == 0, "DKM_KERNELS_SPARSE=", value,
-                    " is not 0 or 1: set it to 0 to make every block dense, or unset it");
-  return false;
+  return env_switch("DKM_KERNELS_SPARSE", true, "set it to 0 to make every block dense, or unset it");
 }
 
 // DKM_KERNELS_POISON_SCRATCH=1 fills each work item's scratch with NaN before its kernels run,
 // for tests: the kernels write every scratch value before they read it, so the results must not
-// change (tests/test_cpu_backend.py). Read on every call.
+// change (tests/test_cpu_backend.py).
 bool poison_scratch() {
-  const char* value = std::getenv("DKM_KERNELS_POISON_SCRATCH");
-  return value != nullptr && std::strcmp(value, "1") == 0;
+  return env_switch("DKM_KERNELS_POISON_SCRATCH", false,
+                    "set it to 1 to fill each work item's scratch with NaN (a test of the kernels), or unset it");
 }
 
 template <typename T>

@@ -277,6 +277,14 @@ inline void distances(const Pass<T>& p, const T* w, T* scores, T* dmin, const ve
   for (int r = 0; r < R; ++r) dmin[r] = hmin<T>(lowest[r]);
 }
 
+// e_ij = 2^((dmin - dist) log2(e) / tau) for a vector of squared distances, dmin a row's smallest
+// (or, in the lane kernels, a vector of rows' smallest): the one form every pass takes, so that a
+// pair's weight is the same in every pass (exponentiate says why the subtraction comes first).
+template <typename T, typename Nearest>
+inline vec<T> attention_exponential(vec<T> dist, Nearest dmin, T scale) {
+  return vexp2((dmin - dist) * scale);
+}
+
 // Turns one row of squared distances into exp(S_ij - max_j S_ij) in place, S = -dist / tau, and
 // returns 1 / sum_j of them: A_ij = row[j] * (returned value). The exponent is computed base 2 as
 // (dmin - dist) log2(e) / tau, subtraction first: for the row's nearest centroid it is exactly 0,
@@ -294,7 +302,7 @@ inline T exponentiate(const Pass<T>& p, T* row, T dmin, int64_t* attended = null
   vec<T> sum{};
   typename Vec<T>::itype nonzero{};  // minus the count of nonzero entries per lane
   for (int64_t j = 0; j < p.kp; j += N) {
-    const vec<T> e = vexp2((dmin - load(row + j)) * scale);
+    const vec<T> e = attention_exponential(load(row + j), dmin, scale);
     store(row + j, e);
     sum += e;
     if (attended) nonzero += (typename Vec<T>::itype)(e != T(0));
@@ -567,7 +575,7 @@ inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin
 #else
     const vec<T> listed = load(e + r * kp + q);
 #endif
-    const vec<T> ev = vexp2((dmin[r] - listed) * p.exp2_scale);  // as exponentiate
+    const vec<T> ev = attention_exponential(listed, dmin[r], p.exp2_scale);
     store(e + r * kp + q, ev);
     sum[r] += ev;
   };
@@ -658,7 +666,7 @@ __attribute__((noinline)) void scalar_exponentials(const Pass<T>& p, const T* w,
   for (int64_t j = 0; j < kp; j += N) {
     const vec<T> c = load(p.cT + j);
     for (int r = 0; r < R; ++r) {
-      const vec<T> ev = vexp2((dmin[r] - scalar_distance<T>(c, wv[r])) * p.exp2_scale);  // as exponentiate
+      const vec<T> ev = attention_exponential(scalar_distance<T>(c, wv[r]), dmin[r], p.exp2_scale);
       store(e + r * kp + j, ev);
       sum[r] += ev;
     }
@@ -859,37 +867,30 @@ inline void output_row(const Pass<T>& p, T* row, T dmin, T* out, int64_t* attend
   constexpr int N = Vec<T>::lanes;
   constexpr int S = RowSlots<D>::value;
   const int64_t d = D ? D : p.d, kp = p.kp;
-  const T scale = p.exp2_scale;
-  vec<T> sum{};
-  typename Vec<T>::itype nonzero{};  // minus the count of nonzero entries per lane
-  const auto exponential = [&](int64_t j) {
-    const vec<T> e = vexp2((dmin - load(row + j)) * scale);  // as exponentiate
-    sum += e;
-    if (attended) nonzero += (typename Vec<T>::itype)(e != T(0));
-    return e;
-  };
   if (D) {
-    vec<T> o[S];
+    vec<T> o[S], sum{};
+    typename Vec<T>::itype nonzero{};  // minus the count of nonzero entries per lane
     for (int l = 0; l < S; ++l) o[l] = vec<T>{};
     for (int64_t j = 0; j < kp; j += N) {
-      const vec<T> e = exponential(j);
+      const vec<T> e = attention_exponential(load(row + j), dmin, p.exp2_scale);
+      sum += e;
+      if (attended) nonzero += (typename Vec<T>::itype)(e != T(0));
       for (int l = 0; l < S; ++l) o[l] += e * load(p.cLT + l * kp + j);
     }
     const T inv = T(1) / hsum<T>(sum);
     for (int l = 0; l < S; ++l) out[l] = hsum<T>(o[l]) * inv;
+    if (attended)
+      for (int q = 0; q < N; ++q) *attended -= nonzero[q];
   } else {
     // Any d: the exponentials in place first, then one sweep per coordinate.
-    T* const e = row;
-    for (int64_t j = 0; j < kp; j += N) store(e + j, exponential(j));
-    const T inv = T(1) / hsum<T>(sum);
+    const T* const e = row;
+    const T inv = exponentiate(p, row, dmin, attended);
     for (int64_t l = 0; l < d; ++l) {
       vec<T> o{};
       for (int64_t j = 0; j < kp; j += N) o += load(e + j) * load(p.cLT + l * kp + j);
       out[l] = hsum<T>(o) * inv;
     }
   }
-  if (attended)
-    for (int q = 0; q < N; ++q) *attended -= nonzero[q];
 }
 
 // With d known, 4 rows at a time: distances for 4 rows per centroid load, and where d has sparse
@@ -1228,7 +1229,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
         dist = scalar_distance<T>(c, wv[r]);
       else
         dist = load(scratch + r * kp + j);
-      e[r] = vexp2((dmin[r] - dist) * scale);  // as exponentiate
+      e[r] = attention_exponential(dist, dmin[r], scale);
       store(scratch + r * kp + j, e[r]);
       sum[r] += e[r];
       if constexpr (Sparse<D>::rows) nonzero += (typename Vec<T>::itype)(e[r] != T(0));
@@ -1542,7 +1543,7 @@ DKM_ALWAYS_INLINE void lane_attention(const Pass<T>& p, const vec<T>* w, int n, 
   }
   for (int j = 0; j < K; ++j)
     for (int b = 0; b < B; ++b) {
-      e[b * K + j] = vexp2((lowest[b] - e[b * K + j]) * p.exp2_scale);
+      e[b * K + j] = attention_exponential(e[b * K + j], lowest[b], p.exp2_scale);
       sum[b] += e[b * K + j];
     }
   for (int b = 0; b < B; ++b) inv[b] = T(1) / sum[b];

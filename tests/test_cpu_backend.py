@@ -165,6 +165,13 @@ def test_kernels_read_only_scratch_they_wrote(isa, monkeypatch, dtype, m, d, k, 
     assert all(torch.isfinite(t).all() for t in plain[:2] + plain[3:])
 
 
+def test_poison_switch_refuses_other_values(monkeypatch):
+    weights, centroids, tau = make_problem(64, 8, 16, seed=5)
+    monkeypatch.setenv("DKM_KERNELS_POISON_SCRATCH", "yes")
+    with pytest.raises(ValueError, match="DKM_KERNELS_POISON_SCRATCH=yes is not 0 or 1"):
+        run("cpu", weights, centroids, tau, max_iter=1, epsilon=0.0)
+
+
 def test_auto_prefers_cpu_on_cpu():
     assert dkm_kernels.backends.choose(torch.device("cpu"), torch.float32) == "cpu"
     assert "CPU tensors" in cpu.unavailable_reason(torch.device("meta"), torch.float32)
