@@ -71,6 +71,12 @@ def sparse_switch(fn, value):
     return call
 
 
+def with_masses(op, mass) -> tuple:
+    """The masses as the gradient op's last argument where it takes them (a build before it did
+    not): they let it skip pairs too small to count (docs/design.md §8, relevance)."""
+    return (mass,) if any(argument.name == "mass" for argument in op.default._schema.arguments) else ()
+
+
 def same_results(a, b) -> bool:
     """Whether two pass ops' results (a tensor or a tuple of them) are bit-identical."""
     import torch
@@ -97,9 +103,10 @@ def whole_op_times(dkm_kernels, w, c, tau, repeats) -> dict:
             return ops.cpu_output(self.weights, attention_centroids, final_centroids, self.tau)
 
         def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids, active,
-                     grad_weights):
+                     grad_weights, mass):
             return ops.cpu_gradient_pass(self.weights, grad_out, centroids, grad_over_mass, grad_dot_next,
-                                         final_centroids, active, grad_weights, self.tau)
+                                         final_centroids, active, grad_weights, self.tau,
+                                         *with_masses(ops.cpu_gradient_pass, mass))
         return dict(attention_sums=attention_sums, output=output, gradient=gradient)
 
     builds = dict(this=on(torch.ops.dkm_kernels), baseline=on(torch.ops.dkm_kernels_baseline))
@@ -157,14 +164,18 @@ def main(argv=None):
     c = dkm_kernels.random_rows(w, k, generator=gen)
     active = torch.ones(1, dtype=torch.bool)
     grad_over_mass, grad_dot_next = torch.randn(1, k, d, generator=gen), torch.randn(1, k, generator=gen)
+    mass = torch.ops.dkm_kernels.cpu_attention_sums(w, w, c, active, tau)[1]
 
     def passes(ops):
         dw = torch.zeros_like(w)  # the gradient pass adds into it: one per build
+        masses = with_masses(ops.cpu_gradient_pass, mass)
         return dict(
             attention_sums=lambda: ops.cpu_attention_sums(w, w, c, active, tau),
             output=lambda: ops.cpu_output(w, c, c, tau),
-            gradient=lambda: ops.cpu_gradient_pass(w, None, c, grad_over_mass, grad_dot_next, c, active, dw, tau),
-            gradient_first=lambda: ops.cpu_gradient_pass(w, w, c, grad_over_mass, grad_dot_next, c, active, dw, tau),
+            gradient=lambda: ops.cpu_gradient_pass(w, None, c, grad_over_mass, grad_dot_next, c, active, dw, tau,
+                                                   *masses),
+            gradient_first=lambda: ops.cpu_gradient_pass(w, w, c, grad_over_mass, grad_dot_next, c, active, dw,
+                                                         tau, *masses),
         )
 
     this = passes(torch.ops.dkm_kernels)

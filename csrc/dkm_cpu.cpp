@@ -276,6 +276,7 @@ struct PassInputs {
   std::vector<int64_t> ks;
   std::vector<double> taus;
   Tensor centroids, final_centroids, grad_over_mass, grad_dot_next, active;
+  Tensor masses;  // gradient pass, optional: s_t (S, k_max), which certifies centroids (set_reach)
 };
 
 // One problem of a pass: its plan, its groups' centroid matrices laid out for the kernels (Pass),
@@ -290,7 +291,7 @@ struct Problem {
   const void* x = nullptr;  // the second input's rows, of the storage type, or null
   void* out = nullptr;      // output pass: W~ (G, M, d), of the storage type
   T* dw = nullptr;          // gradient pass: the (G, M, d) accumulator
-  Buffer<T> cT, cLT, gmT, gdc, cR, gmR, cLR;
+  Buffer<T> cT, cLT, gmT, gdc, cR, gmR, cLR, reach;
   T* partial = nullptr;  // during a reducing pass: this problem's chunk partials, in PartialSums
 
   Pass<T> group(int64_t g) const {
@@ -303,6 +304,7 @@ struct Problem {
     if (!cR.empty()) p.cR = cR.data() + g * mat;
     if (!gmR.empty()) p.gmR = gmR.data() + g * mat;
     if (!cLR.empty()) p.cLR = cLR.data() + g * mat;
+    if (!reach.empty()) p.reach = reach.data() + g * plan.kp;
     return p;
   }
 
@@ -330,6 +332,33 @@ struct Problem {
   }
 };
 
+// Whether a centroid of a group of m rows is certified by its mass (kernels.h, Relevance).
+template <typename T>
+bool certified(T mass, int64_t m) {
+  return mass >= std::ldexp(static_cast<T>(m), kRelevanceMargin - kRelevanceExponent);
+}
+
+// Each group's reach per centroid (Pass::reach) in float: the relevant pairs of the centroids that
+// `masses` (S, k_max) certifies, of every centroid where it is undefined (the output pass needs no
+// masses; the attention pass verifies its own: attention_sums_pass). Float64 keeps none: its
+// listing takes every nonzero exponential.
+template <typename T>
+void set_reach(Problem<T>& problem, const Tensor& masses) {
+  if constexpr (std::is_same_v<T, float>) {
+    const Plan& plan = problem.plan;
+    if (!problem.base.sparse_rows || !lists_pairs(plan.d, plan.k)) return;
+    const T relevant = kRelevanceExponent / problem.base.exp2_scale;
+    const T every = -Exp2Floor<T>::value / problem.base.exp2_scale;
+    problem.reach.assign(plan.groups * plan.kp, relevant);
+    if (!masses.defined()) return;
+    const Segments seg(problem.first, masses);
+    const T* mass = masses.data_ptr<T>();
+    for (int64_t g = 0; g < plan.groups; ++g)
+      for (int64_t j = 0; j < plan.k; ++j)
+        if (!certified(mass[seg.at(g, j)], plan.m)) problem.reach[g * plan.kp + j] = every;
+  }
+}
+
 // Every problem of a pass, with C_t (far away in the padding, so that it gets no attention) and,
 // for the output and gradient passes, C_L.
 template <typename T>
@@ -351,6 +380,7 @@ std::vector<Problem<T>> make_problems(const PassInputs& in) {
     if (!in.rows.empty()) p.x = in.rows[q].data_ptr();
     p.cT = p.transposed(in.centroids, FarAway<T>::value);
     if (in.final_centroids.defined()) p.cLT = p.transposed(in.final_centroids, T(0));
+    set_reach(p, in.masses);
     problems.push_back(std::move(p));
     first += plan.groups;
   }
@@ -490,17 +520,48 @@ std::tuple<Tensor, Tensor> reducing_pass(std::vector<Problem<T>>& problems, cons
   return {sums, totals};
 }
 
+// The attention pass. Its masses are its own result, so the pass assumes every centroid certified
+// (kernels.h, Relevance) and checks the masses it found, lower bounds of the true ones: the groups
+// where a centroid is not certified pass again, listing every nonzero exponential of those
+// centroids, and their results replace the first ones.
 template <typename T>
 std::tuple<Tensor, Tensor> attention_sums_pass(const PassInputs& in) {
   const Kernels<T>& K = kernels<T>();
   std::vector<Problem<T>> problems = make_problems<T>(in);
-  return reducing_pass(problems, in.active, in.centroids,
-                       [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b,
-                           int64_t n, T* slot, T* scratch) {
+  const auto body = [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b,
+                        int64_t n, T* slot, T* scratch) {
     using S = decltype(tag);
     const T* x = block_rows<S, T>(static_cast<const S*>(problem.x), problem.plan, g, b, n);
     K.accumulate(p, w, x, n, slot, slot + p.d * p.kp, scratch);
-  });
+  };
+  Tensor sums, masses;
+  std::tie(sums, masses) = reducing_pass(problems, in.active, in.centroids, body);
+  if constexpr (std::is_same_v<T, float>) {
+    Tensor again = at::zeros_like(in.active);
+    bool* flags = again.data_ptr<bool>();
+    const bool* active = in.active.data_ptr<bool>();
+    const T* found = masses.data_ptr<T>();
+    for (Problem<T>& problem : problems) {
+      const Plan& plan = problem.plan;
+      const Segments seg(problem.first, masses);
+      for (int64_t g = 0; g < plan.groups && !problem.reach.empty(); ++g) {
+        if (!active[problem.first + g]) continue;
+        for (int64_t j = 0; j < plan.k; ++j) {
+          if (certified(found[seg.at(g, j)], plan.m)) continue;
+          problem.reach[g * plan.kp + j] = -Exp2Floor<T>::value / problem.base.exp2_scale;
+          flags[problem.first + g] = true;
+        }
+      }
+    }
+    if (again.any().item<bool>()) {
+      Tensor sums_again, masses_again;
+      std::tie(sums_again, masses_again) = reducing_pass(problems, again, in.centroids, body);
+      const Tensor redone = again.nonzero().squeeze(1);
+      sums.index_copy_(0, redone, sums_again.index_select(0, redone));
+      masses.index_copy_(0, redone, masses_again.index_select(0, redone));
+    }
+  }
+  return {sums, masses};
 }
 
 template <typename T>
@@ -723,13 +784,14 @@ Tensor cpu_output(const Tensor& weights, const Tensor& attention_centroids, cons
 
 Tensor cpu_gradient_pass(const Tensor& weights, const std::optional<Tensor>& grad_out, const Tensor& centroids,
                          const Tensor& grad_over_mass, const Tensor& grad_dot_next, const Tensor& final_centroids,
-                         const Tensor& active, Tensor& grad_weights, double tau) {
+                         const Tensor& active, Tensor& grad_weights, double tau, const std::optional<Tensor>& mass) {
   OpInputs in(weights, tau);
   if (grad_out) in.rows(*grad_out, "grad_out");
   in.pass.centroids = in.per_centroid(centroids, "centroids");
   in.pass.grad_over_mass = in.per_centroid(grad_over_mass, "grad_over_mass");
   in.pass.grad_dot_next = in.per_centroid(grad_dot_next, "grad_dot_next", false);
   in.pass.final_centroids = in.per_centroid(final_centroids, "final_centroids");
+  if (mass) in.pass.masses = in.per_centroid(*mass, "mass", false);
   in.active(active);
   check_grad_weights(grad_weights, "grad_weights", in.weights(), in.compute);
   in.pass.grad_weights = {grad_weights};
@@ -760,13 +822,14 @@ std::vector<Tensor> cpu_ragged_output(at::TensorList weights, const Tensor& atte
 Tensor cpu_ragged_gradient_pass(at::TensorList weights, at::TensorList grad_out, const Tensor& centroids,
                                 const Tensor& grad_over_mass, const Tensor& grad_dot_next,
                                 const Tensor& final_centroids, const Tensor& active, at::TensorList grad_weights,
-                                at::IntArrayRef ks, at::ArrayRef<double> taus) {
+                                at::IntArrayRef ks, at::ArrayRef<double> taus, const std::optional<Tensor>& mass) {
   RaggedInputs in(weights, ks, taus);
   in.pass.rows = in.rows(grad_out, "grad_out", true);
   in.pass.centroids = in.packed(centroids, "centroids");
   in.pass.grad_over_mass = in.packed(grad_over_mass, "grad_over_mass");
   in.pass.grad_dot_next = in.packed(grad_dot_next, "grad_dot_next", false);
   in.pass.final_centroids = in.packed(final_centroids, "final_centroids");
+  if (mass) in.pass.masses = in.packed(*mass, "mass", false);
   in.active(active);
   TORCH_CHECK_VALUE(grad_weights.size() == weights.size(), "grad_weights must have one entry per problem (",
                     weights.size(), "), got ", grad_weights.size());
@@ -789,8 +852,8 @@ TORCH_LIBRARY_FRAGMENT(DKM_KERNELS_OPS, m) {
   m.def("cpu_output(Tensor weights, Tensor attention_centroids, Tensor final_centroids, float tau) -> Tensor");
   m.def(
       "cpu_gradient_pass(Tensor weights, Tensor? grad_out, Tensor centroids, Tensor grad_over_mass,"
-      " Tensor grad_dot_next, Tensor final_centroids, Tensor active, Tensor(a!) grad_weights, float tau)"
-      " -> Tensor");
+      " Tensor grad_dot_next, Tensor final_centroids, Tensor active, Tensor(a!) grad_weights, float tau,"
+      " Tensor? mass=None) -> Tensor");
   // The same passes over many problems (docs/design.md §12), their per-segment state packed as
   // dkm_kernels.many.Layout packs it; grad_out is empty except on the backward's first step.
   m.def(
@@ -802,7 +865,7 @@ TORCH_LIBRARY_FRAGMENT(DKM_KERNELS_OPS, m) {
   m.def(
       "cpu_ragged_gradient_pass(Tensor[] weights, Tensor[] grad_out, Tensor centroids, Tensor grad_over_mass,"
       " Tensor grad_dot_next, Tensor final_centroids, Tensor active, Tensor(a!)[] grad_weights, int[] ks,"
-      " float[] taus) -> Tensor");
+      " float[] taus, Tensor? mass=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(DKM_KERNELS_OPS, CPU, m) {

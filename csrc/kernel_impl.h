@@ -164,18 +164,6 @@ inline vec<T> vmax(vec<T> a, vec<T> b) {
 #endif
 }
 
-// vexp2 clamps y from below at this value, where its result is exactly 0: y <= it gives 0.
-template <typename T>
-struct Exp2Floor;
-template <>
-struct Exp2Floor<float> {
-  static constexpr float value = -126.0f;
-};
-template <>
-struct Exp2Floor<double> {
-  static constexpr double value = -1022.0;
-};
-
 // 2^y for y <= 0 (y = -inf included), exactly 1 for y = 0: the row's largest attention weight.
 // Results below the smallest normal number (2^-126 in float, 2^-1022 in double) are flushed to
 // exactly 0: denormal results cost microcode assists on many CPUs and, with a small tau, most of a
@@ -285,6 +273,14 @@ inline vec<T> attention_exponential(vec<T> dist, Nearest dmin, T scale) {
   return vexp2((dmin - dist) * scale);
 }
 
+// The smallest exponential a dense sweep counts as attended, for the next block's choice of
+// listing: in float the relevant ones (kernels.h, Relevance), which a listing keeps of certified
+// centroids; in double every nonzero one.
+template <typename T>
+inline vec<T> counted_from() {
+  return splat<T>(sizeof(T) == 4 ? T(1.0 / (1ull << kRelevanceExponent)) : T(__DBL_MIN__));
+}
+
 // Turns one row of squared distances into exp(S_ij - max_j S_ij) in place, S = -dist / tau, and
 // returns 1 / sum_j of them: A_ij = row[j] * (returned value). The exponent is computed base 2 as
 // (dmin - dist) log2(e) / tau, subtraction first: for the row's nearest centroid it is exactly 0,
@@ -294,21 +290,21 @@ inline vec<T> attention_exponential(vec<T> dist, Nearest dmin, T scale) {
 // against the distances, and otherwise makes A_ij = e_ij / sum differ from 1 by an ulp, which the
 // backward pass amplifies by 2 / tau. The rounding of the constant log2(e) / tau changes every
 // score of the row by the same factor, as a relative change of tau of an ulp.
-// With `attended` given, adds the row's count of nonzero entries to it.
+// With `attended` given, adds the row's count of attended entries (counted_from) to it.
 template <typename T>
 inline T exponentiate(const Pass<T>& p, T* row, T dmin, int64_t* attended = nullptr) {
   constexpr int N = Vec<T>::lanes;
   const T scale = p.exp2_scale;
   vec<T> sum{};
-  typename Vec<T>::itype nonzero{};  // minus the count of nonzero entries per lane
+  typename Vec<T>::itype counted{};  // minus the count of attended entries per lane
   for (int64_t j = 0; j < p.kp; j += N) {
     const vec<T> e = attention_exponential(load(row + j), dmin, scale);
     store(row + j, e);
     sum += e;
-    if (attended) nonzero += (typename Vec<T>::itype)(e != T(0));
+    if (attended) counted += (typename Vec<T>::itype)(e >= counted_from<T>());
   }
   if (attended)
-    for (int q = 0; q < N; ++q) *attended -= nonzero[q];
+    for (int q = 0; q < N; ++q) *attended -= counted[q];
   return T(1) / hsum<T>(sum);
 }
 
@@ -403,7 +399,7 @@ inline int64_t append_set_lanes(unsigned bits, int lanes, Offsets8 at, int32_t* 
 // and the centroid's sum; the order of the sums differs.
 template <int D>
 struct Sparse {
-  static constexpr bool rows = D == 8 || D == 16;
+  static constexpr bool rows = lists_pairs_at(D);
   static constexpr int64_t forward_below = D == 8 ? 8 : 6;
   static constexpr int64_t output_below = DKM_VBYTES == 64 ? 3 : forward_below;
   static constexpr int64_t gradient_below = 4;
@@ -446,7 +442,7 @@ inline void end_list(int32_t* list, int64_t n) {
 
 #if DKM_VBYTES == 64
 // With AVX-512 a comparison gives a mask register and vpcompressd packs the offsets it selects in
-// one instruction (list_unflushed); attended_exponentials then gathers the listed distances a
+// one instruction (list_within_reach); attended_exponentials then gathers the listed distances a
 // vector at a time.
 
 // Appends the offsets (lanes of `at`) of the lanes of v at or below `threshold` to list[n..], a
@@ -491,31 +487,35 @@ struct ListingOffsets<float> {
 };
 #endif
 
-// Lists, for each of R rows of squared distances, the centroids whose exponent (vexp2's argument, as
-// exponentiate forms it) may be above vexp2's floor: the pairs whose exponential may be nonzero,
-// found without forming it (n[r] of them, attended_lists). One comparison per pair, of the distance
-// with dmin - floor / scale: vexp2 gives 0 below an exponent of -125.5 (-1021.5 in double), so the
-// threshold's rounding (a few ulps, where half an exponent unit is 0.4% of the floor) lists no
-// fewer pairs than those; at or below the threshold, as it is dmin itself where floor / scale is
-// below half an ulp of dmin (a tiny tau).
+// Lists, for each of R rows of squared distances, the centroids within reach (Pass::reach): the
+// relevant pairs of certified centroids, and every pair of the others whose exponential may be
+// nonzero (n[r] of them, attended_lists), found without forming the exponentials. One comparison
+// per pair, of the distance with dmin + reach_j. Where the reach is vexp2's floor (-126 in float,
+// -1022 in double) over the scale, the threshold's rounding (a few ulps, where half an exponent
+// unit is 0.4% of the floor) lists no fewer pairs than those whose exponential is above 2^-125.5:
+// vexp2 gives 0 below; at or below the threshold, as it is dmin itself where the reach is below
+// half an ulp of dmin (a tiny tau).
 template <typename T, int R>
-inline void list_unflushed(const Pass<T>& p, const T* dist, const T* dmin, T* sums, int64_t* n) {
+inline void list_within_reach(const Pass<T>& p, const T* dist, const T* dmin, T* sums, int64_t* n) {
   constexpr int N = Vec<T>::lanes;
   const int64_t kp = p.kp;
+  const T* const reach = p.reach;
+  const T floor_reach = -Exp2Floor<T>::value / p.exp2_scale;
   for (int r = 0; r < R; ++r) {
     int32_t* __restrict list = attended_lists(p, sums, r);
     const T* __restrict row = dist + r * kp;
-    const vec<T> threshold = splat<T>(dmin[r] - Exp2Floor<T>::value / p.exp2_scale);
+    const vec<T> nearest = splat<T>(dmin[r]), uniform = splat<T>(dmin[r] + floor_reach);
+    const auto threshold = [&](int64_t j) { return reach ? nearest + load(reach + j) : uniform; };
     int64_t count = 0;
 #if DKM_VBYTES == 64
     typename ListingOffsets<T>::type at{};
     for (int q = 0; q < N; ++q) at[q] = q;
     for (int64_t j = 0; j < kp; j += N, at += N)
-      count = append_at_or_below(load(row + j), threshold, at, list, count);
+      count = append_at_or_below(load(row + j), threshold(j), at, list, count);
 #else
     Offsets8 at{};
     for (int64_t j = 0; j < kp; j += N, at += N) {
-      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(row + j) <= threshold));
+      const unsigned bits = lane_bits<T, DKM_VBYTES>((vec<T>)(load(row + j) <= threshold(j)));
       count = append_set_lanes(bits, N, at, list, count);
     }
 #endif
@@ -595,7 +595,7 @@ inline void attended_exponentials(const Pass<T>& p, const T* dist, const T* dmin
 template <typename T, int R>
 inline bool listed_exponentials(const Pass<T>& p, const T* dist, const T* dmin, T* sums, int64_t below,
                                 bool& listing, int64_t* attended, T* e, T* inv) {
-  list_unflushed<T, R>(p, dist, dmin, sums, attended);
+  list_within_reach<T, R>(p, dist, dmin, sums, attended);
   if (few_attended<R>(attended, p.kp, below)) {
     attended_exponentials<T, R>(p, dist, dmin, attended, sums, e, inv);
     return true;
@@ -861,7 +861,7 @@ inline void listed_sums(const Pass<T>& p, const T* x, const T* e_rows, const T* 
 // out_i = sum_j A_ij C_L,j for one row of squared distances in `row`: its exponentials, as
 // exponentiate forms them, enter their sum and the output's sums in the same sweep and are never
 // stored (A_ij = e_ij / sum_j e_ij divides the sums at the end). With `attended` given, adds the
-// row's count of nonzero exponentials to it.
+// row's count of attended exponentials (counted_from) to it.
 template <typename T, int D>
 inline void output_row(const Pass<T>& p, T* row, T dmin, T* out, int64_t* attended) {
   constexpr int N = Vec<T>::lanes;
@@ -869,18 +869,18 @@ inline void output_row(const Pass<T>& p, T* row, T dmin, T* out, int64_t* attend
   const int64_t d = D ? D : p.d, kp = p.kp;
   if (D) {
     vec<T> o[S], sum{};
-    typename Vec<T>::itype nonzero{};  // minus the count of nonzero entries per lane
+    typename Vec<T>::itype counted{};  // minus the count of attended entries per lane
     for (int l = 0; l < S; ++l) o[l] = vec<T>{};
     for (int64_t j = 0; j < kp; j += N) {
       const vec<T> e = attention_exponential(load(row + j), dmin, p.exp2_scale);
       sum += e;
-      if (attended) nonzero += (typename Vec<T>::itype)(e != T(0));
+      if (attended) counted += (typename Vec<T>::itype)(e >= counted_from<T>());
       for (int l = 0; l < S; ++l) o[l] += e * load(p.cLT + l * kp + j);
     }
     const T inv = T(1) / hsum<T>(sum);
     for (int l = 0; l < S; ++l) out[l] = hsum<T>(o[l]) * inv;
     if (attended)
-      for (int q = 0; q < N; ++q) *attended -= nonzero[q];
+      for (int q = 0; q < N; ++q) *attended -= counted[q];
   } else {
     // Any d: the exponentials in place first, then one sweep per coordinate.
     const T* const e = row;
@@ -1202,9 +1202,9 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   const T* const cT = p.cT;
   const T* const gmT = p.gmT;
   const T* const cLT = p.cLT;
-  // The previous block was sparse: expect this one to be. The pairs whose exponential may be
-  // nonzero are listed from the distances alone, and the exponentials and dA formed for those
-  // pairs alone; a block that turns out dense takes the dense sweep below.
+  // The previous block was sparse: expect this one to be. The pairs within reach are listed from
+  // the distances alone, and the exponentials and dA formed for those pairs alone; a block that
+  // turns out dense takes the dense sweep below.
   const bool listed = sparse_sums && listing && (!gi || p.cLR);
   if (listed && listed_exponentials<T, R>(p, scratch, dmin, sparse_sums, Sparse<D>::gradient_below, listing,
                                           attended, ds, inv)) {  // e in list order in ds, dA in scratch
@@ -1218,7 +1218,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   // sum_j e_ij dA_ij, and counts the attended pairs where d has sparse rows.
   vec<T> sum[R], dot[R];
   for (int r = 0; r < R; ++r) sum[r] = dot[r] = vec<T>{};
-  typename Vec<T>::itype nonzero{};  // minus the count of nonzero e per lane
+  typename Vec<T>::itype counted{};  // minus the count of attended e per lane
   for (int64_t j = 0; j < kp; j += N) {
     vec<T> e[R], da[R];
     const vec<T> next = -load(p.gdc + j);
@@ -1232,7 +1232,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
       e[r] = attention_exponential(dist, dmin[r], scale);
       store(scratch + r * kp + j, e[r]);
       sum[r] += e[r];
-      if constexpr (Sparse<D>::rows) nonzero += (typename Vec<T>::itype)(e[r] != T(0));
+      if constexpr (Sparse<D>::rows) counted += (typename Vec<T>::itype)(e[r] >= counted_from<T>());
       da[r] = next;
     }
     for (int l = 0; l < D; ++l) {
@@ -1255,7 +1255,7 @@ inline void grad_rows_blocked(const Pass<T>& p, const T* w, const T* gi, T* dw, 
   }
   if (sparse_sums && !listed) {
     for (int r = 0; r < R; ++r) attended[r] = 0;
-    for (int q = 0; q < N; ++q) attended[0] -= nonzero[q];
+    for (int q = 0; q < N; ++q) attended[0] -= counted[q];
     listing = few_attended<R>(attended, kp, Sparse<D>::gradient_below);
     if (listing) {
       list_attended<T, R>(p, scratch, ds, sparse_sums, attended);
@@ -1359,7 +1359,7 @@ void grad_step_impl(const Pass<T>& p, const T* w, const T* grad_out, int64_t row
 // padding centroids cT carries up to kp >= 16 lie far away and get attention exactly 0, as in the
 // centroid-vectorised kernels. The arithmetic per (row, centroid) pair is theirs, in the same order
 // (distance from exact differences, exponent (dmin - dist) * scale), so results agree to rounding.
-constexpr int kLaneK = 16;  // the largest k taken here
+// Up to k = kLaneK (kernels.h): these kernels take every pair, and list none.
 
 #ifdef DKM_HAS_SHUFFLE
 // The even and the odd lanes of the 2N lanes of (a, b), and its inverse, zip: lo, hi = the first

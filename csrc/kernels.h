@@ -35,7 +35,44 @@ struct Pass {
   const T* cR = nullptr;   // C_t
   const T* gmR = nullptr;  // G_{t+1} / s_t
   const T* cLR = nullptr;  // C_L: output pass, and the last step (grad_out given)
+  // (kp) a listed block lists pair (i, j) where dist_ij <= dmin_i + reach[j]: kRelevanceExponent /
+  // exp2_scale for a certified centroid, -Exp2Floor / exp2_scale (every nonzero exponential) for
+  // the others. Null: every nonzero exponential of every centroid.
+  const T* reach = nullptr;
 };
+
+// vexp2 (kernel_impl.h) clamps its exponent from below at this value, where its result is exactly
+// 0: y <= it gives 0.
+template <typename T>
+struct Exp2Floor;
+template <>
+struct Exp2Floor<float> {
+  static constexpr float value = -126.0f;
+};
+template <>
+struct Exp2Floor<double> {
+  static constexpr double value = -1022.0;
+};
+
+// Relevance (float). With a small tau most of a row's nonzero exponentials are far too small to
+// change any result, and a listed block skips them: for each centroid whose mass certifies it,
+// the pairs whose exponential is below 2^-kRelevanceExponent. The attention of a skipped pair is
+// below that too (the row's sum is at least 1), so a centroid loses less than M 2^-60 of mass
+// from M rows, and its sums and gradient terms as little in proportion: a centroid is certified
+// when that is at most 2^-kRelevanceMargin of its mass, 64 times below float32's rounding. Rows
+// lose less than k 2^-60 of their attention. The driver gives each centroid its reach (Pass::reach)
+// from the masses of the pass's centroids, or, in the attention pass, where those are its own
+// result, assumes every centroid certified and passes again over the groups where one is not.
+// Float64 lists every nonzero exponential: its tolerance is 1e-9.
+constexpr int kRelevanceExponent = 60;
+constexpr int kRelevanceMargin = 30;
+
+// Where a pass lists pairs (sparse blocks take their listed pairs one by one: kernel_impl.h,
+// Sparse): at d = 8 and 16, where a centroid's coordinates are one vector or two, and above the
+// lane kernels' k (kernel_impl.h, with_lane_shape), which take every pair.
+constexpr int kLaneK = 16;
+constexpr bool lists_pairs_at(int64_t d) { return d == 8 || d == 16; }
+constexpr bool lists_pairs(int64_t d, int64_t k) { return lists_pairs_at(d) && k > kLaneK; }
 
 // A kernel call may use kScratchRows * (kp + d) + kp * (2 d + 4) + 32 values of scratch: rows of kp
 // values, and a (kp, 2 d) accumulator (d values per centroid, or d and its mass: ForwardSums) with

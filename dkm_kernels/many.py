@@ -111,14 +111,14 @@ class RaggedPasses:
                 for p, passes in enumerate(self.problems)]
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
-                 active, grad_weights):
+                 active, grad_weights, mass):
         sums = centroids.new_zeros(centroids.shape)
         part = self.layout.part
         for p, passes in enumerate(self.problems):
             sums[self.layout.index(p)] = passes.gradient(
                 None if grad_out is None else grad_out[p], part(centroids, p),
                 part(grad_over_mass, p), part(grad_dot_next, p, 2), part(final_centroids, p),
-                part(active, p, 1), grad_weights[p])
+                part(active, p, 1), grad_weights[p], part(mass, p, 2))
         return sums
 
 

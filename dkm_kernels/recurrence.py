@@ -63,7 +63,7 @@ class Passes(Protocol):
 
     def gradient(self, grad_out: Tensor | None, centroids: Tensor, grad_over_mass: Tensor,
                  grad_dot_next: Tensor, final_centroids: Tensor, active: Tensor,
-                 grad_weights: Tensor) -> Tensor:
+                 grad_weights: Tensor, mass: Tensor) -> Tensor:
         """One backward pass for iteration t (§3): with A = A_t (attention to `centroids` = C_t),
             dA_ij = grad_over_mass_j . w_i - grad_dot_next_j  (+ G~_i . C_L,j when grad_out given)
             dS_ij = A_ij (dA_ij - sum_l A_il dA_il)
@@ -71,7 +71,9 @@ class Passes(Protocol):
         `grad_weights` (G, M, d, compute dtype) for active groups, and returns
         sum_i dS_ij (w_i - c_j) (G, k, d). Differences are best formed before the sums: expanded
         into w_i sum_j dS_ij - sum_j dS_ij c_j, two terms cancel and leave the rounding of |w|
-        amplified by 2/tau (docs/design.md §8)."""
+        amplified by 2/tau (docs/design.md §8). `mass` is s_t (G, k), whose grad_over_mass this
+        is: a backend may skip pairs too small to count for a centroid of large enough mass
+        (the cpu backend's relevance, docs/design.md §8)."""
 
 
 def _all_reduce(process_group, *partials: Tensor) -> tuple[Tensor, ...]:
@@ -218,7 +220,7 @@ def backward(passes: Passes, grad_out: Tensor, history: Tensor, masses: Tensor,
         grad_dot_next = (grad_over_mass * c_next).sum(dim=-1)
         sum_ds_diff, = _all_reduce(process_group, passes.gradient(
             grad_out if p == 1 else None, c, grad_over_mass, grad_dot_next, c_final, active,
-            grad_weights))
+            grad_weights, mass))
         grad_c_t = two_over_tau * sum_ds_diff
         # A centroid without mass is carried over unchanged: its gradient passes through.
         grad_c_t = grad_c_t + torch.where(has_mass(mass).unsqueeze(-1), 0.0, grad_c)

@@ -230,7 +230,7 @@ class CountedPasses:
         return out
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
-                 active, grad_weights):
+                 active, grad_weights, mass):
         sum_ds_diff = torch.zeros_like(centroids)
         scale = 2.0 / self.tau
         for rows, w, n in self._chunks(centroids.shape[1]):

@@ -254,9 +254,11 @@ def test_gradient_pass_checks_its_inputs():
     weights, centroids, tau, active = _pass_args()
     grad_weights = torch.zeros_like(weights)
     mass_k = torch.zeros(2, 4)
-    good = [weights, weights, centroids, centroids, mass_k, centroids, active, grad_weights, tau]
+    good = [weights, weights, centroids, centroids, mass_k, centroids, active, grad_weights, tau, mass_k]
     torch.ops.dkm_kernels.cpu_gradient_pass(*good)
     for index, bad, words in [
+        (9, torch.zeros(2, 5), "mass must have shape \\(G, k\\)"),
+        (9, torch.zeros(2, 4, dtype=torch.float64), "mass must be Float"),
         (4, torch.zeros(2, 5), "grad_dot_next"),
         (3, centroids[:, :3], "grad_over_mass"),
         (5, centroids[:1], "final_centroids"),

@@ -16,8 +16,10 @@ import pytest
 import torch
 
 import dkm_kernels
+from dkm_kernels.backends import cpu, torch_chunked
 from dkm_kernels.reference import squared_distances
-from oracle import CPU_EXTENSION_TESTS, assert_low_precision_close, assert_matches_reference_float64, run
+from oracle import (CPU_EXTENSION_TESTS, assert_low_precision_close, assert_matches_reference_float64,
+                    relative_error, run)
 
 pytestmark = CPU_EXTENSION_TESTS
 
@@ -129,3 +131,57 @@ def test_tau_fallback_after_a_training_step(isa):
     weights = rows + 1e-3 * torch.randn(rows.shape, generator=gen, dtype=torch.float64)
     finite_and_close(weights.float(), centroids.float(), 1e-12)
     float64_close(weights, centroids, 1e-12)
+
+
+def light_problem():
+    """Float32 rows at d = 8 where the first row's exponential towards the last centroid is
+    2^-62: that centroid's whole mass, above MIN_MASS and far below M 2^-30, which certifies a
+    centroid (csrc/kernels.h, Relevance). The other rows sit on the other 31 centroids, 1 apart,
+    one-hot, so that every block of 4 rows is listed. Returns (weights, centroids, tau)."""
+    d, k = 8, 32
+    gen = torch.Generator().manual_seed(5)
+    centroids = torch.zeros(k, d, dtype=torch.float64)
+    centroids[:-1, 1] = torch.arange(k - 1, dtype=torch.float64)
+    rows = centroids[:-1].repeat(4, 1) + 0.01 * torch.randn(4 * (k - 1), d, generator=gen, dtype=torch.float64)
+    light = torch.zeros(1, d, dtype=torch.float64)
+    light[0, 0] = 0.3  # nearest: centroid 0, at squared distance 0.09
+    centroids[-1, 0] = 0.3 + 0.11 ** 0.5  # at squared distance 0.11
+    weights, centroids = torch.cat([light, rows]).float(), centroids.float()
+    gap = squared_distances(weights[:1].double(), centroids.double())[0]
+    return weights, centroids, (gap[-1] - gap[0]).item() * 1.4426950408889634 / 62
+
+
+def test_light_centroid_keeps_its_skipped_pairs(isa):
+    """Listed blocks of float rows skip the pairs whose exponential is below 2^-60 of centroids
+    whose mass certifies it. The light centroid's mass does not: the attention pass finds it too
+    small and passes again, listing its pairs, and the reference moves it onto the first row. A
+    pass that skipped them would leave it in place (mass 0)."""
+    weights, centroids, tau = light_problem()
+    ours = run("cpu", weights, centroids, tau, 5, 0.0)
+    assert torch.allclose(ours[1][-1].double(), weights[0].double(), atol=1e-6)
+    assert_low_precision_close("cpu", weights, centroids, tau, ours=ours)
+
+
+def test_gradient_pass_takes_every_pair_of_a_light_centroid(isa):
+    """The backward's gradient pass skips pairs only of the centroids that the masses it is given
+    certify. The light pair's dA is grad_over_mass = G / 2^-62 times the row: its term A dA in the
+    first row's gradient is of the order of G, which skipping it would lose. Against the torch
+    backend's pass in float64 on the same inputs (the float32 gradient rule: 1e-4 of the norm)."""
+    weights, centroids, tau = light_problem()
+    w, c = weights[None], centroids[None]
+    active = torch.ones(1, dtype=torch.bool)
+    sums, mass = torch.ops.dkm_kernels.cpu_attention_sums(w, w, c, active, tau)
+    assert 2.0 ** -64 < mass[0, -1] < 2.0 ** -61
+    grad_c = torch.randn(c.shape, generator=torch.Generator().manual_seed(6))
+    grad_over_mass = grad_c / mass[..., None]
+    c_next = sums / mass[..., None]
+    grad_dot_next = (grad_over_mass * c_next).sum(-1)
+    args = (c, grad_over_mass, grad_dot_next, c_next, active)
+    ours, exact = torch.zeros_like(w), torch.zeros_like(w, dtype=torch.float64)
+    ours_sums = cpu.Passes(w, 32, tau, True).gradient(None, *args, ours, mass)
+    exact_sums = torch_chunked.Passes(w.double(), 32, tau, True).gradient(
+        None, *(t.double() if t.is_floating_point() else t for t in args), exact, mass.double())
+    assert relative_error(ours, exact) < 1e-4
+    # The sums are rounding noise here (the light centroid's next position is the first row):
+    # the gradient they give the centroids, (2/tau) sums, against the upstream gradient's scale.
+    assert (2 / tau * (ours_sums - exact_sums)).abs().max() < 1e-4 * grad_c.abs().max()

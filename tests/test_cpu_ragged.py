@@ -106,7 +106,7 @@ def test_passes_match_the_one_problem_ops_with_inactive_segments():
         assert torch.equal(a, b)
     for grad_out in (upstream, None):
         grads = [[torch.zeros(w.shape) for w in weights] for _ in range(2)]
-        sums = [passes.gradient(grad_out, centroids, over_mass, dot, final, active, into)
+        sums = [passes.gradient(grad_out, centroids, over_mass, dot, final, active, into, mass)
                 for passes, into in zip((ragged, alone), grads)]
         assert torch.equal(*sums) and sums[0].abs().sum() > 0
         for a, b in zip(*grads):
@@ -185,9 +185,11 @@ def test_ragged_gradient_and_output_check_their_inputs():
     weights, centroids, ks, taus = _ragged_args()
     active = torch.ones(3, dtype=torch.bool)
     grads = [torch.zeros(w.shape) for w in weights]
-    good = [weights, [], centroids, centroids, torch.zeros(3, 5), centroids, active, grads, ks, taus]
+    good = [weights, [], centroids, centroids, torch.zeros(3, 5), centroids, active, grads, ks, taus,
+            torch.zeros(3, 5)]
     ops.cpu_ragged_gradient_pass(*good)
     for index, bad, words in [
+        (10, torch.zeros(3, 4), "mass must have shape \\(S, k_max\\)"),
         (1, weights[:1], "grad_out must have one entry per problem \\(2\\) or none"),
         (4, torch.zeros(3, 4), "grad_dot_next must have shape \\(S, k_max\\)"),
         (3, centroids[:, :, :2], "grad_over_mass"),

@@ -84,10 +84,10 @@ class Passes:
                                                 final_centroids, self.tau)
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
-                 active, grad_weights):
+                 active, grad_weights, mass):
         return torch.ops.dkm_kernels.cpu_gradient_pass(
             self.weights, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
-            active, grad_weights, self.tau)
+            active, grad_weights, self.tau, mass)
 
 
 class RaggedPasses:
@@ -108,7 +108,7 @@ class RaggedPasses:
             self.weights, attention_centroids, final_centroids, self.layout.ks, self.taus)
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
-                 active, grad_weights):
+                 active, grad_weights, mass):
         return torch.ops.dkm_kernels.cpu_ragged_gradient_pass(
             self.weights, [] if grad_out is None else grad_out, centroids, grad_over_mass,
-            grad_dot_next, final_centroids, active, grad_weights, self.layout.ks, self.taus)
+            grad_dot_next, final_centroids, active, grad_weights, self.layout.ks, self.taus, mass)

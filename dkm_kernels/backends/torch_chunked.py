@@ -98,7 +98,7 @@ class Passes:
         return out
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
-                 active, grad_weights):
+                 active, grad_weights, mass):
         sum_ds_diff = centroids.new_zeros(centroids.shape, dtype=self.sum_dtype)
         active = active[:, None, None]
         with _full_precision_matmul():

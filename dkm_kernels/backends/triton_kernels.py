@@ -862,7 +862,7 @@ class RaggedPasses:
         return out
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
-                 active, grad_weights):
+                 active, grad_weights, mass):
         weights, grad_w = self._addresses(self._problems), self._addresses(grad_weights)
         grad_outs = weights if grad_out is None else self._addresses(grad_out)
         grad_over_mass, grad_dot_next = grad_over_mass.contiguous(), grad_dot_next.contiguous()
@@ -902,7 +902,7 @@ class Passes(RaggedPasses):
         return super().output(attention_centroids, final_centroids)[0]
 
     def gradient(self, grad_out, centroids, grad_over_mass, grad_dot_next, final_centroids,
-                 active, grad_weights):
+                 active, grad_weights, mass):
         return super().gradient(None if grad_out is None else [grad_out], centroids,
                                 grad_over_mass, grad_dot_next, final_centroids, active,
-                                [grad_weights])
+                                [grad_weights], mass)
