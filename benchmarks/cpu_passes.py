@@ -7,9 +7,10 @@
 Prints the best of --repeats calls (ms) of cpu_attention_sums, cpu_output and cpu_gradient_pass
 (without and with grad_out, the first backward step), and the per-pass floor M k (3d + 10) / rate
 at the torch.mm multiply-add rate measured in the same process (see cpu_floor.py for the
-counting). Weights ~ N(0, 0.02^2), as the floor benchmark's, and the share of (row, centroid)
-pairs attended at the starting centroids: where d = 8 or 16 and few pairs are attended, blocks
-take their pairs one by one. Each pass is timed two ways in alternating calls (a process's speed
+counting). Weights ~ N(0, 0.02^2), as the floor benchmark's, and the shares of (row, centroid)
+pairs attended at the starting centroids (exponential not flushed) and listed (above 2^-60, the
+relevance of certified centroids, docs/design.md §8) and of one-hot rows: where d = 8 or 16 and
+few pairs are listed, blocks take their pairs one by one. Each pass is timed two ways in alternating calls (a process's speed
 drifts; alternating keeps the two comparable), with the best of each and the median of the
 calls' ratios:
 - by default, as built against every block dense (DKM_KERNELS_SPARSE=0);
@@ -195,12 +196,15 @@ def main(argv=None):
     dist = torch.cdist(sample, c[0].double()) ** 2
     exponent = (dist.min(1, keepdim=True).values - dist) * (math.log2(math.e) / tau)
     attended = (exponent > -126).double().mean().item()  # float32's flush (kernel_impl.h, vexp2)
+    listed = exponent >= -60  # csrc/kernels.h, kRelevanceExponent
+    one_hot = (listed.sum(1) == 1).double().mean().item()
     n = 1024
     a, b = torch.randn(n, n), torch.randn(n, n)
     rate = n**3 / (best_ms(lambda: torch.mm(a, b)) / 1e3)
     floor_ms = m * k * (3 * d + 10) / rate * 1e3
     print(f"{dkm_kernels.__file__}: M={m:,} d={d} k={k} tau={tau:g} threads={args.threads}, torch.mm "
-          f"{rate / 1e9:.1f} G/s, floor per pass {floor_ms:.2f} ms, {attended:.1%} of the pairs attended")
+          f"{rate / 1e9:.1f} G/s, floor per pass {floor_ms:.2f} ms, {attended:.1%} of the pairs attended, "
+          f"{listed.double().mean().item():.1%} listed, {one_hot:.1%} of the rows one-hot")
     first, second = names
     label = "every block dense" if second == "dense" else "baseline"
     for name, ms in times.items():

@@ -378,11 +378,12 @@ inline int64_t append_set_lanes(unsigned bits, int lanes, Offsets8 at, int32_t* 
 
 // Sparse rows. With a small tau most attention weights of a row are exactly 0 (vexp2 flushes
 // them), and so are their terms in every sum of a pass: at d = 8, k = 256, tau = 2e-5 on weights
-// ~ N(0, 0.02^2), 9% of the (row, centroid) pairs are attended. When few of a block's pairs are,
+// ~ N(0, 0.02^2), 9.7% of the (row, centroid) pairs are attended, and 2.8% relevant (above 2^-60:
+// kernels.h, Relevance), which a listing takes of certified centroids. When few of a block's are,
 // the passes go pair by pair over the attended ones (accumulate_sparse, grad_rows_sparse): a
 // centroid's D coordinates of C_t, G / s and its sums are a vector or two each (rows of p.cR,
 // p.gmR and a (kp, D) accumulator in scratch, folded into accT at the end of the call). The pairs
-// are listed from the distances (list_unflushed: those whose exponent is above vexp2's floor),
+// are listed from the distances (list_within_reach: relevant, or not flushed by vexp2),
 // and the exponentials formed for the listed pairs alone (attended_exponentials), as dA in the
 // backward step (attended_gradients). A block's first sweep lists its pairs when the block before
 // was sparse (or listed and nearly so: few_attended), and else is the dense sweep, which counts
