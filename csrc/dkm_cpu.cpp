@@ -338,6 +338,12 @@ bool certified(T mass, int64_t m) {
   return mass >= std::ldexp(static_cast<T>(m), kRelevanceMargin - kRelevanceExponent);
 }
 
+// The reach (Pass::reach) that lists every pair of a centroid whose exponential vexp2 does not flush.
+template <typename T>
+T every_pair_reach(const Problem<T>& problem) {
+  return -Exp2Floor<T>::value / problem.base.exp2_scale;
+}
+
 // Each group's reach per centroid (Pass::reach) in float: the relevant pairs of the centroids that
 // `masses` (S, k_max) certifies, of every centroid where it is undefined (the output pass needs no
 // masses; the attention pass verifies its own: attention_sums_pass). Float64 keeps none: its
@@ -348,14 +354,13 @@ void set_reach(Problem<T>& problem, const Tensor& masses) {
     const Plan& plan = problem.plan;
     if (!problem.base.sparse_rows || !lists_pairs(plan.d, plan.k)) return;
     const T relevant = kRelevanceExponent / problem.base.exp2_scale;
-    const T every = -Exp2Floor<T>::value / problem.base.exp2_scale;
     problem.reach.assign(plan.groups * plan.kp, relevant);
     if (!masses.defined()) return;
     const Segments seg(problem.first, masses);
     const T* mass = masses.data_ptr<T>();
     for (int64_t g = 0; g < plan.groups; ++g)
       for (int64_t j = 0; j < plan.k; ++j)
-        if (!certified(mass[seg.at(g, j)], plan.m)) problem.reach[g * plan.kp + j] = every;
+        if (!certified(mass[seg.at(g, j)], plan.m)) problem.reach[g * plan.kp + j] = every_pair_reach(problem);
   }
 }
 
@@ -542,13 +547,14 @@ std::tuple<Tensor, Tensor> attention_sums_pass(const PassInputs& in) {
     const bool* active = in.active.data_ptr<bool>();
     const T* found = masses.data_ptr<T>();
     for (Problem<T>& problem : problems) {
+      if (problem.reach.empty()) continue;  // nothing was skipped
       const Plan& plan = problem.plan;
       const Segments seg(problem.first, masses);
-      for (int64_t g = 0; g < plan.groups && !problem.reach.empty(); ++g) {
+      for (int64_t g = 0; g < plan.groups; ++g) {
         if (!active[problem.first + g]) continue;
         for (int64_t j = 0; j < plan.k; ++j) {
           if (certified(found[seg.at(g, j)], plan.m)) continue;
-          problem.reach[g * plan.kp + j] = -Exp2Floor<T>::value / problem.base.exp2_scale;
+          problem.reach[g * plan.kp + j] = every_pair_reach(problem);
           flags[problem.first + g] = true;
         }
       }
