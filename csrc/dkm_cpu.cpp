@@ -332,10 +332,10 @@ struct Problem {
   }
 };
 
-// Whether a centroid of a group of m rows is certified by its mass (kernels.h, Relevance).
+// The mass that certifies a centroid of a group of m rows (kernels.h, Relevance).
 template <typename T>
-bool certified(T mass, int64_t m) {
-  return mass >= std::ldexp(static_cast<T>(m), kRelevanceMargin - kRelevanceExponent);
+T certifying_mass(int64_t m) {
+  return std::ldexp(static_cast<T>(m), kRelevanceMargin - kRelevanceExponent);
 }
 
 // The reach (Pass::reach) that lists every pair of a centroid whose exponential vexp2 does not flush.
@@ -358,9 +358,10 @@ void set_reach(Problem<T>& problem, const Tensor& masses) {
     if (!masses.defined()) return;
     const Segments seg(problem.first, masses);
     const T* mass = masses.data_ptr<T>();
+    const T certifying = certifying_mass<T>(plan.m), every = every_pair_reach(problem);
     for (int64_t g = 0; g < plan.groups; ++g)
       for (int64_t j = 0; j < plan.k; ++j)
-        if (!certified(mass[seg.at(g, j)], plan.m)) problem.reach[g * plan.kp + j] = every_pair_reach(problem);
+        if (!(mass[seg.at(g, j)] >= certifying)) problem.reach[g * plan.kp + j] = every;
   }
 }
 
@@ -550,11 +551,12 @@ std::tuple<Tensor, Tensor> attention_sums_pass(const PassInputs& in) {
       if (problem.reach.empty()) continue;  // nothing was skipped
       const Plan& plan = problem.plan;
       const Segments seg(problem.first, masses);
+      const T certifying = certifying_mass<T>(plan.m), every = every_pair_reach(problem);
       for (int64_t g = 0; g < plan.groups; ++g) {
         if (!active[problem.first + g]) continue;
         for (int64_t j = 0; j < plan.k; ++j) {
-          if (certified(found[seg.at(g, j)], plan.m)) continue;
-          problem.reach[g * plan.kp + j] = every_pair_reach(problem);
+          if (found[seg.at(g, j)] >= certifying) continue;
+          problem.reach[g * plan.kp + j] = every;
           flags[problem.first + g] = true;
         }
       }
