@@ -50,7 +50,7 @@ constexpr int64_t kMinRowsPerChunk = 64;   // fewer rows and a chunk's k x d red
 constexpr int64_t kMaxChunks = 256;        // enough items to balance many threads
 constexpr double kLog2e = 1.4426950408889634;  // exp(x) = exp2(x log2(e))
 constexpr int64_t kPartialBudget = 64 << 20;  // bytes of per-chunk partial sums, all groups
-constexpr int64_t kBlockRows = 64;         // rows converted to the compute type at a time
+constexpr int64_t kBlockBytes = 32 << 10;  // of rows converted to the compute type at a time
 
 // The kernels' buffers start on a cache line: a vector load from a line's middle reads two lines,
 // and with malloc's 16-byte alignment most 64-byte loads would (a pass at k = 4096 took from 1.1x
@@ -72,11 +72,19 @@ struct CacheAligned {
 template <typename T>
 using Buffer = std::vector<T, CacheAligned<T>>;
 
-// Rows per kernel call: a block to convert when the storage type differs, else the whole chunk
-// (a call ends with its per-call sums and the x86 control-word switch: per call, not per row).
+// Rows of d values converted to the compute type T at a time: kBlockBytes of them, and at least 64.
+// A kernel call ends with per-call work (its sparse sums folded, the x86 control word restored):
+// with 64 rows per call at d = 8, k = 256 that made the attention pass over bfloat16 weights 1.15x
+// its time over float32.
+template <typename T>
+int64_t conversion_rows(int64_t d) {
+  return std::max<int64_t>(64, kBlockBytes / (d * static_cast<int64_t>(sizeof(T))));
+}
+
+// Rows per kernel call: a block to convert when the storage type differs, else the whole chunk.
 template <typename S, typename T>
-int64_t rows_per_call(int64_t chunk_rows) {
-  return std::is_same_v<S, T> ? std::max<int64_t>(1, chunk_rows) : kBlockRows;
+int64_t rows_per_call(int64_t chunk_rows, int64_t d) {
+  return std::is_same_v<S, T> ? std::max<int64_t>(1, chunk_rows) : conversion_rows<T>(d);
 }
 constexpr int64_t kPadding = 16;           // centroids are padded to a multiple of this: every
                                            // vector width (4 to 16 lanes) divides it
@@ -234,7 +242,7 @@ struct Rows {
   const S* base;
   int64_t m, d;
   std::vector<T> buf;
-  Rows(const S* base, int64_t m, int64_t d) : base(base), m(m), d(d), buf(kBlockRows * d) {}
+  Rows(const S* base, int64_t m, int64_t d) : base(base), m(m), d(d), buf(conversion_rows<T>(d) * d) {}
   const T* at(int64_t g, int64_t row, int64_t n) { return rows_as(base + (g * m + row) * d, n * d, buf.data()); }
 };
 
@@ -244,7 +252,7 @@ struct Rows {
 template <typename S, typename T>
 const T* block_rows(const S* rows, const Plan& plan, int64_t g, int64_t b, int64_t n) {
   thread_local std::vector<T> buf;
-  buf.resize(kBlockRows * plan.d);
+  buf.resize(conversion_rows<T>(plan.d) * plan.d);
   return rows_as(rows + (g * plan.m + b) * plan.d, n * plan.d, buf.data());
 }
 
@@ -451,7 +459,7 @@ void run_items(std::vector<Problem<T>>& problems, const std::vector<Item>& items
         with_storage<T>(problem.storage, [&](auto tag) {
           using S = decltype(tag);
           Rows<S, T> w(static_cast<const S*>(problem.w), plan.m, plan.d);
-          const int64_t block = rows_per_call<S, T>(r1 - r0);
+          const int64_t block = rows_per_call<S, T>(r1 - r0, plan.d);
           for (int64_t b = r0; b < r1; b += block) {
             const int64_t n = std::min(block, r1 - b);
             body(tag, problem, p, w.at(item.group, b, n), item.group, b, n, slot, scratch.data());
@@ -591,7 +599,7 @@ std::vector<Tensor> output_pass(const PassInputs& in) {
       K.output(p, w, n, dst, scratch);
     } else {
       thread_local std::vector<T> buf;
-      buf.resize(kBlockRows * p.d);
+      buf.resize(conversion_rows<T>(p.d) * p.d);
       K.output(p, w, n, buf.data(), scratch);
       for (int64_t i = 0; i < n * p.d; ++i) dst[i] = static_cast<S>(buf[i]);
     }
