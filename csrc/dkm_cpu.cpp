@@ -284,7 +284,7 @@ struct PassInputs {
   std::vector<int64_t> ks;
   std::vector<double> taus;
   Tensor centroids, final_centroids, grad_over_mass, grad_dot_next, active;
-  Tensor masses;  // gradient pass, optional: s_t (S, k_max), which certifies centroids (set_reach)
+  Tensor masses;  // gradient pass, optional: s_t (S, k_max), which certifies centroids (uncertify_light)
 };
 
 // One problem of a pass: its plan, its groups' centroid matrices laid out for the kernels (Pass),
@@ -352,24 +352,35 @@ T every_pair_reach(const Problem<T>& problem) {
   return -Exp2Floor<T>::value / problem.base.exp2_scale;
 }
 
-// Each group's reach per centroid (Pass::reach) in float: the relevant pairs of the centroids that
-// `masses` (S, k_max) certifies, of every centroid where it is undefined (the output pass needs no
-// masses; the attention pass verifies its own: attention_sums_pass). Float64 keeps none: its
-// listing takes every nonzero exponential.
+// Every centroid of every group taken as certified (Pass::reach: its relevant pairs listed), where
+// the problem lists pairs at all, in float: the output pass (whose results are per row), the
+// attention pass (which checks the masses it finds: attention_sums_pass) and the gradient pass
+// given the masses (which then uncertifies the light ones). Without it a pass lists every
+// unflushed pair, as float64 always does.
 template <typename T>
-void set_reach(Problem<T>& problem, const Tensor& masses) {
-  if constexpr (std::is_same_v<T, float>) {
-    const Plan& plan = problem.plan;
-    if (!problem.base.sparse_rows || !lists_pairs(plan.d, plan.k)) return;
-    const T relevant = kRelevanceExponent / problem.base.exp2_scale;
-    problem.reach.assign(plan.groups * plan.kp, relevant);
-    if (!masses.defined()) return;
-    const Segments seg(problem.first, masses);
-    const T* mass = masses.data_ptr<T>();
-    const T certifying = certifying_mass<T>(plan.m), every = every_pair_reach(problem);
-    for (int64_t g = 0; g < plan.groups; ++g)
-      for (int64_t j = 0; j < plan.k; ++j)
-        if (!(mass[seg.at(g, j)] >= certifying)) problem.reach[g * plan.kp + j] = every;
+void assume_certified(Problem<T>& problem) {
+  const Plan& plan = problem.plan;
+  if (std::is_same_v<T, float> && problem.base.sparse_rows && lists_pairs(plan.d, plan.k))
+    problem.reach.assign(plan.groups * plan.kp, kRelevanceExponent / problem.base.exp2_scale);
+}
+
+// Lists every unflushed pair of each centroid of the active groups (every group where `active` is
+// null) whose mass in `masses` (S, k_max) does not certify it (a NaN mass certifies nothing), and
+// marks those groups in `marked` where it is given. Nothing where the problem keeps no reach.
+template <typename T>
+void uncertify_light(Problem<T>& problem, const Tensor& masses, const bool* active, bool* marked) {
+  if (problem.reach.empty()) return;
+  const Plan& plan = problem.plan;
+  const Segments seg(problem.first, masses);
+  const T* mass = masses.data_ptr<T>();
+  const T certifying = certifying_mass<T>(plan.m), every = every_pair_reach(problem);
+  for (int64_t g = 0; g < plan.groups; ++g) {
+    if (active && !active[problem.first + g]) continue;
+    for (int64_t j = 0; j < plan.k; ++j) {
+      if (mass[seg.at(g, j)] >= certifying) continue;
+      problem.reach[g * plan.kp + j] = every;
+      if (marked) marked[problem.first + g] = true;
+    }
   }
 }
 
@@ -394,7 +405,6 @@ std::vector<Problem<T>> make_problems(const PassInputs& in) {
     if (!in.rows.empty()) p.x = in.rows[q].data_ptr();
     p.cT = p.transposed(in.centroids, FarAway<T>::value);
     if (in.final_centroids.defined()) p.cLT = p.transposed(in.final_centroids, T(0));
-    set_reach(p, in.masses);
     problems.push_back(std::move(p));
     first += plan.groups;
   }
@@ -548,34 +558,18 @@ std::tuple<Tensor, Tensor> attention_sums_pass(const PassInputs& in) {
     const T* x = block_rows<S, T>(static_cast<const S*>(problem.x), problem.plan, g, b, n);
     K.accumulate(p, w, x, n, slot, slot + p.d * p.kp, scratch);
   };
+  for (Problem<T>& problem : problems) assume_certified(problem);
   Tensor sums, masses;
   std::tie(sums, masses) = reducing_pass(problems, in.active, in.centroids, body);
-  if constexpr (std::is_same_v<T, float>) {
-    Tensor again = at::zeros_like(in.active);
-    bool* flags = again.data_ptr<bool>();
-    const bool* active = in.active.data_ptr<bool>();
-    const T* found = masses.data_ptr<T>();
-    for (Problem<T>& problem : problems) {
-      if (problem.reach.empty()) continue;  // nothing was skipped
-      const Plan& plan = problem.plan;
-      const Segments seg(problem.first, masses);
-      const T certifying = certifying_mass<T>(plan.m), every = every_pair_reach(problem);
-      for (int64_t g = 0; g < plan.groups; ++g) {
-        if (!active[problem.first + g]) continue;
-        for (int64_t j = 0; j < plan.k; ++j) {
-          if (found[seg.at(g, j)] >= certifying) continue;
-          problem.reach[g * plan.kp + j] = every;
-          flags[problem.first + g] = true;
-        }
-      }
-    }
-    if (again.any().item<bool>()) {
-      Tensor sums_again, masses_again;
-      std::tie(sums_again, masses_again) = reducing_pass(problems, again, in.centroids, body);
-      const Tensor redone = again.nonzero().squeeze(1);
-      sums.index_copy_(0, redone, sums_again.index_select(0, redone));
-      masses.index_copy_(0, redone, masses_again.index_select(0, redone));
-    }
+  Tensor again = at::zeros_like(in.active);  // the groups with a light centroid
+  for (Problem<T>& problem : problems)
+    uncertify_light(problem, masses, in.active.data_ptr<bool>(), again.data_ptr<bool>());
+  if (again.any().item<bool>()) {
+    Tensor sums_again, masses_again;
+    std::tie(sums_again, masses_again) = reducing_pass(problems, again, in.centroids, body);
+    const Tensor redone = again.nonzero().squeeze(1);
+    sums.index_copy_(0, redone, sums_again.index_select(0, redone));
+    masses.index_copy_(0, redone, masses_again.index_select(0, redone));
   }
   return {sums, masses};
 }
@@ -589,6 +583,7 @@ std::vector<Tensor> output_pass(const PassInputs& in) {
     outs.push_back(at::empty(in.weights[q].sizes(), in.weights[q].options()));
     problems[q].out = outs.back().data_ptr();
     problems[q].cLR = problems[q].padded(in.final_centroids);  // for the sparse rows
+    assume_certified(problems[q]);
   }
   run_items(problems, work_items(problems, 0, problems.size(), Tensor()),
             [&](auto tag, const Problem<T>& problem, const Pass<T>& p, const T* w, int64_t g, int64_t b, int64_t n,
@@ -624,6 +619,10 @@ Tensor gradient_pass(const PassInputs& in) {
     const Segments seg(problem.first, in.grad_dot_next);
     for (int64_t g = 0; g < plan.groups; ++g)
       std::copy(dot + seg.at(g), dot + seg.at(g) + plan.k, problem.gdc.data() + g * plan.kp);
+    if (in.masses.defined()) {  // without them no centroid is certified
+      assume_certified(problem);
+      uncertify_light(problem, in.masses, nullptr, nullptr);
+    }
   }
   // Only the sums: the recurrence needs no column totals of dS.
   return std::get<0>(reducing_pass(problems, in.active, in.centroids,

@@ -164,9 +164,10 @@ def test_light_centroid_keeps_its_skipped_pairs(isa):
 
 def test_gradient_pass_takes_every_pair_of_a_light_centroid(isa):
     """The backward's gradient pass skips pairs only of the centroids that the masses it is given
-    certify. The light pair's dA is grad_over_mass = G / 2^-62 times the row: its term A dA in the
-    first row's gradient is of the order of G, which skipping it would lose. Against the torch
-    backend's pass in float64 on the same inputs (the float32 gradient rule: 1e-4 of the norm)."""
+    certify, and of none when it is given no masses. The light pair's dA is grad_over_mass =
+    G / 2^-62 times the row: its term A dA in the first row's gradient is of the order of G, which
+    skipping it would lose. Against the torch backend's pass in float64 on the same inputs (the
+    float32 gradient rule: 1e-4 of the norm)."""
     weights, centroids, tau = light_problem()
     w, c = weights[None], centroids[None]
     active = torch.ones(1, dtype=torch.bool)
@@ -182,6 +183,9 @@ def test_gradient_pass_takes_every_pair_of_a_light_centroid(isa):
     exact_sums = torch_chunked.Passes(w.double(), 32, tau, True).gradient(
         None, *(t.double() if t.is_floating_point() else t for t in args), exact, mass.double())
     assert relative_error(ours, exact) < 1e-4
+    without_masses = torch.zeros_like(w)
+    torch.ops.dkm_kernels.cpu_gradient_pass(w, None, *args[:4], active, without_masses, tau)
+    assert relative_error(without_masses, exact) < 1e-4
     # The sums are rounding noise here (the light centroid's next position is the first row):
     # the gradient they give the centroids, (2/tau) sums, against the upstream gradient's scale.
     assert (2 / tau * (ours_sums - exact_sums)).abs().max() < 1e-4 * grad_c.abs().max()
