@@ -10,9 +10,9 @@ at the torch.mm multiply-add rate measured in the same process (see cpu_floor.py
 counting). Weights ~ N(0, 0.02^2), as the floor benchmark's, and the shares of (row, centroid)
 pairs attended at the starting centroids (exponential not flushed) and listed (above 2^-60, the
 relevance of certified centroids, docs/design.md §8) and of one-hot rows: where d = 8 or 16 and
-few pairs are listed, blocks take their pairs one by one. Each pass is timed two ways in alternating calls (a process's speed
-drifts; alternating keeps the two comparable), with the best of each and the median of the
-calls' ratios:
+few pairs are listed, blocks take their pairs one by one. Each pass is timed two ways in
+alternating calls (a process's speed drifts; alternating keeps the two comparable), with the best
+of each and the median of the calls' ratios:
 - by default, as built against every block dense (DKM_KERNELS_SPARSE=0);
 - with --baseline-library, this checkout's build against another build of the ops loaded in the
   same process, whether their results are bit-identical too. Build the other one (a commit that
